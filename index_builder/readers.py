@@ -101,7 +101,8 @@ def _check_start(start: int, count: int, path: Path) -> int:
 def _to_float32_finite(x: np.ndarray, path: Path, first_row: int) -> np.ndarray:
     """Cast a ``(b, d)`` block to C-contiguous float32 and reject rows holding NaN / inf."""
     with np.errstate(over="ignore", invalid="ignore"):
-        v = np.ascontiguousarray(x, dtype=np.float32)
+        # always a copy: a block must stay valid after its reader (and its memory map) is closed
+        v = np.array(x, dtype=np.float32, order="C", copy=True)
     finite = np.isfinite(v).all(axis=1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
@@ -769,7 +770,7 @@ class ParquetReader(VectorReader):
                 if pa.types.is_binary(t) or pa.types.is_large_binary(t):
                     a = _binary_to_str(a)
                 elif pa.types.is_temporal(t):
-                    a = pc.cast(a, pa.string())
+                    a = _temporal_to_json(a)
                 elif pa.types.is_decimal(t):
                     a = pc.cast(a, pa.float64())
                 arrays.append(a)
@@ -784,6 +785,16 @@ class ParquetReader(VectorReader):
             except Exception:  # older pyarrow: no close(); the GC closes the handle
                 pass
             self._pf = None
+
+
+def _temporal_to_json(a: Any) -> Any:
+    """Timestamps / dates / times -> ISO 8601 strings; durations -> seconds (float); nulls kept."""
+    import pyarrow as pa
+
+    vals = a.to_pylist()
+    if pa.types.is_duration(a.type):
+        return pa.array([None if v is None else v.total_seconds() for v in vals], pa.float64())
+    return pa.array([None if v is None else v.isoformat() for v in vals], pa.string())
 
 
 def _binary_to_str(a: Any) -> Any:
@@ -881,8 +892,10 @@ class ConcatReader(VectorReader):
                 try:
                     parts.append(r._read(a - int(self._starts[i]), b - int(self._starts[i])))
                 except InvalidArgument as e:
-                    raise InvalidArgument(f"{e} (file {i} of {str(self.path)!r}, whose row {a} is row "
-                                          f"{a - int(self._starts[i])} of that file)") from e
+                    raise InvalidArgument(
+                        f"{e} (file {i} of {str(self.path)!r}; its row 0 is row {int(self._starts[i])} of the "
+                        f"folder)"
+                    ) from e
         out, _ = _split_blocks(parts, stop - start)
         return out
 
