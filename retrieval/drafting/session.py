@@ -1,0 +1,395 @@
+"""Generation sessions, the stateless draft call, and the session manager a server holds.
+
+A :class:`Session` is the state of one generation: the context (prompt ids, then every accepted id
+appended), the candidates of its last draft (to calibrate acceptance estimates when the next accepted
+ids arrive) and its sources. The client loop is::
+
+    s = manager.open(prompt_ids, budget=DraftBudget(64, 10))
+    d = s.draft()                      # tokens + parents (+ probs, sources)
+    ... verify d with the model, get the accepted ids (accepted draft tokens + the bonus token) ...
+    s.append(accepted_ids, topk=None)  # optional topk: (len(accepted), k) model candidates
+    d = s.draft()  ...
+    manager.close(s.session_id)        # the output goes into the shared history
+
+Limits: ids must lie in ``[0, vocab_size)``; the prompt must be non-empty; the context may not exceed
+``max_context_tokens`` (:class:`ResourceExhausted`); one append carries at most ``max_append_tokens``.
+Memory of a session is its context buffer (4 bytes a token, grown by doubling) plus its last candidates.
+
+Thread-safety: a :class:`Session` serializes its own calls with a lock (a stream is sequential anyway);
+different sessions run in parallel, sharing the corpus/recycling/history sources and the calibrator,
+which are thread-safe. :class:`SessionManager` guards its table with a lock; a bad request to one session
+raises for that session only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrieval.drafting.base import Candidates, DraftSource, available_sources, make_source
+from retrieval.drafting.datastore import CorpusSource, DatastoreCatalog
+from retrieval.drafting.draft import Draft, DraftBudget
+from retrieval.drafting.history import HistorySource, HistoryStore
+from retrieval.drafting.merge import Calibrator, merge
+from retrieval.drafting.recycling import RecyclingMatrix, RecyclingSource
+from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SOURCES = ("context", "corpus", "recycling", "history")
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Per-session bounds. ``max_context_tokens`` (prompt + output, default 32768), ``max_append_tokens``
+    (ids per append, 1024), ``max_topk`` (candidates per position, 64)."""
+
+    max_context_tokens: int = 32768
+    max_append_tokens: int = 1024
+    max_topk: int = 64
+
+
+def check_ids(ids, vocab_size: int | None, what: str, allow_empty: bool = False) -> np.ndarray:
+    """``ids`` as a 1-D int32 array, or :class:`InvalidArgument` naming ``what``."""
+    try:
+        a = np.asarray(ids)
+    except Exception as e:  # ragged lists and the like
+        raise InvalidArgument(f"{what} must be a 1-D sequence of token ids: {e}") from e
+    if a.ndim != 1:
+        raise InvalidArgument(f"{what} must be 1-D token ids, got shape {a.shape}")
+    if len(a) == 0:
+        if allow_empty:
+            return np.zeros(0, dtype=np.int32)
+        raise InvalidArgument(f"{what} is empty; at least one token id is needed")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise InvalidArgument(f"{what} must be integer token ids, got dtype {a.dtype}")
+    hi = vocab_size if vocab_size is not None else 2**31 - 1
+    bad = (a < 0) | (a >= hi)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidArgument(f"{what}[{i}] = {int(a[i])} is outside the vocabulary [0, {hi})")
+    return a.astype(np.int32)
+
+
+def draft(context_ids, budget: DraftBudget, sources: list[DraftSource], calibrator: Calibrator | None = None,
+          vocab_size: int | None = None, max_context_tokens: int = 32768, combine: str = "noisy_or") -> Draft:
+    """Stateless draft: the context in, one draft out (no session, nothing learned).
+
+    ``vocab_size`` defaults to the smallest vocabulary declared by the sources (``None``: unchecked).
+    """
+    if not isinstance(budget, DraftBudget):
+        raise InvalidArgument(f"budget must be a DraftBudget, got {type(budget).__name__}")
+    if vocab_size is None:
+        sizes = [s.caps.vocab_size for s in sources if s.caps.vocab_size is not None]
+        vocab_size = min(sizes) if sizes else None
+    ctx = check_ids(context_ids, vocab_size, "context_ids")
+    if len(ctx) > max_context_tokens:
+        raise ResourceExhausted(f"context has {len(ctx)} tokens, more than the maximum {max_context_tokens}")
+    cands: list[Candidates] = []
+    for s in sources:
+        cands.extend(s.propose(ctx, budget.max_depth, budget.max_nodes))
+    return merge(cands, budget, calibrator, combine)
+
+
+class Session:
+    """One generation (see module doc). ``session_id`` is a string; ``vocab_size`` bounds every id."""
+
+    def __init__(self, prompt_ids, sources: list[DraftSource], vocab_size: int, budget: DraftBudget | None = None,
+                 limits: SessionLimits | None = None, calibrator: Calibrator | None = None,
+                 combine: str = "noisy_or", session_id: str | None = None) -> None:
+        self.limits = limits or SessionLimits()
+        self.vocab_size = int(vocab_size)
+        prompt = check_ids(prompt_ids, self.vocab_size, "prompt_ids")
+        if len(prompt) > self.limits.max_context_tokens:
+            raise ResourceExhausted(f"prompt has {len(prompt)} tokens, more than max_context_tokens="
+                                    f"{self.limits.max_context_tokens}")
+        for s in sources:
+            if s.caps.vocab_size is not None and s.caps.vocab_size != self.vocab_size:
+                raise FailedPrecondition(f"source {s.name!r} was built for a vocabulary of {s.caps.vocab_size} "
+                                         f"tokens, the session uses {self.vocab_size}")
+        self.session_id = session_id or uuid.uuid4().hex
+        self.sources = list(sources)
+        self.budget = budget or DraftBudget()
+        self.calibrator = calibrator
+        self.combine = combine
+        self.prompt_len = len(prompt)
+        self._buf = np.empty(max(64, 2 * len(prompt)), dtype=np.int32)
+        self._buf[: len(prompt)] = prompt
+        self._len = len(prompt)
+        self._last: list[Candidates] | None = None
+        self._lock = threading.Lock()
+        self.closed = False
+        self.steps = 0
+        self.last_used = time.monotonic()
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def context(self) -> np.ndarray:
+        """Read-only view of the context (prompt + accepted output)."""
+        v = self._buf[: self._len]
+        v.setflags(write=False)
+        return v
+
+    @property
+    def output(self) -> np.ndarray:
+        return self.context[self.prompt_len:]
+
+    def nbytes(self) -> int:
+        last = sum(c.tokens.nbytes + c.parents.nbytes + c.counts.nbytes + c.prior.nbytes + c.feat.nbytes
+                   for c in self._last) if self._last else 0
+        return int(self._buf.nbytes + last + 1024)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise FailedPrecondition(f"session {self.session_id} is closed")
+
+    # --- the loop ------------------------------------------------------------------------------
+    def draft(self, budget: DraftBudget | None = None) -> Draft:
+        """A draft continuing the current context (``budget`` overrides the session's for this call)."""
+        with self._lock:
+            self._check_open()
+            b = budget or self.budget
+            ctx = self._buf[: self._len]
+            cands: list[Candidates] = []
+            for s in self.sources:
+                cands.extend(s.propose(ctx, b.max_depth, b.max_nodes))
+            self._last = cands
+            self.last_used = time.monotonic()
+            return merge(cands, b, self.calibrator, self.combine)
+
+    def append(self, accepted_ids, topk=None) -> None:
+        """Append the ids accepted by the last verification (accepted draft tokens + the bonus token).
+
+        ``topk``: optional ``(len(accepted_ids), k)`` model candidate ids per verified position, best first
+        (``-1`` pads), fed to sources that use them (token recycling).
+        """
+        with self._lock:
+            self._check_open()
+            acc = check_ids(accepted_ids, self.vocab_size, "accepted_ids")
+            if len(acc) > self.limits.max_append_tokens:
+                raise InvalidArgument(f"accepted_ids has {len(acc)} ids, more than max_append_tokens="
+                                      f"{self.limits.max_append_tokens}")
+            tk = None
+            if topk is not None:
+                tk = np.asarray(topk)
+                if tk.ndim != 2 or tk.shape[0] != len(acc) or not 1 <= tk.shape[1] <= self.limits.max_topk:
+                    raise InvalidArgument(f"topk must have shape ({len(acc)}, k) with 1 <= k <= "
+                                          f"{self.limits.max_topk}, got {tk.shape}")
+                if not np.issubdtype(tk.dtype, np.integer) or ((tk < -1) | (tk >= self.vocab_size)).any():
+                    raise InvalidArgument(f"topk ids must be integers in [0, {self.vocab_size}) or -1 padding")
+                tk = tk.astype(np.int32)
+            new_len = self._len + len(acc)
+            if new_len > self.limits.max_context_tokens:
+                raise ResourceExhausted(f"session {self.session_id}: context would reach {new_len} tokens, "
+                                        f"more than max_context_tokens={self.limits.max_context_tokens}")
+            ctx = self._buf[: self._len]
+            if self._last is not None and self.calibrator is not None:
+                self.calibrator.update(self._last, acc)
+            self._last = None
+            for s in self.sources:
+                if s.caps.learns_online:
+                    s.observe(ctx, acc, tk)
+            if new_len > len(self._buf):
+                cap = min(max(new_len, 2 * len(self._buf)), self.limits.max_context_tokens)
+                nb = np.empty(cap, dtype=np.int32)
+                nb[: self._len] = self._buf[: self._len]
+                self._buf = nb
+            self._buf[self._len: new_len] = acc
+            self._len = new_len
+            self.steps += 1
+            self.last_used = time.monotonic()
+
+    def close(self, record: bool = True) -> None:
+        """End the generation; with ``record`` its output goes to learning sources (history)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._last = None
+            if record:
+                ctx = self._buf[: self._len]
+                for s in self.sources:
+                    if s.caps.learns_online:
+                        try:
+                            s.end_session(self.prompt_len, ctx)
+                        except Exception:  # a learning failure must not fail the client's close
+                            logger.exception("source %s failed to record session %s", s.name, self.session_id)
+
+
+@dataclass
+class ManagerConfig:
+    """Server-wide drafting settings.
+
+    ``vocab_size`` of the model's tokenizer; ``tokenizer_fingerprint`` (sha256 of its file) to refuse
+    datastores built with another one (``None``: check vocabulary size only). ``idle_timeout_s`` (300),
+    ``max_sessions`` (4096), ``max_total_bytes`` (session memory, 1 GiB), ``history_capacity_tokens``
+    (1,000,000), ``recycling_k`` (8), ``source_params``: per-source keyword overrides.
+    """
+
+    vocab_size: int
+    tokenizer_fingerprint: str | None = None
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    default_budget: DraftBudget = field(default_factory=DraftBudget)
+    idle_timeout_s: float = 300.0
+    max_sessions: int = 4096
+    max_total_bytes: int = 1 << 30
+    history_capacity_tokens: int = 1_000_000
+    recycling_k: int = 8
+    combine: str = "noisy_or"
+    source_params: dict = field(default_factory=dict)
+
+
+class SessionManager:
+    """All open sessions of a server, with the shared sources (recycling matrix, history, datastores).
+
+    Idle sessions (no call for ``idle_timeout_s``) are evicted by :meth:`evict_idle` (the server calls it
+    periodically; :meth:`open` calls it when a bound is hit); total session memory and the number of
+    sessions are bounded (:class:`ResourceExhausted` past them).
+    """
+
+    def __init__(self, config: ManagerConfig, catalog: DatastoreCatalog | None = None) -> None:
+        if config.vocab_size < 1:
+            raise InvalidArgument(f"vocab_size must be >= 1, got {config.vocab_size}")
+        self.config = config
+        self.catalog = catalog
+        self.calibrator = Calibrator()
+        sp = config.source_params
+        self.recycling = RecyclingSource(RecyclingMatrix(config.vocab_size, config.recycling_k),
+                                         **sp.get("recycling", {}))
+        self.history = HistorySource(HistoryStore(config.vocab_size, config.history_capacity_tokens),
+                                     **sp.get("history", {}))
+        self.context_source = make_source("context", **sp.get("context", {}))
+        self._corpus: dict[str, CorpusSource] = {}
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.evicted = 0
+
+    # --- sources -------------------------------------------------------------------------------
+    def _corpus_source(self, name: str) -> CorpusSource:
+        if self.catalog is None:
+            raise FailedPrecondition("this server has no datastore catalog; open the session without 'corpus'")
+        src = self._corpus.get(name)
+        if src is None:
+            ds = self.catalog.open(name)
+            if ds.vocab_size != self.config.vocab_size:
+                raise FailedPrecondition(f"datastore {name!r} has a vocabulary of {ds.vocab_size} tokens, the server "
+                                         f"uses {self.config.vocab_size}")
+            fp = self.config.tokenizer_fingerprint
+            if fp is not None and ds.fingerprint is not None and ds.fingerprint != fp:
+                raise FailedPrecondition(f"datastore {name!r} was built with another tokenizer "
+                                         f"(fingerprint {ds.fingerprint[:12]}..., server {fp[:12]}...)")
+            src = CorpusSource(ds, **self.config.source_params.get("corpus", {}))
+            self._corpus[name] = src
+        return src
+
+    def resolve_sources(self, names, datastore: str | None) -> list[DraftSource]:
+        """Source objects for a session. ``names=None``: all four, the corpus only when ``datastore`` is given."""
+        explicit = names is not None
+        names = list(names) if explicit else list(DEFAULT_SOURCES)
+        out: list[DraftSource] = []
+        for n in names:
+            if n not in available_sources():
+                raise InvalidArgument(f"unknown draft source {n!r}; valid names: {', '.join(available_sources())}")
+            if n in [s.name for s in out]:
+                raise InvalidArgument(f"draft source {n!r} is listed twice")
+            if n == "context":
+                out.append(self.context_source)
+            elif n == "recycling":
+                out.append(self.recycling)
+            elif n == "history":
+                out.append(self.history)
+            elif n == "corpus":
+                if datastore is None:
+                    if explicit:
+                        raise InvalidArgument("source 'corpus' needs a datastore name")
+                    continue
+                out.append(self._corpus_source(datastore))
+        if not out:
+            raise InvalidArgument("no draft source selected; valid names: " + ", ".join(available_sources()))
+        return out
+
+    def forget_datastore(self, name: str) -> None:
+        """Drop the cached source of a datastore (call after dropping it)."""
+        with self._lock:
+            self._corpus.pop(name, None)
+
+    # --- sessions ------------------------------------------------------------------------------
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(s.nbytes() for s in self._sessions.values())
+
+    def open(self, prompt_ids, sources=None, datastore: str | None = None,
+             budget: DraftBudget | None = None) -> Session:
+        srcs = self.resolve_sources(sources, datastore)
+        sess = Session(prompt_ids, srcs, self.config.vocab_size, budget or self.config.default_budget,
+                       self.config.limits, self.calibrator, self.config.combine,
+                       session_id=f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+        with self._lock:
+            if (len(self._sessions) >= self.config.max_sessions
+                    or self._total_locked() + sess.nbytes() > self.config.max_total_bytes):
+                self._evict_idle_locked(time.monotonic())
+            if len(self._sessions) >= self.config.max_sessions:
+                raise ResourceExhausted(f"{len(self._sessions)} sessions are open, the maximum is "
+                                        f"{self.config.max_sessions}; close some or retry later")
+            if self._total_locked() + sess.nbytes() > self.config.max_total_bytes:
+                raise ResourceExhausted(f"session memory would exceed max_total_bytes={self.config.max_total_bytes}")
+            self._sessions[sess.session_id] = sess
+        return sess
+
+    def _total_locked(self) -> int:
+        return sum(s.nbytes() for s in self._sessions.values())
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"session {session_id!r} does not exist (closed, or evicted after "
+                           f"{self.config.idle_timeout_s:g}s idle)")
+        return s
+
+    def append(self, session_id: str, accepted_ids, topk=None) -> None:
+        s = self.get(session_id)
+        grow = len(accepted_ids) * 4 if hasattr(accepted_ids, "__len__") else 0
+        if self.total_bytes() + grow > self.config.max_total_bytes:
+            raise ResourceExhausted(f"session memory is at max_total_bytes={self.config.max_total_bytes}")
+        s.append(accepted_ids, topk)
+
+    def close(self, session_id: str, record: bool = True) -> None:
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+        if s is None:
+            raise NotFound(f"session {session_id!r} does not exist (closed, or evicted)")
+        s.close(record=record)
+
+    def _evict_idle_locked(self, now: float) -> list[str]:
+        gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.config.idle_timeout_s]
+        for sid in gone:
+            s = self._sessions.pop(sid)
+            s.close(record=False)  # an abandoned generation may be partial: do not learn from it
+        self.evicted += len(gone)
+        if gone:
+            logger.info("evicted %d idle draft sessions", len(gone))
+        return gone
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        """Close sessions idle for more than ``idle_timeout_s``; returns their ids."""
+        with self._lock:
+            return self._evict_idle_locked(time.monotonic() if now is None else now)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def stats(self) -> dict:
+        with self._lock:
+            n = len(self._sessions)
+            total = self._total_locked()
+        return {"sessions": n, "session_bytes": total, "evicted": self.evicted,
+                "recycling_bytes": self.recycling.nbytes(), "history_bytes": self.history.nbytes(),
+                "history_tokens": self.history.store.n_tokens, "calibrator_bytes": self.calibrator.nbytes()}

@@ -1,0 +1,139 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from retrieval.drafting import Calibrator, DraftBudget, merge
+from retrieval.drafting.base import Candidates
+from retrieval.drafting.draft import tree_depths
+from retrieval.drafting.merge import evaluate_trie
+from retrieval.errors import InvalidArgument
+
+
+def random_trie(rng, source, n_max=40, vocab=4, depth_max=6):
+    """A random BFS-ordered trie (unique children tokens) with random priors."""
+    toks, pars, deps = [], [], []
+    frontier = [(-1, 0)]
+    while frontier and len(toks) < n_max:
+        nxt = []
+        for node, d in frontier:
+            if d >= depth_max:
+                continue
+            for t in rng.choice(vocab, size=int(rng.integers(0, 3)), replace=False).tolist():
+                toks.append(t)
+                pars.append(node)
+                deps.append(d + 1)
+                nxt.append((len(toks) - 1, d + 1))
+        frontier = nxt
+    n = len(toks)
+    return Candidates(source, np.array(toks, np.int32), np.array(pars, np.int32), np.ones(n), rng.random(n),
+                      np.zeros(n, np.int64), np.array(deps, np.int32), 1)
+
+
+def paths_probs(c, probs):
+    out, paths = {}, []
+    for i in range(len(c.tokens)):
+        p = c.parents[i]
+        paths.append((paths[p] if p >= 0 else ()) + (int(c.tokens[i]),))
+        out[paths[-1]] = probs[i]
+    return out
+
+
+def brute_force(cands, combine):
+    """Path probabilities of the union, computed the slow way."""
+    per = {}
+    for c in cands:
+        pp = {}
+        for path, q in paths_probs(c, c.prior).items():
+            pp[path] = q * (pp[path[:-1]] if len(path) > 1 else 1.0)
+        for path, p in pp.items():
+            per.setdefault(path, []).append(p)
+    if combine == "noisy_or":
+        return {k: 1 - np.prod([1 - p for p in v]) for k, v in per.items()}
+    return {k: max(v) for k, v in per.items()}
+
+
+@pytest.mark.parametrize("combine", ["noisy_or", "max"])
+def test_merge_is_the_best_valid_subtree(rng, combine):
+    for _ in range(60):
+        cands = [random_trie(rng, s) for s in ("a", "b", "c")]
+        budget = DraftBudget(int(rng.integers(1, 30)), int(rng.integers(1, 7)))
+        d = merge(cands, budget, None, combine)
+        ref = brute_force(cands, combine)
+        ref = {k: v for k, v in ref.items() if len(k) <= budget.max_depth}
+        # validity: topological, budget, depth, unique children
+        assert len(d) <= budget.max_nodes
+        assert (d.parents < np.arange(len(d))).all()
+        assert len(d) == 0 or d.depths().max() <= budget.max_depth
+        kids = set()
+        for i in range(len(d)):
+            key = (int(d.parents[i]), int(d.tokens[i]))
+            assert key not in kids
+            kids.add(key)
+        # probabilities: those of the union (clipped to be monotone), and the kept set is the top of them
+        got = paths_probs(d, d.probs)
+        for path, p in got.items():
+            assert path in ref
+            want = min(ref[path[:i]] for i in range(1, len(path) + 1))
+            assert p == pytest.approx(want, rel=1e-5, abs=1e-6)
+            if len(path) > 1:
+                assert got[path[:-1]] >= p - 1e-7
+        assert len(d) == min(budget.max_nodes, len(ref))
+        mono = {k: min(ref[k[:i]] for i in range(1, len(k) + 1)) for k in ref}
+        kth = sorted(mono.values(), reverse=True)[len(d) - 1] if len(d) else 1
+        assert all(v <= kth + 1e-6 for k, v in mono.items() if k not in got)
+
+
+def test_chain_mode_follows_the_best_child(rng):
+    for _ in range(30):
+        cands = [random_trie(rng, "a"), random_trie(rng, "b")]
+        d = merge(cands, DraftBudget.chain(5))
+        assert d.is_chain and len(d) <= 5
+        ref = brute_force(cands, "noisy_or")
+        prefix = ()
+        for t in d.tokens.tolist():
+            sibs = {k[-1]: v for k, v in ref.items() if len(k) == len(prefix) + 1 and k[:-1] == prefix}
+            assert ref[prefix + (t,)] == pytest.approx(max(sibs.values()), rel=1e-6)
+            prefix += (t,)
+
+
+def test_merge_credits_the_best_source_and_handles_empty():
+    a = Candidates("a", np.array([5]), np.array([-1]), np.ones(1), np.array([0.2]), np.zeros(1, np.int64), np.array([1]))
+    b = Candidates("b", np.array([5, 6]), np.array([-1, 0]), np.ones(2), np.array([0.5, 0.5]), np.zeros(2, np.int64),
+                   np.array([1, 2]))
+    d = merge([a, b], DraftBudget(8, 4))
+    assert d.tokens.tolist() == [5, 6] and d.sources == ["b", "b"]
+    assert d.probs[0] == pytest.approx(1 - 0.8 * 0.5)
+    assert len(merge([], DraftBudget())) == 0
+    with pytest.raises(InvalidArgument):
+        merge([a], DraftBudget(), combine="sum")
+
+
+def test_evaluate_trie_matches_walk(rng):
+    for _ in range(50):
+        c = random_trie(rng, "a")
+        truth = rng.integers(0, 4, size=int(rng.integers(1, 6)))
+        tried, hit = evaluate_trie(c.tokens, c.parents, truth, c.depth)
+        dep = tree_depths(c.parents)
+        for i in range(len(c)):
+            path, j = [], i
+            while j >= 0:
+                path.append(int(c.tokens[j]))
+                j = c.parents[j]
+            path.reverse()
+            exp_tried = len(path) <= len(truth) and path[:-1] == truth[: len(path) - 1].tolist()
+            assert tried[i] == exp_tried
+            assert hit[i] == (exp_tried and path[-1] == truth[dep[i] - 1])
+
+
+def test_calibrator_moves_towards_observed_rate():
+    cal = Calibrator(strength=4)
+    c = Candidates("a", np.array([1, 2]), np.array([-1, -1]), np.ones(2), np.array([0.5, 0.5]),
+                   np.array([0, 1]), np.array([1, 1]))
+    assert cal.conditional(c).tolist() == [0.5, 0.5]
+    for _ in range(96):
+        cal.update([c], np.array([1]))  # token 1 always right, token 2 always wrong
+    q = cal.conditional(c)
+    assert q[0] == pytest.approx((96 + 2) / 100) and q[1] == pytest.approx(2 / 100)
+    with pytest.raises(InvalidArgument):
+        Calibrator(strength=0)
