@@ -1,0 +1,767 @@
+"""The cross-encoder k-NN index: CUR factors, item texts, persisted in one folder.
+
+Build it with the job body :func:`retrieval.crossencoder.build.build_index` (resumable, scores the
+``k_q`` anchor queries against every item), then open it with :meth:`CrossEncoderIndex.load` and the
+same scorer (its fingerprint must match the stored one).
+
+Folder layout (``FORMAT``; every array is float32 little-endian, row-major)::
+
+    meta.json            format, scorer / dual-encoder fingerprints, k_q, n_rows, byte sizes, build
+                         params, the current CUR generation; written last, atomically (tmp + rename)
+    anchor_queries.json  the k_q anchor query texts (row order of R)
+    items.jsonl          one {"id", "text", "payload"} per row, rows in insertion order
+    R.f32                (n_rows x k_q): R^T, the item-major score matrix (R in Fortran order)
+    alive.u8             (n_rows,) 1 = live item, 0 = deleted
+    de.f32               (n_rows x d) dual-encoder item embeddings (only with a dual encoder)
+    cur-<gen>.npz        anchors (k_i,), U (k_i x k_q), mu (k_q,) of CUR generation <gen>
+    E-<gen>.f32          (n_rows x k_i) item embeddings of that generation
+
+Appends (``add_items``) truncate each append-only file to the size ``meta.json`` records, append,
+fsync, then rewrite ``meta.json``: a crash before the meta write leaves the old index intact.
+``set_anchor_items`` writes a new generation, switches ``meta.json`` to it, then deletes the old one.
+Deleted rows stay in the files (tombstones in ``alive.u8``); a deleted anchor item keeps serving the
+query embedding (its text and scores are kept) but is never returned.
+
+Thread-safety: searches may run concurrently with each other and with mutations. Mutations
+(``add_items``, ``delete_items``, ``set_anchor_items``) are serialised by a lock and publish a new
+immutable state; a search works on the state it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.crossencoder import search as kernels
+from retrieval.crossencoder.cur import (
+    ANCHOR_METHODS,
+    SOLVERS,
+    CurFactors,
+    project_items,
+    select_anchor_items,
+    solve_cur,
+)
+from retrieval.crossencoder.dual import DualEncoder, dual_encoder_from_spec
+from retrieval.crossencoder.scorers import (
+    CallStats,
+    Scorer,
+    ScorerFingerprint,
+    check_fingerprint,
+    scorer_from_spec,
+    validate_texts,
+)
+from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "retrieval.crossencoder.index/1"
+
+__all__ = [
+    "FORMAT",
+    "BuildParams",
+    "SearchParams",
+    "SearchResult",
+    "AddResult",
+    "MODES",
+    "CrossEncoderIndex",
+    "read_meta",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters and results
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BuildParams:
+    """Build-time settings (anchors, solver). Query-time settings are :class:`SearchParams`.
+
+    ``k_i``: anchor items of the stored CUR factors (default 100; a search may ask for another
+    ``k_i``, solved on first use and cached). ``anchor_method``: ``random`` | ``qr`` | ``kmeans-r`` |
+    ``kmeans-de`` (see :func:`retrieval.crossencoder.cur.select_anchor_items`). ``solver``: ``ridge``
+    (default, ``ridge`` relative to ``s_1^2`` of the centred intersection, default 1e-3) |
+    ``truncated`` (``rank``) | ``pinv``. ``seed``: anchor sampling / k-means seed. ``chunk_size``:
+    items per resumable indexing chunk (each chunk costs ``k_q * chunk_size`` calls).
+    """
+
+    k_i: int = 100
+    anchor_method: str = "qr"
+    solver: str = "ridge"
+    ridge: float = 1e-3
+    rank: int | None = None
+    seed: int = 0
+    chunk_size: int = 64
+
+    def validate(self) -> BuildParams:
+        if not isinstance(self.k_i, int) or self.k_i < 1:
+            raise InvalidArgument(f"k_i must be a positive integer, got {self.k_i!r}")
+        if self.anchor_method not in ANCHOR_METHODS:
+            raise InvalidArgument(f"unknown anchor_method {self.anchor_method!r}; valid: {', '.join(ANCHOR_METHODS)}")
+        if self.solver not in SOLVERS:
+            raise InvalidArgument(f"unknown solver {self.solver!r}; valid solvers: {', '.join(SOLVERS)}")
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
+            raise InvalidArgument(f"ridge must be a finite number >= 0, got {self.ridge!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise InvalidArgument(f"rank must be a positive integer or None, got {self.rank!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise InvalidArgument(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        return self
+
+    @classmethod
+    def from_any(cls, p: BuildParams | dict[str, Any] | None) -> BuildParams:
+        if p is None:
+            return cls().validate()
+        if isinstance(p, cls):
+            return p.validate()
+        if isinstance(p, dict):
+            bad = set(p) - {f.name for f in dataclasses.fields(cls)}
+            if bad:
+                raise InvalidArgument(f"unknown build parameters {sorted(bad)}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+            return cls(**p).validate()
+        raise InvalidArgument(f"build params must be BuildParams or a dict, got {type(p).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchParams:
+    """Query-time settings.
+
+    ``mode``: one of ``MODES`` (``cur``, ``adaptive``, ``adaptive-seeded``, ``rerank``).
+    ``budget``: cross-encoder calls per query (default 100; at least ``k`` and the mode's minimum).
+    ``k_i``: ``cur`` only, anchor-item calls; ``None``/``"auto"`` = ``min(index k_i, budget // 2)``,
+    the rest (``k_r = budget - k_i``) reranks. ``rounds``: adaptive rounds (default 10).
+    ``seed_fraction``: ``adaptive-seeded`` only, share of round one taken from the dual encoder's top
+    candidates (default 0.5; the rest are anchor items). ``ridge``: adaptive least-squares ridge
+    (relative to ``s_1^2``, default 1e-3).
+    """
+
+    mode: str = "adaptive"
+    budget: int = 100
+    k_i: int | str | None = None
+    rounds: int = 10
+    seed_fraction: float = 0.5
+    ridge: float = 1e-3
+
+    @classmethod
+    def from_any(cls, p: SearchParams | dict[str, Any] | None) -> SearchParams:
+        if p is None:
+            return cls()
+        if isinstance(p, cls):
+            return p
+        if isinstance(p, dict):
+            bad = set(p) - {f.name for f in dataclasses.fields(cls)}
+            if bad:
+                raise InvalidArgument(f"unknown search parameters {sorted(bad)}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+            return cls(**p)
+        raise InvalidArgument(f"search params must be SearchParams or a dict, got {type(p).__name__}")
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """One query's answer. ``ids`` (k,) int64 padded with -1; ``scores`` (k,) float32 exact
+    cross-encoder scores, best first, padded with -inf. ``calls``: cross-encoder calls spent.
+    ``scorer_seconds``: time inside the scorer; ``other_seconds``: everything else (embedding solve,
+    vector search, dual encoder, bookkeeping). In a batch, the batch's scorer time is shared out in
+    proportion to calls. ``truncated_pairs``: pairs whose query or item was cut to the model's limit;
+    ``query_truncated``: whether the query itself was cut."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    calls: int
+    scorer_seconds: float
+    other_seconds: float
+    mode: str
+    k_i: int
+    k_r: int
+    rounds: int
+    truncated_pairs: int
+    query_truncated: bool
+
+    @property
+    def total_seconds(self) -> float:
+        return self.scorer_seconds + self.other_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ids"] = self.ids.tolist()
+        d["scores"] = [float(x) for x in self.scores]
+        return d
+
+
+@dataclasses.dataclass
+class AddResult:
+    """``added``: items added; ``calls``: cross-encoder calls (``k_q`` per item); seconds in the
+    scorer and in total; ``truncated_items``: items cut to the model's limit against some anchor query."""
+
+    added: int
+    calls: int
+    scorer_seconds: float
+    seconds: float
+    truncated_items: int
+
+
+# ------------------------------------------------------------------------------------------------
+# Persistence helpers
+# ------------------------------------------------------------------------------------------------
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_bytes(path: Path, at: int, data: bytes) -> int:
+    """Truncate ``path`` to ``at`` bytes, append ``data``, fsync; returns the new size."""
+    mode = "r+b" if path.exists() else "w+b"
+    with open(path, mode) as f:
+        f.truncate(at)
+        f.seek(at)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return at + len(data)
+
+
+def _open_f32(path: Path, rows: int, cols: int, mode: str = "r") -> np.ndarray:
+    if rows == 0 or cols == 0:
+        return np.zeros((rows, cols), dtype=np.float32)
+    return np.memmap(path, dtype="<f4", mode=mode, shape=(rows, cols))
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``meta.json`` of an index folder (no scorer needed); :class:`NotFound` if there is none."""
+    p = Path(path) / "meta.json"
+    if not p.is_file():
+        raise NotFound(f"no cross-encoder index at {str(path)!r} (meta.json missing)")
+    meta = json.loads(p.read_text())
+    if meta.get("format") != FORMAT:
+        raise FailedPrecondition(f"index at {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """Immutable snapshot a search works on."""
+
+    gen: int  # bumps on every mutation (cache key)
+    n_rows: int
+    RT: np.ndarray  # (n_rows, k_q) memmap
+    alive: np.ndarray  # (n_rows,) bool
+    ids: np.ndarray  # (n_rows,) int64
+    texts: tuple[str, ...]
+    row_of: dict[int, int]  # id -> row, alive rows only
+    cur: CurFactors  # stored CUR generation (anchors, U, mu, E)
+    de: np.ndarray | None  # (n_rows, d)
+
+    @property
+    def n_alive(self) -> int:
+        return len(self.row_of)
+
+
+# ------------------------------------------------------------------------------------------------
+# Search modes (a registry by name)
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Plan:
+    mode: str
+    budget: int
+    k_i: int
+    k_r: int
+
+
+MODES: dict[str, Callable[..., kernels.KernelOutput]] = {}
+_MIN_BUDGET = {"cur": 2, "adaptive": 2, "adaptive-seeded": 2, "rerank": 1}
+_NEEDS_DE = {"adaptive-seeded", "rerank"}
+
+
+def _register_mode(name: str):
+    def deco(fn):
+        MODES[name] = fn
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------------
+# The index
+# ------------------------------------------------------------------------------------------------
+class CrossEncoderIndex:
+    """A persisted ANNCUR / adaptive index over item texts. Open with :meth:`load`.
+
+    Public read-only views: ``ids`` (alive item ids), ``k_q``, ``k_i``, ``anchor_queries``,
+    ``anchor_item_ids``, ``fingerprint``, :meth:`item_embeddings` (the CUR embeddings, ready for an
+    inner-product vector collection), :meth:`describe`.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], scorer: Scorer, dual_encoder: DualEncoder | None) -> None:
+        self.path = path
+        self.scorer = scorer
+        self.dual_encoder = dual_encoder
+        self._meta = meta
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.anchor_queries: list[str] = json.loads((path / "anchor_queries.json").read_text())
+        self._state = self._load_state()
+
+    # --- opening -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], scorer: Scorer | dict[str, Any],
+             dual_encoder: DualEncoder | dict[str, Any] | None = None) -> CrossEncoderIndex:
+        """Open the index at ``path`` with ``scorer`` (and the dual encoder it was built with, if any).
+
+        Raises :class:`NotFound` without an index there and :class:`FailedPrecondition` when the
+        scorer's (or dual encoder's) fingerprint differs from the stored one.
+        """
+        p = Path(path)
+        meta = read_meta(p)
+        sc = scorer_from_spec(scorer)
+        check_fingerprint(meta["scorer"], sc.fingerprint(), what=f"index at {str(p)!r}")
+        de = dual_encoder_from_spec(dual_encoder)
+        if meta.get("dual_encoder") and de is not None:
+            check_fingerprint(meta["dual_encoder"], de.fingerprint(), what=f"index at {str(p)!r} (dual encoder)")
+        if de is not None and not meta.get("dual_encoder"):
+            raise FailedPrecondition(
+                f"index at {str(p)!r} was built without a dual encoder, so it has no item embeddings for one; rebuild it with dual_encoder"
+            )
+        return cls(p, meta, sc, de)
+
+    def _load_state(self) -> _State:
+        m = self._meta
+        n, kq = int(m["n_rows"]), int(m["k_q"])
+        RT = _open_f32(self.path / "R.f32", n, kq)
+        alive = np.fromfile(self.path / "alive.u8", dtype=np.uint8, count=n).astype(bool) if n else np.zeros(0, bool)
+        ids = np.empty(n, dtype=np.int64)
+        texts: list[str] = []
+        with open(self.path / "items.jsonl", "rb") as f:
+            for r in range(n):
+                rec = json.loads(f.readline())
+                ids[r] = rec["id"]
+                texts.append(rec["text"])
+        gen = int(m["cur_gen"])
+        z = np.load(self.path / f"cur-{gen}.npz")
+        k_i = int(z["anchors"].size)
+        E = np.array(_open_f32(self.path / f"E-{gen}.f32", n, k_i))
+        cur = CurFactors(z["anchors"].astype(np.int64), z["U"], z["mu"], E)
+        de = None
+        if m.get("de_dim"):
+            de = np.array(_open_f32(self.path / "de.f32", n, int(m["de_dim"])))
+        row_of = {int(ids[r]): r for r in range(n) if alive[r]}
+        return _State(0, n, RT, alive, ids, tuple(texts), row_of, cur, de)
+
+    # --- read-only views ---------------------------------------------------------------------
+    @property
+    def k_q(self) -> int:
+        return int(self._meta["k_q"])
+
+    @property
+    def k_i(self) -> int:
+        return int(self._state.cur.anchors.size)
+
+    @property
+    def build_params(self) -> BuildParams:
+        return BuildParams(**self._meta["build"])
+
+    @property
+    def fingerprint(self) -> ScorerFingerprint:
+        return ScorerFingerprint.from_dict(self._meta["scorer"])
+
+    @property
+    def n_items(self) -> int:
+        return self._state.n_alive
+
+    @property
+    def ids(self) -> np.ndarray:
+        st = self._state
+        return st.ids[st.alive].copy()
+
+    @property
+    def anchor_item_ids(self) -> np.ndarray:
+        st = self._state
+        return st.ids[st.cur.anchors].copy()
+
+    @property
+    def R(self) -> np.ndarray:
+        """The (k_q x n_rows) anchor-query x item score matrix (a read-only memmap view, all rows)."""
+        return self._state.RT.T
+
+    def item_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (n,), E (n x k_i) float32)`` of the alive items: the ANNCUR item embeddings. The query
+        embedding is the centred vector of its scores against :attr:`anchor_item_ids` (in that order);
+        inner product ranks items by approximate cross-encoder score."""
+        st = self._state
+        return st.ids[st.alive].copy(), np.asarray(st.cur.E[st.alive]).copy()
+
+    def get_items(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """``{"id", "text", "payload"}`` of alive items; :class:`NotFound` for an unknown id."""
+        st = self._state
+        rows = []
+        for i in ids:
+            if int(i) not in st.row_of:
+                raise NotFound(f"item id {int(i)} is not in the index")
+            rows.append(st.row_of[int(i)])
+        out = []
+        want = set(rows)
+        with open(self.path / "items.jsonl", "rb") as f:
+            recs = {r: json.loads(line) for r, line in enumerate(f) if r in want}
+        for r in rows:
+            out.append(recs[r])
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Anchors, scorer fingerprint, sizes and budget defaults (JSON-serialisable)."""
+        st = self._state
+        d = SearchParams()
+        return {
+            "path": str(self.path),
+            "format": FORMAT,
+            "n_items": st.n_alive,
+            "n_rows": st.n_rows,
+            "k_q": self.k_q,
+            "k_i": int(st.cur.anchors.size),
+            "anchor_queries": list(self.anchor_queries),
+            "anchor_item_ids": st.ids[st.cur.anchors].tolist(),
+            "scorer": self._meta["scorer"],
+            "dual_encoder": self._meta.get("dual_encoder"),
+            "build": self._meta["build"],
+            "build_stats": self._meta.get("build_stats", {}),
+            "modes": sorted(MODES),
+            "search_defaults": dataclasses.asdict(d),
+            "min_budget": dict(_MIN_BUDGET),
+        }
+
+    # --- caches ------------------------------------------------------------------------------
+    def _cached(self, key: tuple, make: Callable[[], Any], maxsize: int = 16) -> Any:
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        val = make()
+        with self._cache_lock:
+            self._cache[key] = val
+            while len(self._cache) > maxsize:
+                self._cache.popitem(last=False)
+        return val
+
+    def _alive_rows(self, st: _State) -> np.ndarray:
+        return np.flatnonzero(st.alive)
+
+    def _anchor_set(self, st: _State, n: int) -> np.ndarray:
+        """``n`` anchor items chosen by the index's anchor method among alive rows (cached)."""
+        bp = self.build_params
+        method = bp.anchor_method
+        if method == "kmeans-de" and st.de is None:
+            method = "qr"
+        return self._cached(
+            ("anchors", st.gen, n, method, bp.seed),
+            lambda: select_anchor_items(method, n, st.RT, self._alive_rows(st), st.de, bp.seed),
+        )
+
+    def _cur_for(self, st: _State, k_i: int) -> CurFactors:
+        if k_i == st.cur.anchors.size:
+            return st.cur
+        bp = self.build_params
+
+        def make() -> CurFactors:
+            t0 = time.perf_counter()
+            f = solve_cur(st.RT, self._anchor_set(st, k_i), bp.solver, bp.ridge, bp.rank)
+            logger.info("solved CUR factors for k_i=%d on the fly in %.3fs (cached)", k_i, time.perf_counter() - t0)
+            return f
+
+        return self._cached(("cur", st.gen, k_i), make)
+
+    # --- search ------------------------------------------------------------------------------
+    def _plan(self, st: _State, k: int, p: SearchParams) -> _Plan:
+        if p.mode not in MODES:
+            raise InvalidArgument(f"unknown search mode {p.mode!r}; valid modes: {', '.join(sorted(MODES))}")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise InvalidArgument(f"k must be a positive integer, got {k!r}")
+        if not isinstance(p.budget, (int, np.integer)) or isinstance(p.budget, bool):
+            raise InvalidArgument(f"budget must be an integer number of cross-encoder calls, got {p.budget!r}")
+        if p.budget < k:
+            raise InvalidArgument(
+                f"budget {p.budget} is below k = {k}: every returned item is scored exactly, so the budget must be at least k"
+            )
+        if p.budget < _MIN_BUDGET[p.mode]:
+            raise InvalidArgument(f"budget {p.budget} is below the minimum of mode {p.mode!r} ({_MIN_BUDGET[p.mode]} calls)")
+        if p.mode in _NEEDS_DE and (st.de is None or self.dual_encoder is None):
+            raise FailedPrecondition(
+                f"mode {p.mode!r} needs a dual encoder: build the index with dual_encoder and load it with the same one"
+            )
+        if not isinstance(p.rounds, int) or p.rounds < 1:
+            raise InvalidArgument(f"rounds must be a positive integer, got {p.rounds!r}")
+        if not 0.0 <= float(p.seed_fraction) <= 1.0:
+            raise InvalidArgument(f"seed_fraction must be in [0, 1], got {p.seed_fraction!r}")
+        if not (math.isfinite(p.ridge) and p.ridge >= 0):
+            raise InvalidArgument(f"ridge must be a finite number >= 0, got {p.ridge!r}")
+        if st.n_alive == 0:
+            raise FailedPrecondition("the index has no items")
+        budget = int(min(p.budget, st.n_alive))
+        k_i = k_r = 0
+        if p.mode == "cur":
+            if p.k_i is None or p.k_i == "auto":
+                k_i = max(1, min(int(st.cur.anchors.size), p.budget // 2, st.n_alive))
+            else:
+                if not isinstance(p.k_i, (int, np.integer)) or isinstance(p.k_i, bool) or p.k_i < 1:
+                    raise InvalidArgument(f"k_i must be a positive integer or 'auto', got {p.k_i!r}")
+                if p.k_i > p.budget:
+                    raise InvalidArgument(f"k_i = {p.k_i} anchor-item calls exceed the budget of {p.budget} calls")
+                if p.k_i > st.n_alive:
+                    raise InvalidArgument(f"k_i = {p.k_i} exceeds the {st.n_alive} items in the index")
+                k_i = int(p.k_i)
+            k_r = max(0, min(p.budget - k_i, st.n_alive - k_i))
+            budget = k_i + k_r
+        return _Plan(p.mode, budget, k_i, k_r)
+
+    def search(self, query: str, k: int = 10, params: SearchParams | dict[str, Any] | None = None) -> SearchResult:
+        """Top-``k`` items for ``query`` within ``params.budget`` cross-encoder calls."""
+        return self.search_batch([query], k, params)[0]
+
+    def search_batch(self, queries: Sequence[str], k: int = 10,
+                     params: SearchParams | dict[str, Any] | None = None) -> list[SearchResult]:
+        """:meth:`search` for several queries; each round is one scorer call for the whole batch."""
+        t0 = time.perf_counter()
+        queries = validate_texts(queries, "queries")
+        if not queries:
+            return []
+        p = SearchParams.from_any(params)
+        st = self._state
+        plan = self._plan(st, k, p)
+        stats = CallStats()
+        per_q_trunc = np.zeros(len(queries), dtype=np.int64)
+        q_trunc = np.zeros(len(queries), dtype=bool)
+        texts = st.texts
+
+        def score(qidx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            s, tq, ti = self.scorer.score_detailed([queries[i] for i in qidx], [texts[r] for r in rows], stats)
+            np.add.at(per_q_trunc, qidx, (tq | ti).astype(np.int64))
+            q_trunc[qidx[tq]] = True
+            return s
+
+        out = MODES[plan.mode](self, st, queries, k, p, plan, score)
+        wall = time.perf_counter() - t0
+        total_calls = max(int(out.calls.sum()), 1)
+        results = []
+        for q in range(len(queries)):
+            rows = out.rows[q]
+            ids = np.where(rows >= 0, st.ids[np.maximum(rows, 0)], -1).astype(np.int64)
+            share = float(out.calls[q]) / total_calls
+            sc_s = stats.seconds * share
+            results.append(SearchResult(
+                ids=ids, scores=out.scores[q].copy(), calls=int(out.calls[q]),
+                scorer_seconds=sc_s, other_seconds=max(0.0, (wall - stats.seconds) * (1.0 / len(queries))),
+                mode=plan.mode, k_i=plan.k_i, k_r=plan.k_r, rounds=out.rounds,
+                truncated_pairs=int(per_q_trunc[q]), query_truncated=bool(q_trunc[q]),
+            ))
+        return results
+
+    # --- mutations ---------------------------------------------------------------------------
+    def add_items(self, ids: Sequence[int], texts: Sequence[str], payloads: Sequence[dict | None] | None = None,
+                  batch_items: int = 64) -> AddResult:
+        """Add items: ``k_q`` cross-encoder calls each (against the anchor queries), no re-factorisation.
+
+        Raises :class:`AlreadyExists` for an id already present (nothing is stored then) and
+        :class:`InvalidArgument` for empty texts or mismatched lengths.
+        """
+        t0 = time.perf_counter()
+        texts = validate_texts(texts, "texts")
+        ids_l = [self._check_id(i) for i in ids]
+        if len(ids_l) != len(texts):
+            raise InvalidArgument(f"ids and texts must have the same length, got {len(ids_l)} and {len(texts)}")
+        if payloads is None:
+            payloads = [None] * len(texts)
+        payloads = list(payloads)
+        if len(payloads) != len(texts):
+            raise InvalidArgument(f"payloads must have one entry per text, got {len(payloads)} for {len(texts)} texts")
+        for j, pl in enumerate(payloads):
+            if pl is not None and not isinstance(pl, dict):
+                raise InvalidArgument(f"payloads[{j}] must be a JSON object (dict) or None, got {type(pl).__name__}")
+        if len(set(ids_l)) != len(ids_l):
+            raise InvalidArgument("ids contain duplicates")
+        if not ids_l:
+            return AddResult(0, 0, 0.0, 0.0, 0)
+        with self._lock:
+            st = self._state
+            dup = [i for i in ids_l if i in st.row_of]
+            if dup:
+                raise AlreadyExists(f"item ids already in the index: {dup[:10]}{' ...' if len(dup) > 10 else ''}")
+            stats = CallStats()
+            kq = self.k_q
+            new_rt = np.empty((len(texts), kq), dtype=np.float32)
+            trunc_items = 0
+            for s in range(0, len(texts), batch_items):
+                chunk = texts[s : s + batch_items]
+                qs = [q for _ in chunk for q in self.anchor_queries]
+                its = [t for t in chunk for _ in self.anchor_queries]
+                sc, _, ti = self.scorer.score_detailed(qs, its, stats)
+                new_rt[s : s + len(chunk)] = sc.reshape(len(chunk), kq)
+                trunc_items += int(ti.reshape(len(chunk), kq).any(axis=1).sum())
+            new_de = None
+            if st.de is not None:
+                if self.dual_encoder is None:
+                    raise FailedPrecondition(
+                        "this index stores dual-encoder embeddings: load it with its dual_encoder to add items"
+                    )
+                new_de = self.dual_encoder.encode(texts)
+            new_E = project_items(new_rt, st.cur.U, st.cur.mu)
+            self._commit_add(st, ids_l, texts, payloads, new_rt, new_E, new_de)
+            return AddResult(len(texts), stats.calls, stats.seconds, time.perf_counter() - t0, trunc_items)
+
+    @staticmethod
+    def _check_id(i: Any) -> int:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise InvalidArgument(f"item ids must be integers, got {i!r}")
+        if not 0 <= int(i) < 2**63:
+            raise InvalidArgument(f"item ids must be in [0, 2^63), got {i}")
+        return int(i)
+
+    def _commit_add(self, st: _State, ids: list[int], texts: list[str], payloads: list, new_rt: np.ndarray,
+                    new_E: np.ndarray, new_de: np.ndarray | None) -> None:
+        m = dict(self._meta)
+        sizes = dict(m["sizes"])
+        p = self.path
+        sizes["R"] = _append_bytes(p / "R.f32", sizes["R"], np.ascontiguousarray(new_rt, dtype="<f4").tobytes())
+        sizes["alive"] = _append_bytes(p / "alive.u8", sizes["alive"], np.ones(len(ids), dtype=np.uint8).tobytes())
+        lines = b"".join(
+            (json.dumps({"id": i, "text": t, "payload": pl}, ensure_ascii=False) + "\n").encode()
+            for i, t, pl in zip(ids, texts, payloads, strict=True)
+        )
+        sizes["items"] = _append_bytes(p / "items.jsonl", sizes["items"], lines)
+        gen = int(m["cur_gen"])
+        sizes["E"] = _append_bytes(p / f"E-{gen}.f32", sizes["E"], np.ascontiguousarray(new_E, dtype="<f4").tobytes())
+        if new_de is not None:
+            sizes["de"] = _append_bytes(p / "de.f32", sizes["de"], np.ascontiguousarray(new_de, dtype="<f4").tobytes())
+        m["sizes"] = sizes
+        m["n_rows"] = st.n_rows + len(ids)
+        _write_json_atomic(p / "meta.json", m)
+        self._meta = m
+        n = m["n_rows"]
+        RT = _open_f32(p / "R.f32", n, self.k_q)
+        alive = np.concatenate([st.alive, np.ones(len(ids), dtype=bool)])
+        all_ids = np.concatenate([st.ids, np.asarray(ids, dtype=np.int64)])
+        row_of = dict(st.row_of)
+        for j, i in enumerate(ids):
+            row_of[i] = st.n_rows + j
+        cur = CurFactors(st.cur.anchors, st.cur.U, st.cur.mu, np.concatenate([st.cur.E, new_E]))
+        de = None if st.de is None else np.concatenate([st.de, new_de])
+        self._state = _State(st.gen + 1, n, RT, alive, all_ids, st.texts + tuple(texts), row_of, cur, de)
+
+    def delete_items(self, ids: Sequence[int]) -> int:
+        """Delete items by id; returns how many. :class:`NotFound` if any id is unknown (nothing changes)."""
+        ids_l = [self._check_id(i) for i in ids]
+        with self._lock:
+            st = self._state
+            missing = [i for i in ids_l if i not in st.row_of]
+            if missing:
+                raise NotFound(f"item ids not in the index: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            rows = sorted({st.row_of[i] for i in ids_l})
+            if not rows:
+                return 0
+            with open(self.path / "alive.u8", "r+b") as f:
+                for r in rows:
+                    f.seek(r)
+                    f.write(b"\x00")
+                f.flush()
+                os.fsync(f.fileno())
+            alive = st.alive.copy()
+            alive[rows] = False
+            row_of = {i: r for i, r in st.row_of.items() if alive[r]}
+            self._state = dataclasses.replace(st, gen=st.gen + 1, alive=alive, row_of=row_of)
+            return len(rows)
+
+    def set_anchor_items(self, k_i: int | None = None, anchor_method: str | None = None, seed: int | None = None,
+                         solver: str | None = None, ridge: float | None = None, rank: int | None = None) -> dict[str, Any]:
+        """Re-choose the anchor items and re-solve the CUR factors from the stored ``R``: no new calls.
+
+        Any argument left ``None`` keeps its build value. Returns the new build params and the time.
+        """
+        t0 = time.perf_counter()
+        with self._lock:
+            st = self._state
+            old = self.build_params
+            changes = {k: v for k, v in dict(k_i=k_i, anchor_method=anchor_method, seed=seed, solver=solver,
+                                             ridge=ridge, rank=rank).items() if v is not None}
+            bp = dataclasses.replace(old, **changes).validate()
+            if bp.anchor_method == "kmeans-de" and st.de is None:
+                raise InvalidArgument("anchor_method 'kmeans-de' needs dual-encoder item embeddings; this index has none")
+            if bp.k_i > st.n_alive:
+                raise InvalidArgument(f"k_i = {bp.k_i} exceeds the {st.n_alive} items in the index")
+            anchors = select_anchor_items(bp.anchor_method, bp.k_i, st.RT, np.flatnonzero(st.alive), st.de, bp.seed)
+            cur = solve_cur(st.RT, anchors, bp.solver, bp.ridge, bp.rank)
+            m = dict(self._meta)
+            old_gen = int(m["cur_gen"])
+            gen = old_gen + 1
+            _save_cur(self.path, gen, cur)
+            m["cur_gen"] = gen
+            m["build"] = dataclasses.asdict(bp)
+            m["sizes"] = dict(m["sizes"], E=int(cur.E.nbytes))
+            _write_json_atomic(self.path / "meta.json", m)
+            self._meta = m
+            for f in (self.path / f"cur-{old_gen}.npz", self.path / f"E-{old_gen}.f32"):
+                f.unlink(missing_ok=True)
+            self._state = dataclasses.replace(st, gen=st.gen + 1, cur=cur)
+            return {"build": dataclasses.asdict(bp), "seconds": time.perf_counter() - t0, "calls": 0}
+
+
+def _save_cur(path: Path, gen: int, cur: CurFactors) -> None:
+    tmp = path / f"cur-{gen}.tmp.npz"
+    np.savez(tmp, anchors=cur.anchors, U=cur.U, mu=cur.mu)
+    os.replace(tmp, path / f"cur-{gen}.npz")
+    e = path / f"E-{gen}.f32"
+    with open(e, "wb") as f:
+        f.write(np.ascontiguousarray(cur.E, dtype="<f4").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------
+# Mode implementations
+# ------------------------------------------------------------------------------------------------
+@_register_mode("cur")
+def _mode_cur(index: CrossEncoderIndex, st: _State, queries, k, p: SearchParams, plan: _Plan, score):
+    cur = index._cur_for(st, plan.k_i)
+    return kernels.cur_search(score, len(queries), cur.E, cur.anchors, st.alive, k, plan.k_r)
+
+
+def _first_round(index: CrossEncoderIndex, st: _State, queries, p: SearchParams, plan: _Plan, seeded: bool):
+    n1 = kernels.round_sizes(plan.budget, p.rounds)[0]
+    anchors = index._anchor_set(st, min(n1, st.n_alive))
+    if not seeded:
+        return [anchors] * len(queries)
+    n_de = int(round(p.seed_fraction * n1))
+    dq = index.dual_encoder.encode(queries)
+    out = []
+    for q in range(len(queries)):
+        top = kernels.topk_rows(st.de @ dq[q], n_de, ~st.alive) if n_de else np.empty(0, np.int64)
+        rest = anchors[~np.isin(anchors, top)][: n1 - top.size]
+        out.append(np.concatenate([top, rest]))
+    return out
+
+
+@_register_mode("adaptive")
+def _mode_adaptive(index: CrossEncoderIndex, st: _State, queries, k, p: SearchParams, plan: _Plan, score):
+    first = _first_round(index, st, queries, p, plan, seeded=False)
+    return kernels.adaptive_search(score, len(queries), st.RT, st.alive, k, plan.budget, p.rounds, first, p.ridge)
+
+
+@_register_mode("adaptive-seeded")
+def _mode_adaptive_seeded(index: CrossEncoderIndex, st: _State, queries, k, p: SearchParams, plan: _Plan, score):
+    first = _first_round(index, st, queries, p, plan, seeded=True)
+    return kernels.adaptive_search(score, len(queries), st.RT, st.alive, k, plan.budget, p.rounds, first, p.ridge)
+
+
+@_register_mode("rerank")
+def _mode_rerank(index: CrossEncoderIndex, st: _State, queries, k, p: SearchParams, plan: _Plan, score):
+    dq = index.dual_encoder.encode(queries)
+    return kernels.rerank_search(score, len(queries), dq, st.de, st.alive, k, plan.budget)
