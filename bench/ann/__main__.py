@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, help="use only the first N base vectors (ground truth recomputed)")
     p.add_argument("--max-queries", type=int, help="use only the first N queries")
     p.add_argument("--epsilon", type=float, help="recall distance tolerance (default 1e-3)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing result file of the same dataset and k: its rows for other "
+                        "algorithms are kept, rows for the algorithms of this run are replaced")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list algorithms and datasets, then exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log each setting's result")
@@ -119,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             "dataset_load_s": load_s,
             "results": results,
         }
+        for r in results:
+            r["run_started"] = started
         out = Path(_pick(args.out, cfg, "out", DEFAULT_OUT))
-        paths = report.write_all(doc, out, args.name or ds.name)
+        stem = args.name or ds.name
+        if args.append:
+            doc = report.merge_previous(doc, out / f"{stem}.json", names)
+        paths = report.write_all(doc, out, stem)
     except RetrievalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -84,7 +84,9 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m['platform']}",
         f"versions: {vers}",
         f"settings: k={st['k']}, threads={st['threads']}, best of {st['runs']} runs, batch size "
-        f"{st['batch_size'] or 'all'}, recall epsilon {st['epsilon']:g}; {doc['started']}",
+        f"{st['batch_size'] or 'all'}, recall epsilon {st['epsilon']:g}; {doc['started']}"
+        + (f" (+ rows from {len(doc['previous_runs'])} earlier run(s): "
+           + ", ".join(str(p['started']) for p in doc["previous_runs"]) + ")" if doc.get("previous_runs") else ""),
     ]
 
 
@@ -175,6 +177,34 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def merge_previous(doc: dict[str, Any], path: Path, algorithms: Sequence[str]) -> dict[str, Any]:
+    """``doc`` plus the rows of ``path`` (an earlier run) for algorithms not in ``algorithms``.
+
+    The earlier run must be on the same dataset (name, n, nq) with the same k; its header (command,
+    machine, start time) is kept under ``previous_runs`` and each row keeps its ``run_started``.
+    """
+    from retrieval.errors import FailedPrecondition
+
+    if not path.exists():
+        return doc
+    old = json.loads(path.read_text())
+    same = all(old["dataset"].get(f) == doc["dataset"].get(f) for f in ("name", "n", "nq")) and \
+        old["settings"]["k"] == doc["settings"]["k"]
+    if not same:
+        raise FailedPrecondition(
+            f"cannot append to {str(path)!r}: it holds dataset {old['dataset']['name']} (n={old['dataset']['n']}, "
+            f"nq={old['dataset']['nq']}) with k={old['settings']['k']}; this run is {doc['dataset']['name']} "
+            f"(n={doc['dataset']['n']}, nq={doc['dataset']['nq']}) with k={doc['settings']['k']}"
+        )
+    kept = [r for r in old["results"] if r["algorithm"] not in set(algorithms)]
+    for r in kept:
+        r.setdefault("run_started", old.get("started"))
+    prev = old.get("previous_runs", []) + [
+        {f: old.get(f) for f in ("command", "started", "machine", "versions", "settings")}
+    ]
+    return {**doc, "results": kept + doc["results"], "previous_runs": prev}
 
 
 def write_all(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
