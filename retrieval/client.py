@@ -1,0 +1,327 @@
+"""The Python client: numpy in, numpy out.
+
+    from retrieval import Client
+
+    with Client("127.0.0.1:50051") as c:
+        c.create_collection("docs", dimension=128, metric="l2", index={"type": "hnsw", "m": 16})
+        c.upsert("docs", ids=np.arange(1000), vectors=xb, payloads=[{"lang": "en"}] * 1000)
+        D, I = c.search_batch("docs", xq, k=10, ef=64)          # (nq, k) each
+        hits = c.search("docs", xq[0], k=5, filter={"must": [{"key": "lang", "equals": "en"}]},
+                        with_payloads=True)
+
+Results follow faiss: ``D`` float32 distances ascending (``inf`` padding), ``I`` int64 ids (``-1``
+padding). Ids are uint64 on the wire; ids of 2**63 and above read back negative in the int64 view
+(``I.view(np.uint64)`` recovers them).
+
+Errors are raised as :class:`retrieval.errors.RetrievalError` subclasses matching the status
+(``InvalidArgument``, ``NotFound``, ...), so client code handles the same exceptions as the server.
+Idempotent calls are retried on ``UNAVAILABLE`` (gRPC retry policy, up to 5 attempts with backoff);
+every call has a deadline (``timeout`` seconds, default 30).
+
+Thread-safety: a Client may be shared between threads. Single-query ``search`` uses one long-lived
+bidirectional stream per client (the lowest latency gRPC offers in Python), guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from retrieval import convert, errors
+from retrieval.indexes import registry
+from retrieval.indexes.base import QueryParams
+from retrieval.v1 import (collections_pb2, collections_pb2_grpc, common_pb2, points_pb2, points_pb2_grpc,
+                          search_pb2, search_pb2_grpc)
+from retrieval.vectors import filters as flt
+
+_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.CANCELLED: errors.Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+}
+
+_IDEMPOTENT = [
+    {"service": "retrieval.v1.Collections", "method": m} for m in ("List", "Describe")
+] + [{"service": "retrieval.v1.Points", "method": m} for m in ("Upsert", "Get", "Count", "Scroll")] + [
+    {"service": "retrieval.v1.Search", "method": m} for m in ("Search", "SearchBatch")]
+
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": _IDEMPOTENT,
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]
+})
+
+
+def _raise(e: grpc.RpcError) -> None:
+    code = e.code() if hasattr(e, "code") else None
+    cls = _CODES.get(code, errors.RetrievalError)
+    err = cls(e.details() if hasattr(e, "details") else str(e))
+    if cls is errors.RetrievalError and code is not None:
+        err.code = code
+    raise err from None
+
+
+@dataclass
+class Points:
+    ids: np.ndarray                 # uint64 (n,)
+    vectors: np.ndarray | None      # float32 (n, d)
+    payloads: list[dict | None] | None
+    next_id: int | None = None      # scroll: the start id of the next page
+
+
+@dataclass
+class Hits:
+    """Results of one query: ``ids`` int64 (k,), ``distances`` float32 (k,), padding removed."""
+
+    ids: np.ndarray
+    distances: np.ndarray
+    payloads: list[dict | None] | None = None
+    vectors: np.ndarray | None = None
+
+
+def _payloads_out(pls) -> list[dict | None]:
+    return [json.loads(p) if p else None for p in pls]
+
+
+def _payloads_in(payloads) -> list[str]:
+    if payloads is None:
+        return []
+    return ["" if p is None else (p if isinstance(p, str) else json.dumps(p, separators=(",", ":")))
+            for p in payloads]
+
+
+def _filter(f) -> common_pb2.Filter | None:
+    if f is None:
+        return None
+    if isinstance(f, flt.Filter):
+        return convert.filter_to_proto(f)
+    return convert.filter_to_proto(flt.from_dict(f))
+
+
+def _index_spec(index) -> common_pb2.IndexSpec:
+    return convert.index_spec_to_proto(registry.spec_from_dict(index))
+
+
+class _Stream:
+    """A long-lived SearchStream: one request in, one response out, in order."""
+
+    def __init__(self, stub: search_pb2_grpc.SearchStub, timeout: float | None) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses = stub.SearchStream(iter(self._q.get, None), timeout=None)
+
+    def call(self, request: search_pb2.SearchRequest) -> search_pb2.SearchResponse:
+        self._q.put(request)
+        return next(self._responses)
+
+    def close(self) -> None:
+        self._q.put(None)
+        try:
+            self._responses.cancel()
+        except Exception:
+            pass
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float = 30.0,
+                 max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.Channel | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = channel or grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _SERVICE_CONFIG),
+        ])
+        self._collections = collections_pb2_grpc.CollectionsStub(self._channel)
+        self._points = points_pb2_grpc.PointsStub(self._channel)
+        self._search = search_pb2_grpc.SearchStub(self._channel)
+        self._stream: _Stream | None = None
+        self._stream_lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server answers (raises Unavailable after ``timeout`` seconds)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise errors.Unavailable(f"no server answered at {self.address} within {timeout} s") from None
+
+    def _call(self, fn, request):
+        try:
+            return fn(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+
+    # --- collections -------------------------------------------------------------------------------
+    def create_collection(self, name: str, dimension: int, metric: str = "l2", index=None, shards: int = 1) -> dict:
+        """Create a collection. ``index``: "hnsw" | "exact" | {"type": "faiss", "factory": "IVF256,PQ16"} |
+        {"type": "hnsw", "m": 32, "ef_construction": 400}. Returns its description."""
+        req = collections_pb2.CreateCollectionRequest(name=name, dimension=dimension, metric=metric,
+                                                      index=_index_spec(index), shards=shards)
+        return convert.collection_info_from_proto(self._call(self._collections.Create, req))
+
+    def list_collections(self) -> list[dict]:
+        resp = self._call(self._collections.List, collections_pb2.ListCollectionsRequest())
+        return [convert.collection_info_from_proto(c) for c in resp.collections]
+
+    def describe_collection(self, name: str) -> dict:
+        return convert.collection_info_from_proto(
+            self._call(self._collections.Describe, collections_pb2.DescribeCollectionRequest(name=name)))
+
+    def drop_collection(self, name: str) -> None:
+        self._call(self._collections.Drop, collections_pb2.DropCollectionRequest(name=name))
+
+    # --- points ------------------------------------------------------------------------------------
+    @staticmethod
+    def _upsert_request(collection, ids, vectors, payloads) -> points_pb2.UpsertRequest:
+        req = points_pb2.UpsertRequest(collection=collection, payloads=_payloads_in(payloads))
+        req.ids.extend(np.asarray(ids, np.uint64).tolist())
+        convert.vectors_to_proto(np.asarray(vectors, np.float32), req.vectors)
+        return req
+
+    def upsert(self, collection: str, ids, vectors, payloads: list | None = None) -> int:
+        """Insert or replace points; durable when this returns. ``vectors`` (n, d); ``payloads`` dicts or
+        None. Returns the write sequence number."""
+        resp = self._call(self._points.Upsert, self._upsert_request(collection, ids, vectors, payloads))
+        return resp.seq
+
+    def upsert_stream(self, collection: str, batches: Iterable[tuple], timeout: float | None = None) -> int:
+        """Bulk load over one stream: ``batches`` yields (ids, vectors) or (ids, vectors, payloads).
+        Returns the number of points written."""
+        def gen() -> Iterator[points_pb2.UpsertRequest]:
+            for b in batches:
+                yield self._upsert_request(collection, b[0], b[1], b[2] if len(b) > 2 else None)
+
+        try:
+            return self._points.UpsertStream(gen(), timeout=timeout).count
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def get(self, collection: str, ids, with_vectors: bool = True, with_payloads: bool = True) -> Points:
+        req = points_pb2.GetRequest(collection=collection, with_vectors=with_vectors, with_payloads=with_payloads)
+        req.ids.extend(np.asarray(ids, np.uint64).ravel().tolist())
+        return self._points_out(self._call(self._points.Get, req), with_vectors, with_payloads)
+
+    @staticmethod
+    def _points_out(resp, with_vectors, with_payloads) -> Points:
+        return Points(ids=np.asarray(resp.ids, np.uint64),
+                      vectors=convert.vectors_from_proto(resp.vectors) if with_vectors and resp.vectors.d else (
+                          np.zeros((0, 0), np.float32) if with_vectors else None),
+                      payloads=_payloads_out(resp.payloads) if with_payloads else None,
+                      next_id=resp.next_id if resp.HasField("next_id") else None)
+
+    def delete(self, collection: str, ids=None, filter=None) -> int:
+        """Delete by ids or by filter (exactly one); returns how many points were deleted."""
+        req = points_pb2.DeleteRequest(collection=collection)
+        if ids is not None:
+            req.ids.extend(np.asarray(ids, np.uint64).ravel().tolist())
+        f = _filter(filter)
+        if f is not None:
+            req.filter.CopyFrom(f)
+        return self._call(self._points.Delete, req).count
+
+    def count(self, collection: str, filter=None) -> int:
+        req = points_pb2.CountRequest(collection=collection)
+        f = _filter(filter)
+        if f is not None:
+            req.filter.CopyFrom(f)
+        return self._call(self._points.Count, req).count
+
+    def scroll(self, collection: str, filter=None, start_id: int | None = None, limit: int = 100,
+               with_vectors: bool = False, with_payloads: bool = True) -> Points:
+        """One page of points in id order; pass ``result.next_id`` as ``start_id`` for the next one."""
+        req = points_pb2.ScrollRequest(collection=collection, limit=limit, with_vectors=with_vectors,
+                                       with_payloads=with_payloads)
+        if start_id is not None:
+            req.start_id = start_id
+        f = _filter(filter)
+        if f is not None:
+            req.filter.CopyFrom(f)
+        return self._points_out(self._call(self._points.Scroll, req), with_vectors, with_payloads)
+
+    # --- search ------------------------------------------------------------------------------------
+    @staticmethod
+    def _search_request(collection, xq, k, ef, nprobe, exact, filter, with_payloads, with_vectors):
+        req = search_pb2.SearchRequest(collection=collection, k=k, with_payloads=with_payloads,
+                                       with_vectors=with_vectors,
+                                       params=convert.query_params_to_proto(QueryParams(ef, nprobe, exact)))
+        convert.vectors_to_proto(np.asarray(xq, np.float32), req.queries)
+        f = _filter(filter)
+        if f is not None:
+            req.filter.CopyFrom(f)
+        return req
+
+    @staticmethod
+    def _arrays(resp) -> tuple[np.ndarray, np.ndarray]:
+        shape = (resp.nq, resp.k)
+        D = np.asarray(resp.distances, np.float32).reshape(shape)
+        I = np.asarray(resp.ids, np.uint64).view(np.int64).reshape(shape)
+        return D, I
+
+    def search_batch(self, collection: str, xq, k: int = 10, ef: int = 0, nprobe: int = 0, exact: bool = False,
+                     filter=None) -> tuple[np.ndarray, np.ndarray]:
+        """k-NN of every row of ``xq`` (nq, d) in one call -> (D, I), each (nq, k)."""
+        req = self._search_request(collection, xq, k, ef, nprobe, exact, filter, False, False)
+        return self._arrays(self._call(self._search.SearchBatch, req))
+
+    def search(self, collection: str, q, k: int = 10, ef: int = 0, nprobe: int = 0, exact: bool = False,
+               filter=None, with_payloads: bool = False, with_vectors: bool = False) -> Hits:
+        """k-NN of one query vector ``q`` (d,) over the client's search stream -> :class:`Hits`."""
+        q = np.asarray(q, np.float32).reshape(1, -1)
+        req = self._search_request(collection, q, k, ef, nprobe, exact, filter, with_payloads, with_vectors)
+        resp = self._stream_call(req)
+        D, I = self._arrays(resp)
+        keep = I[0] != -1
+        hits = Hits(ids=I[0][keep], distances=D[0][keep])
+        if with_payloads:
+            hits.payloads = [p for p, m in zip(_payloads_out(resp.payloads), keep) if m]
+        if with_vectors:
+            hits.vectors = convert.vectors_from_proto(resp.vectors)[keep]
+        return hits
+
+    def _stream_call(self, req: search_pb2.SearchRequest) -> search_pb2.SearchResponse:
+        with self._stream_lock:
+            for attempt in range(2):
+                if self._stream is None:
+                    self._stream = _Stream(self._search, self.timeout)
+                try:
+                    return self._stream.call(req)
+                except grpc.RpcError as e:
+                    self._stream.close()
+                    self._stream = None
+                    # the stream broke (server restart, idle reset): one retry on a fresh stream
+                    if e.code() != grpc.StatusCode.UNAVAILABLE and e.code() != grpc.StatusCode.CANCELLED \
+                            or attempt == 1:
+                        _raise(e)
+                except StopIteration:
+                    self._stream = None
+                    if attempt == 1:
+                        raise errors.Unavailable("the search stream closed") from None
+        raise errors.Unavailable("search stream failed")

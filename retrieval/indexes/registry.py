@@ -1,0 +1,70 @@
+"""Index backends by name. An unknown name gets an error listing the valid ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from retrieval.errors import InvalidArgument
+from retrieval.indexes.base import ExactSpec, FaissSpec, HnswSpec, IndexSpec, VectorIndex
+
+
+def _hnsw():
+    from retrieval.indexes.hnsw import HnswIndex
+
+    return HnswIndex
+
+
+def _faiss():
+    from retrieval.indexes.faiss_index import FaissIndex
+
+    return FaissIndex
+
+
+def _exact():
+    from retrieval.indexes.exact import ExactIndex
+
+    return ExactIndex
+
+
+BACKENDS = {"hnsw": _hnsw, "faiss": _faiss, "exact": _exact}
+SPECS = {"hnsw": HnswSpec, "faiss": FaissSpec, "exact": ExactSpec}
+
+
+def backend(kind: str):
+    try:
+        return BACKENDS[kind]()
+    except KeyError:
+        raise InvalidArgument(f"unknown index type {kind!r}; valid: {', '.join(sorted(BACKENDS))}") from None
+
+
+def create(spec: IndexSpec, d: int, metric: str, threads: int = 0) -> VectorIndex:
+    """A new empty index for ``spec`` (``metric`` "l2" or "ip")."""
+    return backend(spec.kind)(d, metric, spec, threads)
+
+
+def load(spec: IndexSpec, folder: Path, d: int, metric: str, threads: int = 0) -> VectorIndex:
+    return backend(spec.kind).load(folder, spec, d, metric, threads)
+
+
+def spec_from_dict(d: dict | str | None) -> IndexSpec:
+    """``"hnsw"`` or ``{"type": "faiss", "factory": "IVF256,PQ16"}`` -> a spec."""
+    if d is None:
+        return HnswSpec()
+    if isinstance(d, str):
+        d = {"type": d}
+    if not isinstance(d, dict):
+        raise InvalidArgument(f"index spec must be a name or a dict, got {type(d).__name__}")
+    d = dict(d)
+    kind = d.pop("type", "hnsw")
+    if kind not in SPECS:
+        raise InvalidArgument(f"unknown index type {kind!r}; valid: {', '.join(sorted(SPECS))}")
+    try:
+        return SPECS[kind](**d)
+    except TypeError as e:
+        raise InvalidArgument(f"bad parameters for index type {kind!r}: {e}") from None
+
+
+def spec_to_dict(spec: IndexSpec) -> dict:
+    out = {"type": spec.kind}
+    out.update({k: v for k, v in vars(spec).items()})
+    return out

@@ -1,0 +1,129 @@
+"""The server: grpc.aio, health checking, reflection, interceptors, graceful shutdown.
+
+``serve(settings)`` runs until SIGTERM / SIGINT (or ``stop`` is set): it then reports NOT_SERVING,
+gives in-flight calls ``grace_s`` seconds, stops the services and closes the collections (writing
+final index snapshots). Only one server may use a data folder at a time (an exclusive lock file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from retrieval.config import Settings
+from retrieval.errors import FailedPrecondition
+from retrieval.server.interceptors import ErrorAndLogInterceptor
+from retrieval.server.services import SERVICES, ServerContext
+from retrieval.vectors.collection import CollectionManager, Limits
+from retrieval.vectors.shard import ShardSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _lock_data_dir(data_dir: Path):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FailedPrecondition(f"data folder {data_dir} is in use by {holder}; "
+                                 "stop that server or choose another --data-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def shard_settings(s: Settings) -> ShardSettings:
+    return ShardSettings(index_threads=s.indexing.threads, synchronous=s.durability,
+                         snapshot_every=s.indexing.snapshot_every, snapshot_interval_s=s.indexing.snapshot_interval_s,
+                         filter_exact_threshold=s.indexing.filter_exact_threshold, indexer_slice_ms=s.indexing.slice_ms)
+
+
+def limits(s: Settings) -> Limits:
+    lim = s.limits
+    return Limits(max_k=lim.max_k, max_batch=lim.max_batch, max_payload_bytes=lim.max_payload_bytes,
+                  max_ef=lim.max_ef, max_scroll=lim.max_scroll)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=None) -> None:
+    """Run the server until ``stop`` is set or a SIGTERM / SIGINT arrives."""
+    data_dir = Path(settings.data_dir).resolve()
+    lock = _lock_data_dir(data_dir)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+
+    ctx = ServerContext(settings=settings, data_dir=data_dir,
+                        collections=CollectionManager(data_dir, shard_settings(settings), limits(settings)))
+    await ctx.collections.open()
+    max_msg = settings.limits.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=[ErrorAndLogInterceptor(settings.access_log)],
+        options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg),
+                 ("grpc.so_reuseport", 0)],
+    )
+    services = [factory() for factory in SERVICES]
+    names: list[str] = []
+    for svc in services:
+        await svc.start(server, ctx)
+        names.extend(svc.service_names)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        await ctx.collections.close()
+        raise FailedPrecondition(f"cannot listen on {address}: {e}") from None
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    bound = f"{settings.host}:{port}"
+    logger.info("serving on %s, data folder %s", bound, data_dir)
+    print(f"retrieval: serving on {bound} (data folder {data_dir})", flush=True)
+    if on_ready is not None:
+        on_ready(port)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("shutting down (grace %.1f s)", settings.grace_s)
+        for name in ("", *names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(settings.grace_s)
+        for svc in reversed(services):
+            try:
+                await svc.stop()
+            except Exception:
+                logger.exception("stopping %s failed", type(svc).__name__)
+        await ctx.collections.close()
+        lock.close()
+        logger.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))

@@ -1,0 +1,56 @@
+"""The services one server hosts, and the context they share.
+
+Adding an engine's gRPC service: write a class with ``service_names`` and async ``start``/``stop``
+(see :class:`Service`) and add a factory for it to :data:`SERVICES`. ``start`` registers servicers on
+the server and may use ``ctx.collections`` (vector collections), ``ctx.jobs`` (the job manager) and
+``ctx.data_dir`` (a folder of its own: ``ctx.data_dir / <engine>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import grpc
+
+if TYPE_CHECKING:
+    from retrieval.config import Settings
+    from retrieval.vectors.collection import CollectionManager
+
+
+@dataclass
+class ServerContext:
+    settings: "Settings"
+    data_dir: Path
+    collections: "CollectionManager"
+    jobs: Any = None                       # retrieval.jobs.manager.JobManager once started
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Service(Protocol):
+    #: full proto service names, e.g. ("retrieval.v1.Search",), for health checking and reflection
+    service_names: tuple[str, ...]
+
+    async def start(self, server: grpc.aio.Server, ctx: ServerContext) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class VectorsService:
+    service_names = ("retrieval.v1.Collections", "retrieval.v1.Points", "retrieval.v1.Search")
+
+    async def start(self, server: grpc.aio.Server, ctx: ServerContext) -> None:
+        from retrieval.server.vectors_servicer import CollectionsServicer, PointsServicer, SearchServicer
+        from retrieval.v1 import collections_pb2_grpc, points_pb2_grpc, search_pb2_grpc
+
+        collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(ctx.collections), server)
+        points_pb2_grpc.add_PointsServicer_to_server(PointsServicer(ctx.collections), server)
+        search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(ctx.collections), server)
+
+    async def stop(self) -> None:
+        pass
+
+
+#: Factories of every service the server hosts, in start order.
+SERVICES: list[Callable[[], Service]] = [VectorsService]

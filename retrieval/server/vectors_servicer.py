@@ -1,0 +1,133 @@
+"""Servicers of the Collections, Points and Search services (proto/retrieval/v1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retrieval import convert
+from retrieval.errors import InvalidArgument
+from retrieval.indexes.base import QueryParams
+from retrieval.v1 import (collections_pb2, collections_pb2_grpc, points_pb2, points_pb2_grpc,
+                          search_pb2, search_pb2_grpc)
+from retrieval.vectors.collection import CollectionConfig, CollectionManager
+
+
+class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
+    def __init__(self, manager: CollectionManager) -> None:
+        self.manager = manager
+
+    async def Create(self, request, context):
+        config = CollectionConfig(
+            name=request.name, dimension=request.dimension, metric=request.metric or "l2",
+            index=convert.index_spec_from_proto(request.index), shards=request.shards or 1)
+        col = await self.manager.create(config)
+        return convert.collection_info_to_proto(await col.describe())
+
+    async def List(self, request, context):
+        out = collections_pb2.ListCollectionsResponse()
+        for col in self.manager.list():
+            out.collections.append(convert.collection_info_to_proto(await col.describe()))
+        return out
+
+    async def Describe(self, request, context):
+        return convert.collection_info_to_proto(await self.manager.get(request.name).describe())
+
+    async def Drop(self, request, context):
+        await self.manager.drop(request.name)
+        return collections_pb2.DropCollectionResponse()
+
+
+def _points_response(ids: np.ndarray, vecs, pls, next_id=None) -> points_pb2.PointsResponse:
+    out = points_pb2.PointsResponse()
+    out.ids.extend(ids.tolist())
+    if vecs is not None:
+        convert.vectors_to_proto(vecs, out.vectors)
+    if pls is not None:
+        out.payloads.extend(p or "" for p in pls)
+    if next_id is not None:
+        out.next_id = next_id
+    return out
+
+
+class PointsServicer(points_pb2_grpc.PointsServicer):
+    def __init__(self, manager: CollectionManager) -> None:
+        self.manager = manager
+
+    async def _upsert(self, request) -> tuple[int, int]:
+        col = self.manager.get(request.collection)
+        ids = np.asarray(request.ids, np.uint64)
+        if not request.HasField("vectors"):
+            raise InvalidArgument("upsert needs vectors")
+        x = convert.vectors_from_proto(request.vectors)
+        return await col.upsert(ids, x, list(request.payloads))
+
+    async def Upsert(self, request, context):
+        n, seq = await self._upsert(request)
+        return points_pb2.WriteResult(count=n, seq=seq)
+
+    async def UpsertStream(self, request_iterator, context):
+        total, seq = 0, 0
+        async for request in request_iterator:
+            n, seq = await self._upsert(request)
+            total += n
+        return points_pb2.WriteResult(count=total, seq=seq)
+
+    async def Get(self, request, context):
+        col = self.manager.get(request.collection)
+        ids, vecs, pls = await col.get(np.asarray(request.ids, np.uint64), request.with_vectors, request.with_payloads)
+        return _points_response(ids, vecs, pls)
+
+    async def Delete(self, request, context):
+        col = self.manager.get(request.collection)
+        n = await col.delete(ids=np.asarray(request.ids, np.uint64) if len(request.ids) else None,
+                             filter=convert.optional_filter(request))
+        return points_pb2.WriteResult(count=n)
+
+    async def Count(self, request, context):
+        col = self.manager.get(request.collection)
+        return points_pb2.CountResponse(count=await col.count(convert.optional_filter(request)))
+
+    async def Scroll(self, request, context):
+        col = self.manager.get(request.collection)
+        start = request.start_id if request.HasField("start_id") else 0
+        ids, vecs, pls, nxt = await col.scroll(convert.optional_filter(request), start, request.limit,
+                                               request.with_vectors, request.with_payloads)
+        return _points_response(ids, vecs, pls, nxt)
+
+
+class SearchServicer(search_pb2_grpc.SearchServicer):
+    def __init__(self, manager: CollectionManager) -> None:
+        self.manager = manager
+
+    async def _search(self, request, single: bool) -> search_pb2.SearchResponse:
+        col = self.manager.get(request.collection)
+        if not request.HasField("queries"):
+            raise InvalidArgument("search needs queries")
+        xq = convert.vectors_from_proto(request.queries, "queries")
+        if single and len(xq) != 1:
+            raise InvalidArgument(f"Search takes exactly one query, got {len(xq)}; use SearchBatch")
+        p = request.params
+        params = QueryParams(ef=p.ef, nprobe=p.nprobe, exact=p.exact)
+        flt = convert.optional_filter(request) if request.HasField("filter") else None
+        res = await col.search(xq, request.k, params, flt, request.with_payloads, request.with_vectors)
+        out = search_pb2.SearchResponse(nq=len(xq), k=request.k)
+        out.ids.extend(res.ids.ravel().tolist())
+        out.distances.extend(res.distances.ravel().tolist())
+        if res.payloads is not None:
+            out.payloads.extend(res.payloads)
+        if res.vectors is not None:
+            convert.vectors_to_proto(res.vectors, out.vectors)
+        return out
+
+    async def Search(self, request, context):
+        return await self._search(request, True)
+
+    async def SearchBatch(self, request, context):
+        return await self._search(request, False)
+
+    async def SearchStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self._search(request, False)
+
+
+__all__ = ["CollectionsServicer", "PointsServicer", "SearchServicer"]

@@ -1,0 +1,422 @@
+"""Collections: validation, routing to shards, fan-out and merge; and the manager that owns them.
+
+A collection lives in ``<data_dir>/collections/<name>/``: ``collection.json`` (its settings, written
+once, atomically) and one folder per shard (``shard-0/``...) holding that shard's point store and
+index snapshots. Ids are routed to shards by a fixed hash (splitmix64), so a point always lives in
+the same shard.
+
+Thread-safety: like the shards, a collection is used from the server's event-loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.device import torch_device
+from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from retrieval.indexes import registry
+from retrieval.indexes.base import IndexSpec, QueryParams
+from retrieval.storage.names import validate_name
+from retrieval.vectors import filters as flt
+from retrieval.vectors.delta import NO_ID
+from retrieval.vectors.shard import Shard, ShardSettings, merge_topk
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("l2", "ip", "cosine")
+MAX_DIM = 65536
+MAX_SHARDS = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_k: int = 1024
+    max_batch: int = 10_000          # queries per search, points per upsert / get / delete
+    max_payload_bytes: int = 65_536  # per point
+    max_ef: int = 100_000
+    max_scroll: int = 10_000
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    name: str
+    dimension: int
+    metric: str
+    index: IndexSpec
+    shards: int = 1
+    created_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dimension": self.dimension, "metric": self.metric,
+                "index": registry.spec_to_dict(self.index), "shards": self.shards, "created_at": self.created_at}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CollectionConfig":
+        return cls(name=d["name"], dimension=int(d["dimension"]), metric=d["metric"],
+                   index=registry.spec_from_dict(d["index"]), shards=int(d["shards"]),
+                   created_at=float(d.get("created_at", 0)))
+
+    def validate(self) -> "CollectionConfig":
+        validate_name(self.name, "collection name")
+        if not isinstance(self.dimension, int) or not 1 <= self.dimension <= MAX_DIM:
+            raise InvalidArgument(f"dimension must be in [1, {MAX_DIM}], got {self.dimension}")
+        if self.metric not in METRICS:
+            raise InvalidArgument(f"unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise InvalidArgument(f"shards must be in [1, {MAX_SHARDS}], got {self.shards}")
+        return self
+
+
+@dataclass
+class SearchResult:
+    distances: np.ndarray                 # (nq, k) float32, ascending, inf padded
+    ids: np.ndarray                       # (nq, k) uint64, 2**64-1 padded
+    payloads: list[str] | None = None     # nq * k JSON strings ("" for padding / no payload)
+    vectors: np.ndarray | None = None     # (nq * k, d) float32 (zeros for padding)
+
+
+def shard_of(ids: np.ndarray, n: int) -> np.ndarray:
+    """Shard number of each id: splitmix64(id) mod n."""
+    if n == 1:
+        return np.zeros(len(ids), np.int64)
+    z = np.asarray(ids, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z % np.uint64(n)).astype(np.int64)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Collection:
+    def __init__(self, folder: Path, config: CollectionConfig, settings: ShardSettings, limits: Limits) -> None:
+        self.folder = folder
+        self.config = config
+        self.limits = limits
+        self.d = config.dimension
+        self.shards = [Shard(folder / f"shard-{i}", config.dimension, config.metric, config.index, settings,
+                             name=f"{config.name}/{i}") for i in range(config.shards)]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def open(self) -> None:
+        await asyncio.gather(*(s.open() for s in self.shards))
+
+    async def close(self, snapshot: bool = True) -> None:
+        await asyncio.gather(*(s.close(snapshot) for s in self.shards), return_exceptions=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Validation
+    # ------------------------------------------------------------------------------------------
+    def check_vectors(self, x: np.ndarray, what: str = "vectors") -> np.ndarray:
+        if x.ndim != 2 or x.shape[1] != self.d:
+            got = x.shape[1] if x.ndim == 2 else x.shape
+            raise InvalidArgument(f"{what} have dimension {got}; collection {self.name!r} has dimension {self.d}")
+        if not np.isfinite(x).all():
+            bad = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
+            raise InvalidArgument(f"{what} row {bad} contains NaN or infinity")
+        if self.config.metric == "cosine":
+            norms = np.linalg.norm(x, axis=1)
+            if (norms == 0).any():
+                bad = int(np.flatnonzero(norms == 0)[0])
+                raise InvalidArgument(f"{what} row {bad} has zero length; cosine distance is undefined for it")
+        return x
+
+    def check_batch(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InvalidArgument(f"{what}: the batch is empty")
+        if n > self.limits.max_batch:
+            raise ResourceExhausted(f"{what}: {n} items in one request; the limit is {self.limits.max_batch}")
+
+    def check_ids(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.uint64)
+        if (ids == NO_ID).any():
+            raise InvalidArgument("id 18446744073709551615 (2^64 - 1) is reserved to mark missing results")
+        return ids
+
+    def check_payloads(self, payloads: list[str] | None, ids: np.ndarray) -> list[str | None] | None:
+        if not payloads:
+            return None
+        if len(payloads) != len(ids):
+            raise InvalidArgument(f"{len(payloads)} payloads for {len(ids)} points; give one per point or none")
+        out: list[str | None] = []
+        limit = self.limits.max_payload_bytes
+        for i, p in enumerate(payloads):
+            if not p:
+                out.append(None)
+                continue
+            if len(p) > limit:
+                raise InvalidArgument(f"payload of point {int(ids[i])} is {len(p)} characters; the limit is {limit}")
+            try:
+                obj = json.loads(p, parse_constant=_reject_constant)
+            except (ValueError, RecursionError) as e:
+                raise InvalidArgument(f"payload of point {int(ids[i])} is not valid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise InvalidArgument(
+                    f"payload of point {int(ids[i])} must be a JSON object, got a JSON {type(obj).__name__}")
+            out.append(p)
+        return out
+
+    def check_k(self, k: int) -> None:
+        if k <= 0:
+            raise InvalidArgument(f"k must be >= 1, got {k}")
+        if k > self.limits.max_k:
+            raise ResourceExhausted(f"k = {k} is above the limit of {self.limits.max_k}")
+
+    # ------------------------------------------------------------------------------------------
+    # Writes
+    # ------------------------------------------------------------------------------------------
+    async def upsert(self, ids: np.ndarray, vectors: np.ndarray, payloads: list[str] | None) -> tuple[int, int]:
+        """Validate and durably upsert; returns (count, seq of the last shard batch)."""
+        ids = self.check_ids(ids)
+        self.check_batch(len(ids), "upsert")
+        if len(vectors) != len(ids):
+            raise InvalidArgument(f"{len(ids)} ids but {len(vectors)} vectors")
+        self.check_vectors(vectors)
+        if len(np.unique(ids)) != len(ids):
+            u, c = np.unique(ids, return_counts=True)
+            raise InvalidArgument(f"ids must be unique within a request; {int(u[c > 1][0])} appears {int(c.max())} times")
+        pls = self.check_payloads(payloads, ids)
+        if len(self.shards) == 1:
+            seq = await self.shards[0].upsert(ids, vectors, pls)
+            return len(ids), seq
+        route = shard_of(ids, len(self.shards))
+        tasks = []
+        for s, shard in enumerate(self.shards):
+            sel = np.flatnonzero(route == s)
+            if len(sel):
+                tasks.append(shard.upsert(ids[sel], vectors[sel], [pls[i] for i in sel] if pls else None))
+        seqs = await asyncio.gather(*tasks)
+        return len(ids), max(seqs)
+
+    async def delete(self, ids: np.ndarray | None = None, filter: flt.Filter | None = None) -> int:
+        if (ids is None or len(ids) == 0) == (filter is None or filter.is_empty()):
+            raise InvalidArgument("delete needs exactly one of: ids, a non-empty filter")
+        if ids is not None and len(ids):
+            ids = np.unique(self.check_ids(ids))
+            self.check_batch(len(ids), "delete")
+            route = shard_of(ids, len(self.shards))
+            counts = await asyncio.gather(*(sh.delete(ids=ids[route == s]) for s, sh in enumerate(self.shards)
+                                            if (route == s).any()))
+            return int(sum(counts))
+        where = flt.to_sql(flt.validate_filter(filter))
+        counts = await asyncio.gather(*(sh.delete(where=where) for sh in self.shards))
+        return int(sum(counts))
+
+    # ------------------------------------------------------------------------------------------
+    # Search
+    # ------------------------------------------------------------------------------------------
+    async def search(self, xq: np.ndarray, k: int, params: QueryParams, filter: flt.Filter | None = None,
+                     with_payloads: bool = False, with_vectors: bool = False) -> SearchResult:
+        self.check_batch(len(xq), "search")
+        self.check_k(k)
+        self.check_vectors(xq, "queries")
+        if params.ef > self.limits.max_ef:
+            raise InvalidArgument(f"ef = {params.ef} is above the limit of {self.limits.max_ef}")
+        xp = self.shards[0].prepare(xq)
+        if filter is not None and not filter.is_empty():
+            where = flt.to_sql(flt.validate_filter(filter))
+            parts = await asyncio.gather(*(sh.search_filtered(xp, k, params, where) for sh in self.shards))
+        else:
+            parts = [sh.search(xp, k, params) for sh in self.shards]
+        D, I = parts[0]
+        for D2, I2 in parts[1:]:
+            D, I = merge_topk(D, I, D2, I2, k)
+        res = SearchResult(distances=D, ids=I)
+        if with_payloads or with_vectors:
+            await self._attach(res, with_payloads, with_vectors)
+        return res
+
+    async def _attach(self, res: SearchResult, with_payloads: bool, with_vectors: bool) -> None:
+        flat = res.ids.ravel()
+        valid = flat != NO_ID
+        want = np.unique(flat[valid])
+        pay: dict[int, str | None] = {}
+        vec: dict[int, np.ndarray] = {}
+        route = shard_of(want, len(self.shards))
+
+        def fetch(store, ids):
+            return store.get(ids, with_vectors, with_payloads)
+
+        got = await asyncio.gather(*(sh.read(lambda st, ids=want[route == s]: fetch(st, ids))
+                                     for s, sh in enumerate(self.shards) if (route == s).any()))
+        for ids, vecs, pls in got:
+            idl = ids.tolist()
+            if with_payloads:
+                pay.update(zip(idl, pls))
+            if with_vectors:
+                vec.update(zip(idl, vecs))
+        fl = flat.tolist()
+        if with_payloads:
+            res.payloads = [pay.get(i) or "" for i in fl]
+        if with_vectors:
+            out = np.zeros((len(fl), self.d), np.float32)
+            for j, i in enumerate(fl):
+                v = vec.get(i)
+                if v is not None:
+                    out[j] = v
+            res.vectors = out
+
+    # ------------------------------------------------------------------------------------------
+    # Reads
+    # ------------------------------------------------------------------------------------------
+    async def get(self, ids: np.ndarray, with_vectors: bool, with_payloads: bool):
+        ids = np.unique(np.asarray(ids, np.uint64))
+        self.check_batch(len(ids), "get")
+        route = shard_of(ids, len(self.shards))
+        parts = await asyncio.gather(*(sh.read(lambda st, sel=ids[route == s]: st.get(sel, with_vectors, with_payloads))
+                                       for s, sh in enumerate(self.shards) if (route == s).any()))
+        return self._merge_points(parts, with_vectors, with_payloads)
+
+    def _merge_points(self, parts, with_vectors, with_payloads, limit: int | None = None):
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint64)
+        order = np.argsort(ids, kind="stable")
+        if limit is not None:
+            order = order[:limit]
+        vecs = np.vstack([p[1] for p in parts])[order] if with_vectors and parts else (
+            np.zeros((0, self.d), np.float32) if with_vectors else None)
+        pls = None
+        if with_payloads:
+            allp = [x for p in parts for x in p[2]]
+            pls = [allp[i] for i in order.tolist()]
+        return ids[order], vecs, pls
+
+    async def count(self, filter: flt.Filter | None = None) -> int:
+        where = flt.to_sql(flt.validate_filter(filter)) if filter is not None and not filter.is_empty() else None
+        counts = await asyncio.gather(*(sh.read(lambda st: st.count(where)) for sh in self.shards))
+        return int(sum(counts))
+
+    async def scroll(self, filter: flt.Filter | None, start_id: int, limit: int, with_vectors: bool,
+                     with_payloads: bool):
+        """Up to ``limit`` points with id >= start_id, in id order, and the next start id (or None)."""
+        limit = limit or 100
+        if limit > self.limits.max_scroll:
+            raise ResourceExhausted(f"scroll limit {limit} is above the maximum of {self.limits.max_scroll}")
+        where = flt.to_sql(flt.validate_filter(filter)) if filter is not None and not filter.is_empty() else None
+        parts = await asyncio.gather(*(sh.read(
+            lambda st: st.scroll(start_id, limit + 1, where, with_vectors, with_payloads)) for sh in self.shards))
+        ids, vecs, pls = self._merge_points(parts, with_vectors, with_payloads, limit + 1)
+        nxt = None
+        if len(ids) > limit:
+            nxt = int(ids[limit])
+            ids = ids[:limit]
+            vecs = vecs[:limit] if vecs is not None else None
+            pls = pls[:limit] if pls is not None else None
+        return ids, vecs, pls, nxt
+
+    # ------------------------------------------------------------------------------------------
+    def info(self, points: int) -> dict:
+        shard_infos = [dict(shard=i, **s.info()) for i, s in enumerate(self.shards)]
+        states = {s["state"] for s in shard_infos}
+        state = "ready" if states == {"ready"} else sorted(states - {"ready"})[0]
+        return {
+            "name": self.name, "dimension": self.d, "metric": self.config.metric, "index": self.config.index,
+            "shards": len(self.shards), "points": points,
+            "indexed": sum(s["indexed"] for s in shard_infos), "pending": sum(s["pending"] for s in shard_infos),
+            "memory_bytes": sum(s["memory_bytes"] for s in shard_infos), "state": state,
+            "device": torch_device() if self.config.index.kind == "exact" else "cpu",
+            "shard_info": shard_infos, "created_at": self.config.created_at,
+        }
+
+    async def describe(self) -> dict:
+        counts = await asyncio.gather(*(sh.read(lambda st: st.count(None)) for sh in self.shards))
+        info = self.info(int(sum(counts)))
+        for s, c in zip(info["shard_info"], counts):
+            s["points"] = int(c)
+        return info
+
+    async def wait_indexed(self, timeout: float = 60.0) -> bool:
+        return all(await asyncio.gather(*(s.wait_indexed(timeout) for s in self.shards)))
+
+
+class CollectionManager:
+    """All collections of a data folder. Create and drop are atomic: a crash leaves a collection
+    either fully there or absent."""
+
+    def __init__(self, data_dir: Path, settings: ShardSettings, limits: Limits) -> None:
+        self.root = Path(data_dir) / "collections"
+        self.settings = settings
+        self.limits = limits
+        self._collections: dict[str, Collection] = {}
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith("."):  # leftovers of an interrupted create or drop
+                shutil.rmtree(p, ignore_errors=True)
+                continue
+            try:
+                config = CollectionConfig.from_json(json.loads((p / "collection.json").read_text())).validate()
+                col = Collection(p, config, self.settings, self.limits)
+                await col.open()
+                self._collections[config.name] = col
+                logger.info("opened collection %s", config.name)
+            except Exception:
+                logger.exception("could not open collection folder %s; it is left untouched", p)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._collections.values()), return_exceptions=True)
+        self._collections.clear()
+
+    def get(self, name: str) -> Collection:
+        col = self._collections.get(name)
+        if col is None:
+            validate_name(name, "collection name")
+            raise NotFound(f"collection {name!r} does not exist")
+        return col
+
+    def list(self) -> list[Collection]:
+        return [self._collections[n] for n in sorted(self._collections)]
+
+    async def create(self, config: CollectionConfig) -> Collection:
+        config.validate()
+        registry.create(config.index, min(config.dimension, 8) if config.index.kind != "faiss" else config.dimension,
+                        "l2")  # fail fast on a bad spec (e.g. a faiss factory string) before touching disk
+        async with self._lock:
+            if config.name in self._collections:
+                raise AlreadyExists(f"collection {config.name!r} already exists")
+            final = self.root / config.name
+            if final.exists():
+                raise FailedPrecondition(f"folder for collection {config.name!r} exists but is not loaded; "
+                                         "see the server log")
+            tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+            tmp.mkdir(parents=True)
+            with open(tmp / "collection.json", "w") as f:
+                json.dump(config.to_json(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+            col = Collection(final, config, self.settings, self.limits)
+            try:
+                await col.open()
+            except Exception:
+                await col.close(snapshot=False)
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+            self._collections[config.name] = col
+            return col
+
+    async def drop(self, name: str) -> None:
+        async with self._lock:
+            col = self.get(name)
+            del self._collections[name]
+            trash = self.root / f".trash-{uuid.uuid4().hex}"
+            await col.close(snapshot=False)
+            os.rename(col.folder, trash)
+            await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
+
