@@ -36,8 +36,8 @@ import numpy as np
 from retrieval import convert, errors
 from retrieval.indexes import registry
 from retrieval.indexes.base import QueryParams
-from retrieval.v1 import (collections_pb2, collections_pb2_grpc, common_pb2, points_pb2, points_pb2_grpc,
-                          search_pb2, search_pb2_grpc)
+from retrieval.v1 import (collections_pb2, collections_pb2_grpc, common_pb2, jobs_pb2, jobs_pb2_grpc, points_pb2,
+                          points_pb2_grpc, search_pb2, search_pb2_grpc)
 from retrieval.vectors import filters as flt
 
 _CODES = {
@@ -55,7 +55,8 @@ _CODES = {
 _IDEMPOTENT = [
     {"service": "retrieval.v1.Collections", "method": m} for m in ("List", "Describe")
 ] + [{"service": "retrieval.v1.Points", "method": m} for m in ("Upsert", "Get", "Count", "Scroll")] + [
-    {"service": "retrieval.v1.Search", "method": m} for m in ("Search", "SearchBatch")]
+    {"service": "retrieval.v1.Search", "method": m} for m in ("Search", "SearchBatch")] + [
+    {"service": "retrieval.v1.Jobs", "method": m} for m in ("Get", "List", "Kinds")]
 
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
@@ -149,6 +150,7 @@ class Client:
         self._collections = collections_pb2_grpc.CollectionsStub(self._channel)
         self._points = points_pb2_grpc.PointsStub(self._channel)
         self._search = search_pb2_grpc.SearchStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
         self._stream: _Stream | None = None
         self._stream_lock = threading.Lock()
 
@@ -325,3 +327,38 @@ class Client:
                     if attempt == 1:
                         raise errors.Unavailable("the search stream closed") from None
         raise errors.Unavailable("search stream failed")
+
+    # --- jobs --------------------------------------------------------------------------------------
+    def start_job(self, kind: str, **params) -> dict:
+        """Start a job (e.g. ``start_job("build_index", ...)``); returns its record at once."""
+        req = jobs_pb2.StartJobRequest(kind=kind, params_json=json.dumps(params))
+        return convert.job_from_proto(self._call(self._jobs.Start, req))
+
+    def get_job(self, job_id: str) -> dict:
+        return convert.job_from_proto(self._call(self._jobs.Get, jobs_pb2.JobRef(id=job_id)))
+
+    def list_jobs(self, kind: str = "", state: str = "") -> list[dict]:
+        resp = self._call(self._jobs.List, jobs_pb2.ListJobsRequest(kind=kind, state=state))
+        return [convert.job_from_proto(j) for j in resp.jobs]
+
+    def cancel_job(self, job_id: str) -> dict:
+        return convert.job_from_proto(self._call(self._jobs.Cancel, jobs_pb2.JobRef(id=job_id)))
+
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[dict]:
+        """The job's record now and at every change, until it ends."""
+        try:
+            for msg in self._jobs.Watch(jobs_pb2.JobRef(id=job_id), timeout=timeout):
+                yield convert.job_from_proto(msg)
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def wait_job(self, job_id: str, timeout: float | None = None) -> dict:
+        """Block until the job ends; returns its final record (check ``state`` and ``error``)."""
+        last = None
+        for last in self.watch_job(job_id, timeout):
+            pass
+        return last if last is not None else self.get_job(job_id)
+
+    def job_kinds(self) -> list[dict]:
+        resp = self._call(self._jobs.Kinds, jobs_pb2.ListJobKindsRequest())
+        return [{"name": k.name, "description": k.description, "resumable": k.resumable} for k in resp.kinds]

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     durability: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL: an acknowledged write survives a power cut; NORMAL: survives kill -9 only")
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight calls get on shutdown")
+    max_concurrent_jobs: int = Field(1, ge=1, description="jobs running at the same time")
     log_level: str = "INFO"
     access_log: bool = Field(False, description="log every request (otherwise only errors and slow calls)")
     limits: LimitsSettings = LimitsSettings()

@@ -6,11 +6,13 @@ without copying them through Python lists.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from retrieval.errors import InvalidArgument
 from retrieval.indexes.base import ExactSpec, FaissSpec, HnswSpec, IndexSpec, QueryParams
-from retrieval.v1 import collections_pb2, common_pb2
+from retrieval.v1 import collections_pb2, common_pb2, jobs_pb2
 from retrieval.vectors import filters as flt
 
 F32 = np.dtype("<f4")
@@ -171,3 +173,18 @@ def collection_info_from_proto(msg: collections_pb2.CollectionInfo) -> dict:
         for key in ("points", "indexed", "pending", "deleted_in_index", "last_seq", "snapshot_seq", "memory_bytes"):
             s[key] = int(s.get(key, 0))
     return out
+
+
+# --- Jobs -----------------------------------------------------------------------------------------
+def job_to_proto(rec) -> jobs_pb2.Job:
+    return jobs_pb2.Job(id=rec.id, kind=rec.kind, state=rec.state, done=rec.done, total=rec.total or 0,
+                        message=rec.message, error=rec.error, result_json=json.dumps(rec.result),
+                        params_json=json.dumps(rec.params), created_at=rec.created_at,
+                        started_at=rec.started_at, finished_at=rec.finished_at)
+
+
+def job_from_proto(msg: jobs_pb2.Job) -> dict:
+    return {"id": msg.id, "kind": msg.kind, "state": msg.state, "done": msg.done, "total": msg.total or None,
+            "message": msg.message, "error": msg.error, "result": json.loads(msg.result_json or "{}"),
+            "params": json.loads(msg.params_json or "{}"), "created_at": msg.created_at,
+            "started_at": msg.started_at, "finished_at": msg.finished_at}

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from retrieval.config import Settings
 from retrieval.errors import FailedPrecondition
+from retrieval.jobs.manager import JobManager
 from retrieval.server.interceptors import ErrorAndLogInterceptor
 from retrieval.server.services import SERVICES, ServerContext
 from retrieval.vectors.collection import CollectionManager, Limits
@@ -72,7 +73,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
             pass
 
     ctx = ServerContext(settings=settings, data_dir=data_dir,
-                        collections=CollectionManager(data_dir, shard_settings(settings), limits(settings)))
+                        collections=CollectionManager(data_dir, shard_settings(settings), limits(settings)),
+                        jobs=JobManager(data_dir, max_concurrent=settings.max_concurrent_jobs))
+    ctx.jobs.services["collections"] = ctx.collections
     await ctx.collections.open()
     max_msg = settings.limits.max_message_bytes
     server = grpc.aio.server(
@@ -85,6 +88,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     for svc in services:
         await svc.start(server, ctx)
         names.extend(svc.service_names)
+    await ctx.jobs.open()  # after every service registered its job kinds: resumes interrupted jobs
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -114,6 +118,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
                 await svc.stop()
             except Exception:
                 logger.exception("stopping %s failed", type(svc).__name__)
+        await ctx.jobs.close()
         await ctx.collections.close()
         lock.close()
         logger.info("stopped")

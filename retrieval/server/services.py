@@ -16,6 +16,7 @@ import grpc
 
 if TYPE_CHECKING:
     from retrieval.config import Settings
+    from retrieval.jobs.manager import JobManager
     from retrieval.vectors.collection import CollectionManager
 
 
@@ -24,7 +25,7 @@ class ServerContext:
     settings: "Settings"
     data_dir: Path
     collections: "CollectionManager"
-    jobs: Any = None                       # retrieval.jobs.manager.JobManager once started
+    jobs: "JobManager"                     # register job kinds in start(); opened after every start()
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,5 +53,21 @@ class VectorsService:
         pass
 
 
+class JobsService:
+    """The Jobs service. Its manager is created by the server before any service starts (so every
+    service can register job kinds in ``start``) and opened after all of them started."""
+
+    service_names = ("retrieval.v1.Jobs",)
+
+    async def start(self, server: grpc.aio.Server, ctx: ServerContext) -> None:
+        from retrieval.server.jobs_servicer import JobsServicer
+        from retrieval.v1 import jobs_pb2_grpc
+
+        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(ctx.jobs), server)
+
+    async def stop(self) -> None:
+        pass
+
+
 #: Factories of every service the server hosts, in start order.
-SERVICES: list[Callable[[], Service]] = [VectorsService]
+SERVICES: list[Callable[[], Service]] = [VectorsService, JobsService]
