@@ -484,6 +484,19 @@ class _TokenCache:
         m = dict(zip(uniq, enc, strict=True))
         return [m[t] for t in texts]
 
+    def lengths_and_prefixes(self, texts: list[str], keep: int) -> tuple[np.ndarray, list[str]]:
+        """Word-piece counts of ``texts`` and each text cut after its first ``keep`` word-pieces
+        (by character offsets). Tokenising the cut text gives the same first ``keep`` pieces (exactly
+        for WordPiece; BPE can differ only at the cut), so pair encoding need not walk long texts."""
+        uniq = list(dict.fromkeys(texts))
+        enc = self.tok(uniq, add_special_tokens=False, truncation=False, verbose=False,
+                       split_special_tokens=self.split, return_offsets_mapping=True)
+        lens, cut = {}, {}
+        for t, ids, offs in zip(uniq, enc["input_ids"], enc["offset_mapping"], strict=True):
+            lens[t] = len(ids)
+            cut[t] = t if len(ids) <= keep else t[: offs[keep - 1][1]]
+        return np.array([lens[t] for t in texts]), [cut[t] for t in texts]
+
 
 @register_scorer("hf")
 class HFCrossEncoderScorer(BaseScorer):
@@ -547,14 +560,15 @@ class HFCrossEncoderScorer(BaseScorer):
 
     def _score_batch(self, queries: list[str], items: list[str]) -> tuple[np.ndarray, Any, Any]:
         torch = self._torch
-        # Truncation flags of the longest_first policy, from the untruncated lengths.
-        lq = np.array([len(x) for x in self._cache.ids(queries)])
-        li = np.array([len(x) for x in self._cache.ids(items)])
+        # Truncation flags of the longest_first policy, from the untruncated lengths; the texts are
+        # cut a few word-pieces past the limit first (same encoding, no walk over long texts).
         room = self.max_length - self._n_special
+        lq, qcut = self._cache.lengths_and_prefixes(queries, room + 8)
+        li, icut = self._cache.lengths_and_prefixes(items, room + 8)
         over = lq + li > room
         tq = over & ((lq > li) | (2 * lq > room))
         ti = over & ((li >= lq) | (2 * li > room))
-        enc = self._tok(queries, items, truncation="longest_first", max_length=self.max_length,
+        enc = self._tok(qcut, icut, truncation="longest_first", max_length=self.max_length,
                         padding=True, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
         with self._lock, torch.inference_mode(), _autocast(self.device, self.precision):
