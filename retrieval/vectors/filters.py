@@ -179,7 +179,10 @@ def _clause_sql(c: Clause, column: str, params: list) -> str:
         preds.append("(" + " AND ".join(rp) + ")")
     params.append(path)
     params.extend(inner)
-    return f"EXISTS (SELECT 1 FROM json_each({column}, ?) AS je WHERE {' AND '.join(preds)})"
+    # json_each walks the elements of an array (integer keys) or the value itself (NULL key), and also
+    # the members of an object (text keys): those are not elements, so they never match.
+    return (f"EXISTS (SELECT 1 FROM json_each({column}, ?) AS je "
+            f"WHERE typeof(je.key) <> 'text' AND {' AND '.join(preds)})")
 
 
 def _scalar_pred(v: Scalar, params: list) -> str:
