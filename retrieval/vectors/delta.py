@@ -121,6 +121,8 @@ class Delta:
                allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact k-NN over the alive rows -> (D (nq, k) float32, ids (nq, k) uint64, NO_ID padded)."""
         sl = slice(self.start, self.n)
+        if self.n == self.start:  # empty: all padding
+            return np.full((len(xq), k), np.inf, np.float32), np.full((len(xq), k), NO_ID, np.uint64)
         mask = self.alive[sl]
         if allowed_ids is not None:
             mask = mask & np.isin(self.ids[sl], allowed_ids)
