@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import numpy as np
 
 from retrieval import convert
@@ -66,10 +69,25 @@ class PointsServicer(points_pb2_grpc.PointsServicer):
         return points_pb2.WriteResult(count=n, seq=seq)
 
     async def UpsertStream(self, request_iterator, context):
+        # Pipelined: batch i+1 is received and validated while batch i commits. Commits still happen
+        # in arrival order (one writer thread per shard), and a failing batch stops the stream with
+        # every batch before it committed.
+        inflight: list[asyncio.Task] = []
         total, seq = 0, 0
-        async for request in request_iterator:
-            n, seq = await self._upsert(request)
-            total += n
+        try:
+            async for request in request_iterator:
+                inflight.append(asyncio.ensure_future(self._upsert(request)))
+                await asyncio.sleep(0)  # let it validate and reach its shard's writer queue in order
+                if inflight[0].done() or len(inflight) >= 4:
+                    n, seq = await inflight.pop(0)
+                    total += n
+            while inflight:
+                n, seq = await inflight.pop(0)
+                total += n
+        finally:
+            for t in inflight:  # an error stopped the stream: let queued batches finish, report the first error
+                with contextlib.suppress(Exception):
+                    await t
         return points_pb2.WriteResult(count=total, seq=seq)
 
     async def Get(self, request, context):

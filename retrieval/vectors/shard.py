@@ -53,6 +53,18 @@ class ShardSettings:
     filter_exact_threshold: int = 2048  # filters matching at most this many points are searched exactly
     indexer_slice_ms: float = 20.0      # longest the indexer holds the event loop per chunk
     rebuild_hidden_fraction: float = 0.25
+    write_priority_rows: int = 200_000  # the indexer yields to in-flight writes until the delta holds this many
+
+
+class _WriteActivity:
+    """Process-wide: writes in flight and when the last one started. Indexers of every shard yield to
+    writes of any shard, since they compete for the same CPU cores."""
+
+    in_flight = 0
+    last = 0.0
+
+
+WRITES = _WriteActivity()
 
 
 def merge_topk(D1: np.ndarray, I1: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int):
@@ -206,14 +218,19 @@ class Shard:
         """Run ``commit`` on the writer thread -> (seq, result); then apply in order and return result."""
         self._check_open()
         loop = asyncio.get_running_loop()
-        seq, result = await loop.run_in_executor(self._wexec, commit)
-        if seq == 0:
+        WRITES.in_flight += 1
+        WRITES.last = time.monotonic()
+        try:
+            seq, result = await loop.run_in_executor(self._wexec, commit)
+            if seq == 0:
+                return result
+            fut = loop.create_future()
+            self._pending[seq] = (make_apply(result), fut)
+            self._drain()
+            await fut
             return result
-        fut = loop.create_future()
-        self._pending[seq] = (make_apply(result), fut)
-        self._drain()
-        await fut
-        return result
+        finally:
+            WRITES.in_flight -= 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -359,6 +376,12 @@ class Shard:
                 await loop.run_in_executor(None, self.index.train, xt)
                 logger.info("shard %s: trained %s on %d points", self.name, self.spec.kind, len(xt))
             self.state = "indexing"
+            # Writes first: acknowledged ingest must not wait behind index builds (both need the CPU).
+            # The delta is searched exactly meanwhile; past write_priority_rows the indexer stops yielding.
+            if (WRITES.in_flight or time.monotonic() - WRITES.last < 0.05) \
+                    and len(self.delta) < self.settings.write_priority_rows:
+                await asyncio.sleep(0.01)
+                continue
             rows, ids, vecs = self.delta.take(self._chunk)
             labels = np.arange(self.next_label, self.next_label + len(rows), dtype=np.int64)
             t0 = time.perf_counter()
