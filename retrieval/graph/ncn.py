@@ -1,0 +1,556 @@
+r"""NCN and NCNC link predictors in plain torch (no torch_sparse / torch_scatter / PyG).
+
+Paper: X. Wang, H. Yang, M. Zhang, "Neural Common Neighbor with Completion for Link Prediction",
+ICLR 2024 (code: github.com/GraphPKU/NeuralCommonNeighbor; hyper-parameters in :data:`PRESETS` are
+the README's commands for each dataset).
+
+Equations (paper notation; h = MPNN(A, X) the node representations, N(i) the neighbours of i in A)::
+
+    MPNN ("puregcn", 1 layer):  h = jk * drop_t( D~^{-1/2} (A + I) D~^{-1/2} drop_g(W drop_x(X)) ),  D~ = D + I
+    NCN(i, j)  = MLP( xij(h_i * h_j) + beta * xcn( sum_{k in N(i) & N(j)} h'_k ) ),   h' = h + xlin(h)
+    NCNC(i, j) = MLP( xij(h_i * h_j) + beta * xcn( sum_{k in N(i) & N(j)} h'_k
+                                         + sum_{k in N(i) \ N(j)} p_jk h'_k
+                                         + sum_{k in N(j) \ N(i)} p_ik h'_k ) )
+    p_jk       = alpha * pt * q / (pt * q + 1 - q),   q = sigmoid(scale * (NCN(j, k) - offset))
+                 (the completion probability of the missing edge (j, k), calibrated; no gradient)
+
+Training (see :mod:`retrieval.graph.linkpred`): target-link removal -- the edges of the current batch
+are taken out of A before the MPNN and the common-neighbour sets are computed -- and one uniformly
+sampled non-edge per positive; loss ``-log s(pos) - log(1 - s(neg))``.
+
+Common neighbours are computed with sorted 64-bit keys ``b * n + k`` (b = target index in the batch,
+k = neighbour) of the gathered CSR rows and a ``searchsorted`` intersection; the aggregation is a sparse
+``(B x n) @ (n x h)`` product (``torch.sparse.mm``), so no ``B x n`` dense matrix is formed.
+
+Departures from the reference code, and why:
+- The completion step scores the missing edges with the depth-0 predictor on the *same* node
+  representations ``h``; the reference passes the already transformed ``h + xlin(h)`` into its
+  recursive call, which transforms it a second time. We follow the paper's equation.
+- ``jk`` with one layer is a learnable scalar (as in the reference); ``gcn_lin`` (a GCN layer with
+  weights) exists for the plain-GCN baseline.
+
+Thread-safety: modules are not thread-safe while training; for serving, call them under
+``torch.no_grad()`` from one thread at a time or give each thread its own copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from retrieval.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# adjacency in CSR form on a torch device
+# --------------------------------------------------------------------------------------------------
+class Adj:
+    """A square 0/1 adjacency in CSR form (``rowptr`` int64 ``[n+1]``, ``col`` int64 ``[nnz]``, columns
+    sorted within each row). Built from edge lists; immutable."""
+
+    __slots__ = ("rowptr", "col", "n", "_deg", "_coo")
+
+    def __init__(self, rowptr: torch.Tensor, col: torch.Tensor, n: int) -> None:
+        self.rowptr, self.col, self.n = rowptr, col, int(n)
+        self._deg = None
+        self._coo = None
+
+    @staticmethod
+    def from_edges(src: torch.Tensor, dst: torch.Tensor, n: int, symmetric: bool = True) -> "Adj":
+        """From an edge list (``symmetric``: add both directions). Duplicates and self-loops are dropped."""
+        if symmetric:
+            src, dst = torch.cat([src, dst]), torch.cat([dst, src])
+        keep = src != dst
+        key = torch.unique(src[keep] * n + dst[keep])  # sorted
+        row, col = key // n, key % n
+        counts = torch.bincount(row, minlength=n)
+        rowptr = torch.zeros(n + 1, dtype=torch.long, device=src.device)
+        rowptr[1:] = torch.cumsum(counts, 0)
+        return Adj(rowptr, col, n)
+
+    @property
+    def device(self) -> torch.device:
+        return self.col.device
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    def deg(self) -> torch.Tensor:
+        if self._deg is None:
+            self._deg = (self.rowptr[1:] - self.rowptr[:-1])
+        return self._deg
+
+    def rows(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(self.n, device=self.device), self.deg())
+
+    def sparse(self) -> torch.Tensor:
+        """The adjacency as a coalesced torch sparse COO tensor (values 1.0)."""
+        if self._coo is None:
+            idx = torch.stack([self.rows(), self.col])
+            self._coo = torch.sparse_coo_tensor(idx, torch.ones(self.nnz, device=self.device), (self.n, self.n),
+                                                is_coalesced=True, check_invariants=False)
+        return self._coo
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(self.sparse(), x)
+
+    def drop_entries(self, p: float, generator: torch.Generator | None = None) -> "Adj":
+        """Drop each stored entry with probability ``p`` (independently per direction, as the reference)."""
+        if p <= 0:
+            return self
+        keep = torch.rand(self.nnz, device=self.device, generator=generator) >= p
+        counts = torch.zeros(self.n, dtype=torch.long, device=self.device)
+        counts.index_add_(0, self.rows()[keep], torch.ones_like(self.col[keep]))
+        rowptr = torch.zeros(self.n + 1, dtype=torch.long, device=self.device)
+        rowptr[1:] = torch.cumsum(counts, 0)
+        return Adj(rowptr, self.col[keep], self.n)
+
+    def remove_edges(self, src: torch.Tensor, dst: torch.Tensor) -> "Adj":
+        """A copy without the undirected edges ``{src_t, dst_t}`` (target-link removal)."""
+        if src.numel() == 0:
+            return self
+        n = self.n
+        gone = torch.cat([src * n + dst, dst * n + src])
+        gone = torch.unique(gone)
+        key = self.rows() * n + self.col
+        pos = torch.searchsorted(gone, key).clamp_(max=gone.numel() - 1)
+        keep = gone[pos] != key
+        counts = torch.zeros(n, dtype=torch.long, device=self.device)
+        counts.index_add_(0, (key[keep] // n), torch.ones(int(keep.sum()), dtype=torch.long, device=self.device))
+        rowptr = torch.zeros(n + 1, dtype=torch.long, device=self.device)
+        rowptr[1:] = torch.cumsum(counts, 0)
+        return Adj(rowptr, self.col[keep], n)
+
+
+def gather_rows(adj: Adj, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbour lists of nodes ``idx`` ``[B]``: ``(b, k)`` with ``k in N(idx[b])``, sorted by (b, k)."""
+    start = adj.rowptr[idx]
+    cnt = adj.rowptr[idx + 1] - start
+    total = int(cnt.sum())
+    b = torch.repeat_interleave(torch.arange(idx.numel(), device=idx.device), cnt, output_size=total)
+    first = torch.cumsum(cnt, 0) - cnt  # where row b starts in the output
+    pos = torch.arange(total, device=idx.device) + torch.repeat_interleave(start - first, cnt, output_size=total)
+    return b, adj.col[pos]
+
+
+def common_neighbors(adj: Adj, src: torch.Tensor, dst: torch.Tensor, residual: bool = False):
+    """Common neighbours of the pairs ``(src[b], dst[b])``.
+
+    Returns ``(b, k)`` for ``k in N(src[b]) & N(dst[b])``; with ``residual=True`` also the pairs of
+    ``N(src) \\ N(dst)`` and ``N(dst) \\ N(src)``: ``(cn, only_src, only_dst)``, each a ``(b, k)`` tuple.
+    """
+    n = adj.n
+    b1, k1 = gather_rows(adj, src)
+    b2, k2 = gather_rows(adj, dst)
+    e1, e2 = b1 * n + k1, b2 * n + k2
+    if e1.numel() == 0 or e2.numel() == 0:
+        m2 = torch.zeros(e2.numel(), dtype=torch.bool, device=e2.device)
+        pos = torch.zeros(e2.numel(), dtype=torch.long, device=e2.device)
+    else:
+        pos = torch.searchsorted(e1, e2).clamp_(max=e1.numel() - 1)
+        m2 = e1[pos] == e2
+    cn = (b2[m2], k2[m2])
+    if not residual:
+        return cn
+    m1 = torch.zeros(e1.numel(), dtype=torch.bool, device=e1.device)
+    m1[pos[m2]] = True
+    return cn, (b1[~m1], k1[~m1]), (b2[~m2], k2[~m2])
+
+
+def sample_per_row(b: torch.Tensor, k: torch.Tensor, nrows: int, deg: int, generator=None):
+    """Keep at most ``deg`` entries per row (uniform, with replacement), reweighted by ``count / deg``
+    so sums stay unbiased. Returns ``(b, k, w)``. ``deg <= 0`` keeps everything with weight 1."""
+    w = torch.ones(b.numel(), device=b.device)
+    if deg <= 0 or b.numel() == 0:
+        return b, k, w
+    cnt = torch.bincount(b, minlength=nrows)
+    big = cnt > deg
+    if not bool(big.any()):
+        return b, k, w
+    keep_small = ~big[b]
+    rows_big = torch.nonzero(big).flatten()
+    start = torch.cumsum(cnt, 0) - cnt
+    r = torch.rand((rows_big.numel(), deg), device=b.device, generator=generator)
+    pick = (r * cnt[rows_big, None]).long() + start[rows_big, None]
+    pick = pick.flatten()
+    bb = torch.cat([b[keep_small], b[pick]])
+    kk = torch.cat([k[keep_small], k[pick]])
+    ww = torch.cat([w[keep_small], (cnt[rows_big].float() / deg).repeat_interleave(deg)])
+    return bb, kk, ww  # unsorted, may repeat (b, k): spmm_rows sums duplicates
+
+
+def spmm_rows(b: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, nrows: int, x: torch.Tensor,
+              sorted_unique: bool = False) -> torch.Tensor:
+    """``out[b] += w * x[k]`` as a sparse ``(nrows x n) @ (n x h)`` product; ``w=None`` means 1.
+    ``sorted_unique``: the pairs are sorted by (b, k) without repeats (skips coalescing)."""
+    if w is None:
+        w = torch.ones(b.numel(), device=x.device, dtype=x.dtype)
+    S = torch.sparse_coo_tensor(torch.stack([b, k]), w.to(x.dtype), (nrows, x.shape[0]),
+                                is_coalesced=sorted_unique or None, check_invariants=False)
+    return torch.sparse.mm(S, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class NCNConfig:
+    """Hyper-parameters (build-time) of a link predictor and its training. Names of the reference's
+    flags in brackets.
+
+    predictor: "ncn" | "ncnc" | "gae" (Hadamard MLP, no CN term: the GCN baseline's decoder).
+    encoder: "gcn" (parameter-free GCN propagation, [puregcn]) | "sum" ([puresum]) | "gcn_lin" (GCN layers
+    with weights, the plain-GCN baseline) | "none". input: "features" | "learnable" (an n x hidden
+    embedding table, for featureless graphs) | "fastrp" (FastRP of the training graph as features).
+    """
+
+    predictor: str = "ncn"
+    encoder: str = "gcn"
+    input: str = "features"
+    hidden: int = 256  # [hiddim]
+    mp_layers: int = 1  # [mplayers]
+    mlp_layers: int = 3  # [nnlayers], gae decoder only
+    x_dropout: float = 0.7  # [xdp]
+    gnn_dropout: float = 0.05  # [gnndp]
+    tail_dropout: float = 0.3  # [tdp]
+    gnn_edge_dropout: float = 0.0  # [gnnedp]
+    pred_dropout: float = 0.05  # [predp]
+    pred_edge_dropout: float = 0.4  # [preedp]
+    gnn_lr: float = 0.0043  # [gnnlr]
+    pred_lr: float = 0.0024  # [prelr]
+    batch_size: int = 1152
+    test_batch_size: int = 8192  # [testbs]
+    epochs: int = 100
+    max_batches: int | None = None  # cap on batches per epoch (a CPU budget knob; None = the whole epoch)
+    ln: bool = True  # layer norm in the MPNN (non-pure encoders)
+    ln_pred: bool = True  # [lnnn]
+    res: bool = False
+    jk: bool = True
+    use_xlin: bool = True
+    tailact: bool = True
+    twolayerlin: bool = False
+    beta: float = 1.0
+    mask_target: bool = True  # [maskinput] target-link removal
+    # NCNC completion
+    depth: int = 1
+    prob_scale: float = 4.3  # [probscale]
+    prob_offset: float = 2.8  # [proboffset]
+    pt: float = 0.75
+    alpha: float = 1.0
+    train_res_deg: int = -1  # [trndeg] sample at most this many residual neighbours per target
+    test_res_deg: int = -1  # [tstdeg]
+    splitsize: int = 262144  # pairs scored at once in the completion step
+    # evaluation / stopping
+    hits_k: int = 100
+    patience: int | None = None  # stop after this many evaluations without a better validation score
+    eval_every: int = 1
+    fastrp_dim: int = 128
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "NCNConfig":
+        if self.predictor not in ("ncn", "ncnc", "gae"):
+            raise InvalidArgument(f"predictor must be one of ['ncn', 'ncnc', 'gae'], got {self.predictor!r}")
+        if self.encoder not in ("gcn", "sum", "gcn_lin", "none"):
+            raise InvalidArgument(f"encoder must be one of ['gcn', 'sum', 'gcn_lin', 'none'], got {self.encoder!r}")
+        if self.input not in ("features", "learnable", "fastrp"):
+            raise InvalidArgument(f"input must be one of ['features', 'learnable', 'fastrp'], got {self.input!r}")
+        for name in ("hidden", "batch_size", "test_batch_size", "epochs", "hits_k", "eval_every", "fastrp_dim",
+                     "mlp_layers", "splitsize"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InvalidArgument(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.mp_layers, int) or self.mp_layers < 0:
+            raise InvalidArgument(f"mp_layers must be an integer >= 0, got {self.mp_layers!r}")
+        if self.depth not in (0, 1, 2):
+            raise InvalidArgument(f"depth must be 0, 1 or 2, got {self.depth!r}")
+        for name in ("x_dropout", "gnn_dropout", "tail_dropout", "gnn_edge_dropout", "pred_dropout",
+                     "pred_edge_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise InvalidArgument(f"{name} must be in [0, 1), got {v!r}")
+        for name in ("gnn_lr", "pred_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InvalidArgument(f"{name} must be a finite learning rate >= 0, got {v!r}")
+        if not 0 < self.pt <= 1:
+            raise InvalidArgument(f"pt must be in (0, 1], got {self.pt!r}")
+        if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches <= 0):
+            raise InvalidArgument(f"max_batches must be a positive integer or None, got {self.max_batches!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):
+            raise InvalidArgument(f"patience must be a positive integer or None, got {self.patience!r}")
+        return self
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "NCNConfig":
+        names = {f.name for f in fields(NCNConfig)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InvalidArgument(f"unknown NCN hyper-parameters {unknown}; valid: {sorted(names - {'extra'})}")
+        return NCNConfig(**d).validate()
+
+
+#: the reference README's commands (Cora, CiteSeer: NCN = cn1 and NCNC = incn1cn1; ddi: NCN cn1)
+PRESETS: dict[str, dict] = {
+    "cora": dict(x_dropout=0.7, tail_dropout=0.3, pt=0.75, gnn_edge_dropout=0.0, pred_edge_dropout=0.4,
+                 pred_dropout=0.05, gnn_dropout=0.05, prob_scale=4.3, prob_offset=2.8, alpha=1.0, gnn_lr=0.0043,
+                 pred_lr=0.0024, batch_size=1152, ln=True, ln_pred=True, hidden=256, mp_layers=1,
+                 test_batch_size=8192, mask_target=True, jk=True, use_xlin=True, tailact=True, encoder="gcn",
+                 epochs=100, hits_k=100),
+    "citeseer": dict(x_dropout=0.4, tail_dropout=0.0, pt=0.75, gnn_edge_dropout=0.0, pred_edge_dropout=0.0,
+                     pred_dropout=0.55, gnn_dropout=0.75, prob_scale=6.5, prob_offset=4.4, alpha=0.4, gnn_lr=0.0085,
+                     pred_lr=0.0078, batch_size=384, ln=True, ln_pred=True, hidden=256, mp_layers=1,
+                     test_batch_size=4096, mask_target=True, jk=True, use_xlin=True, tailact=True, twolayerlin=True,
+                     encoder="gcn", epochs=100, hits_k=100),
+    "pubmed": dict(x_dropout=0.3, tail_dropout=0.0, pt=0.5, gnn_edge_dropout=0.0, pred_edge_dropout=0.0,
+                   pred_dropout=0.05, gnn_dropout=0.1, prob_scale=5.3, prob_offset=0.5, alpha=0.3, gnn_lr=0.0097,
+                   pred_lr=0.002, batch_size=2048, ln=True, ln_pred=True, hidden=256, mp_layers=1,
+                   test_batch_size=8192, mask_target=True, jk=True, use_xlin=True, tailact=True, encoder="gcn",
+                   epochs=100, hits_k=100),
+    "ddi": dict(x_dropout=0.05, tail_dropout=0.0, gnn_edge_dropout=0.0, pred_edge_dropout=0.0, pred_dropout=0.6,
+                gnn_dropout=0.4, gnn_lr=0.0021, pred_lr=0.0018, batch_size=24576, ln=True, ln_pred=True,
+                encoder="sum", hidden=224, mp_layers=1, test_batch_size=131072, use_xlin=True, twolayerlin=True,
+                res=True, mask_target=True, jk=False, tailact=False, input="learnable", epochs=100, hits_k=20,
+                prob_offset=3.0, prob_scale=10.0, pt=0.1, alpha=0.5),
+    # the plain-GCN baseline: 2 GCN layers with weights + Hadamard MLP decoder, no target-link removal
+    "gcn": dict(predictor="gae", encoder="gcn_lin", mp_layers=2, hidden=256, x_dropout=0.0, gnn_dropout=0.5,
+                tail_dropout=0.0, pred_dropout=0.5, pred_edge_dropout=0.0, gnn_lr=0.01, pred_lr=0.01, batch_size=1152,
+                mask_target=False, jk=False, use_xlin=False, ln=False, ln_pred=False, epochs=100, hits_k=100),
+}
+
+
+def make_config(preset: str | None = None, **overrides) -> NCNConfig:
+    """A validated config: :data:`PRESETS` ``[preset]`` (None: the class defaults = Cora) + ``overrides``."""
+    base: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InvalidArgument(f"unknown preset {preset!r}; valid presets: {sorted(PRESETS)}")
+        base = dict(PRESETS[preset])
+    base.update(overrides)
+    return NCNConfig.from_dict(base)
+
+
+# --------------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------------
+def _ln(dim: int, on: bool) -> nn.Module:
+    return nn.LayerNorm(dim) if on else nn.Identity()
+
+
+class SparseDropout(nn.Module):
+    """Dropout on the stored values of a sparse COO tensor (equal to dense dropout: zeros stay zero)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p <= 0:
+            return x
+        if x.is_sparse:
+            x = x.coalesce()
+            vals = F.dropout(x.values(), self.p, True)
+            return torch.sparse_coo_tensor(x.indices(), vals, x.shape, is_coalesced=True, check_invariants=False)
+        return F.dropout(x, self.p, True)
+
+
+class SparseLinear(nn.Linear):
+    """``nn.Linear`` that also accepts a sparse COO input ``[n, f]``."""
+
+    def forward(self, x):
+        if x.is_sparse:
+            return torch.sparse.mm(x, self.weight.t()) + self.bias
+        return super().forward(x)
+
+
+class MPNN(nn.Module):
+    """The message-passing encoder. Input ``x`` ``[n, f]`` (dense or sparse COO) or None with
+    ``num_nodes`` (learnable embeddings); output ``[n, hidden]``."""
+
+    def __init__(self, in_dim: int, cfg: NCNConfig, num_nodes: int | None = None) -> None:
+        super().__init__()
+        h = cfg.hidden
+        self.cfg = cfg
+        self.encoder = cfg.encoder
+        if cfg.input == "learnable":
+            if not num_nodes:
+                raise InvalidArgument("input='learnable' needs num_nodes")
+            self.emb = nn.Embedding(num_nodes, h)
+            nn.init.orthogonal_(self.emb.weight)
+            self.xemb = nn.Dropout(cfg.gnn_dropout)
+            in_dim = h
+        else:
+            self.emb = None
+            pure = cfg.encoder in ("gcn", "sum", "none") or cfg.mp_layers == 0
+            mods: list[nn.Module] = [SparseDropout(cfg.x_dropout)]
+            if pure:
+                mods += [SparseLinear(in_dim, h), nn.Dropout(cfg.gnn_dropout)]
+                in_dim = h
+            self.xemb = nn.Sequential(*mods)
+        self.convs = nn.ModuleList()
+        self.post = nn.ModuleList()
+        layers = 0 if cfg.encoder == "none" else cfg.mp_layers
+        if cfg.encoder == "gcn_lin":
+            dims = [in_dim] + [h] * layers
+            for i in range(layers):
+                self.convs.append(SparseLinear(dims[i], dims[i + 1]) if i == 0 else nn.Linear(dims[i], dims[i + 1]))
+                last = i == layers - 1
+                self.post.append(nn.Identity() if last else nn.Sequential(_ln(h, cfg.ln), nn.ReLU(), nn.Dropout(cfg.gnn_dropout)))
+        else:
+            for i in range(layers):
+                self.convs.append(nn.Identity())
+                self.post.append(nn.Dropout(cfg.tail_dropout) if i == layers - 1 else nn.Identity())
+        self.jk = bool(cfg.jk and layers > 0)
+        if self.jk:
+            self.jkparams = nn.Parameter(torch.randn(layers))
+
+    def _propagate(self, x: torch.Tensor, adj: Adj) -> torch.Tensor:
+        if self.encoder == "sum":
+            return adj.matmul(x)
+        norm = torch.rsqrt(1.0 + adj.deg().to(x.dtype)).unsqueeze(1)  # D~^-1/2, D~ = D + I
+        y = norm * x
+        return norm * (adj.matmul(y) + y)
+
+    def forward(self, x, adj: Adj) -> torch.Tensor:
+        if self.emb is not None:
+            x = self.xemb(self.emb.weight)
+        else:
+            x = self.xemb(x)
+        if self.cfg.gnn_edge_dropout > 0 and self.training:
+            adj = adj.drop_entries(self.cfg.gnn_edge_dropout)
+        outs = []
+        for conv, post in zip(self.convs, self.post):
+            z = conv(x)
+            if z.is_sparse:
+                z = z.to_dense()
+            x1 = post(self._propagate(z, adj))
+            x = x1 + x if (self.cfg.res and x1.shape == x.shape and not x.is_sparse) else x1
+            outs.append(x)
+        if self.jk:
+            x = sum(w * o for w, o in zip(self.jkparams, outs))
+        if x.is_sparse:
+            x = x.to_dense()
+        return x
+
+
+class _MLPs(nn.Module):
+    def __init__(self, cfg: NCNConfig, cn_in: int) -> None:
+        super().__init__()
+        h, p, ln = cfg.hidden, cfg.pred_dropout, cfg.ln_pred
+        self.xlin = nn.Sequential(nn.Linear(h, h), nn.Dropout(p), nn.ReLU(), nn.Linear(h, h), _ln(h, ln),
+                                  nn.Dropout(p), nn.ReLU()) if cfg.use_xlin else None
+        self.xcnlin = nn.Sequential(nn.Linear(cn_in, h), nn.Dropout(p), nn.ReLU(), nn.Linear(h, h), _ln(h, ln),
+                                    nn.Dropout(p), nn.ReLU(), nn.Identity() if cfg.tailact else nn.Linear(h, h))
+        self.xijlin = nn.Sequential(nn.Linear(h, h), _ln(h, ln), nn.Dropout(p), nn.ReLU(),
+                                    nn.Identity() if cfg.tailact else nn.Linear(h, h))
+        two = [nn.Linear(h, h), _ln(h, ln), nn.Dropout(p), nn.ReLU()] if cfg.twolayerlin else []
+        self.lin = nn.Sequential(nn.Linear(h, h), _ln(h, ln), nn.Dropout(p), nn.ReLU(), *two, nn.Linear(h, 1))
+        self.beta = nn.Parameter(torch.full((1,), float(cfg.beta)))
+
+
+class NCNPredictor(nn.Module):
+    """NCN (``depth=0``) and NCNC (``depth>=1``) scorers. ``forward(h, adj, src, dst)`` -> logits ``[B]``."""
+
+    def __init__(self, cfg: NCNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.m = _MLPs(cfg, cfg.hidden)
+        self.depth = cfg.depth if cfg.predictor == "ncnc" else 0
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """``h' = h + xlin(h)``: the representations summed over common neighbours."""
+        return h + self.m.xlin(h) if self.m.xlin is not None else h
+
+    def forward(self, h: torch.Tensor, adj: Adj, src: torch.Tensor, dst: torch.Tensor,
+                depth: int | None = None, hx: torch.Tensor | None = None, _dropped: bool = False) -> torch.Tensor:
+        cfg = self.cfg
+        depth = self.depth if depth is None else depth
+        if self.training and not _dropped and cfg.pred_edge_dropout > 0:
+            adj = adj.drop_entries(cfg.pred_edge_dropout)
+        if hx is None:
+            hx = self.transform(h)
+        B = src.numel()
+        if depth <= 0:
+            b, k = common_neighbors(adj, src, dst)
+            xcn = spmm_rows(b, k, None, B, hx, sorted_unique=True)
+        else:
+            (bc, kc), (b1, k1), (b2, k2) = common_neighbors(adj, src, dst, residual=True)
+            rdeg = cfg.train_res_deg if self.training else cfg.test_res_deg
+            b1, k1, w1 = sample_per_row(b1, k1, B, rdeg)
+            b2, k2, w2 = sample_per_row(b2, k2, B, rdeg)
+            with torch.no_grad():
+                # k in N(src) \ N(dst): how likely is the missing edge (dst, k)? and symmetrically.
+                p1 = self._completion_prob(h, hx, adj, dst[b1], k1, depth - 1)
+                p2 = self._completion_prob(h, hx, adj, src[b2], k2, depth - 1)
+            sampled = rdeg > 0
+            xcn = (spmm_rows(bc, kc, None, B, hx, sorted_unique=True)
+                   + spmm_rows(b1, k1, p1 * w1, B, hx, sorted_unique=not sampled)
+                   + spmm_rows(b2, k2, p2 * w2, B, hx, sorted_unique=not sampled))
+        xij = self.m.xijlin(h[src] * h[dst])
+        return self.m.lin(self.m.xcnlin(xcn) * self.m.beta + xij).squeeze(-1)
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Completion probability from an NCN logit: ``alpha * pt q / (pt q + 1 - q)``, q = s(scale (l - offset))."""
+        cfg = self.cfg
+        q = torch.sigmoid(cfg.prob_scale * (logits - cfg.prob_offset))
+        return cfg.alpha * cfg.pt * q / (cfg.pt * q + 1 - q)
+
+    def _completion_prob(self, h, hx, adj, a, k, depth) -> torch.Tensor:
+        out = torch.empty(a.numel(), device=h.device, dtype=h.dtype)
+        step = self.cfg.splitsize
+        for s in range(0, a.numel(), step):
+            logits = self.forward(h, adj, a[s:s + step], k[s:s + step], depth=depth, hx=hx, _dropped=True)
+            out[s:s + step] = self.calibrate(logits)
+        return out
+
+
+class HadamardPredictor(nn.Module):
+    """GAE decoder: ``MLP(h_i * h_j)`` (the plain-GCN baseline); ignores the adjacency."""
+
+    def __init__(self, cfg: NCNConfig) -> None:
+        super().__init__()
+        h, p = cfg.hidden, cfg.pred_dropout
+        layers: list[nn.Module] = []
+        for _ in range(cfg.mlp_layers - 1):
+            layers += [nn.Linear(h, h), _ln(h, cfg.ln_pred), nn.ReLU(), nn.Dropout(p)]
+        layers.append(nn.Linear(h, 1))
+        self.lins = nn.Sequential(*layers)
+
+    def forward(self, h, adj, src, dst, **_):
+        return self.lins(h[src] * h[dst]).squeeze(-1)
+
+
+class LinkModel(nn.Module):
+    """Encoder + predictor. ``encode(x, adj)`` -> h; ``score(h, adj, src, dst)`` -> logits."""
+
+    def __init__(self, in_dim: int, cfg: NCNConfig, num_nodes: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = MPNN(in_dim, cfg, num_nodes)
+        self.predictor = HadamardPredictor(cfg) if cfg.predictor == "gae" else NCNPredictor(cfg)
+
+    def encode(self, x, adj: Adj) -> torch.Tensor:
+        return self.encoder(x, adj)
+
+    def score(self, h, adj: Adj, src, dst) -> torch.Tensor:
+        return self.predictor(h, adj, src, dst)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.encoder.parameters()), "lr": self.cfg.gnn_lr},
+                {"params": list(self.predictor.parameters()), "lr": self.cfg.pred_lr}]
+
+
+__all__ = ["Adj", "gather_rows", "common_neighbors", "sample_per_row", "spmm_rows", "NCNConfig", "PRESETS",
+           "make_config", "MPNN", "NCNPredictor", "HadamardPredictor", "LinkModel"]
