@@ -129,6 +129,8 @@ class ExactIndex:
         self._n = len(keep)
 
     def search(self, xq, k, params: QueryParams, allowed=None):
+        if self._n == 0:  # nothing added yet (the label array may not even be allocated)
+            return np.full((len(xq), k), np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
         mask = self._alive[: self._n]
         if allowed is not None:
             labs = self._labels[: self._n]
