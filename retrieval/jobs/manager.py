@@ -188,6 +188,9 @@ class JobManager:
             logger.exception("job %s (%s) failed", rec.id, rec.kind)
             rec.state, rec.error = "failed", f"{type(e).__name__}: {e}"
         finally:
+            if rec.state in ("failed", "cancelled") and (ctx.total is not None or ctx.done):
+                # the body's last progress report may have been throttled away: record where it stopped
+                rec.done, rec.total, rec.message = ctx.done, ctx.total, ctx.message or rec.message
             if rec.state in FINAL:
                 rec.finished_at = time.time()
                 if rec.state == "succeeded":
