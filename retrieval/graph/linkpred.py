@@ -112,6 +112,28 @@ def sample_non_edges(n: int, count: int, forbidden_keys: np.ndarray, rng: np.ran
     return out
 
 
+def sample_training_negatives(n: int, count: int, keys: torch.Tensor, generator: torch.Generator,
+                              device: torch.device) -> torch.Tensor:
+    """``count`` uniformly random ordered pairs ``(u, v)``, ``u != v``, whose key ``u * n + v`` is not in the
+    sorted tensor ``keys`` (on ``device``); repeats are allowed (as PyG's ``negative_sampling``). Draws come
+    from the CPU ``generator`` so a seed gives the same pairs on every device. Returns int64 ``[count, 2]``."""
+    out = torch.empty((count, 2), dtype=torch.long, device=device)
+    todo = torch.arange(count, device=device)
+    for _ in range(100):
+        m = todo.numel()
+        if m == 0:
+            return out
+        uv = torch.randint(0, n, (m, 2), generator=generator).to(device)
+        key = uv[:, 0] * n + uv[:, 1]
+        bad = uv[:, 0] == uv[:, 1]
+        if keys.numel():
+            pos = torch.searchsorted(keys, key).clamp_(max=keys.numel() - 1)
+            bad |= keys[pos] == key
+        out[todo[~bad]] = uv[~bad]
+        todo = todo[bad]
+    raise InvalidArgument(f"could not sample {count} non-edges in 100 rounds (graph too dense?)")
+
+
 def edge_keys(edges: np.ndarray, n: int, both: bool = True) -> np.ndarray:
     """Sorted int64 keys ``u * n + v`` of ``edges`` (and ``v * n + u`` when ``both``)."""
     e = np.asarray(edges, np.int64).reshape(-1, 2)
@@ -345,7 +367,6 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
     if len(split.train) == 0:
         raise InvalidArgument("the training split has no edges")
     torch.manual_seed(seed)
-    np_rng = np.random.default_rng(seed + 1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     input_features = None
@@ -366,7 +387,7 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
 
     train = torch.from_numpy(np.asarray(split.train, np.int64)).to(dev)
     full_adj = Adj.from_edges(train[:, 0], train[:, 1], n)
-    train_keys = edge_keys(split.train, n, both=True)
+    train_keys = torch.from_numpy(edge_keys(split.train, n, both=True)).to(dev)
 
     model = LinkModel(in_dim, cfg, num_nodes=n).to(dev)
     opt = torch.optim.Adam(model.param_groups())
@@ -389,7 +410,6 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
                 opt.load_state_dict(state["opt"])
                 torch.set_rng_state(state["torch_rng"])
                 gen.set_state(state["gen_rng"])
-                np_rng.bit_generator.state = json.loads(state["np_rng"])
                 history, epoch_seconds = json.loads(state["history"]), json.loads(state["epoch_seconds"])
                 best = json.loads(state["best"]) if state["best"] else None
                 best_val, since_best = float(state["best_val"]), int(state["since_best"])
@@ -406,7 +426,7 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(E, generator=gen).to(dev)
-        neg = torch.from_numpy(sample_non_edges(n, E, train_keys, np_rng, distinct=False, upper=False)).to(dev)
+        neg = sample_training_negatives(n, E, train_keys, gen, dev)
         losses = []
         nb = max(1, E // bs)  # the last incomplete batch is dropped, as in the reference
         if cfg.max_batches is not None:
@@ -450,7 +470,7 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
         if wd is not None:
             torch.save({"tag": tag, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                         "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
-                        "np_rng": json.dumps(np_rng.bit_generator.state), "history": json.dumps(history),
+                        "history": json.dumps(history),
                         "epoch_seconds": json.dumps(epoch_seconds), "best": json.dumps(best) if best else "",
                         "best_val": best_val, "since_best": since_best}, wd / "last.pt")
         if ctx is not None:

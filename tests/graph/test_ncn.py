@@ -162,7 +162,7 @@ def test_training_reaches_hits_well_above_chance(data_dir):
     chance = 100 / len(split.test_neg)  # a random scorer's expected Hits@100
     assert chance < 0.25
     assert res.best["test"]["hits@100"] > 0.75, res.best
-    assert res.best["test"]["auc"] > 0.9
+    assert res.best["test"]["auc"] > 0.85  # a random scorer has 0.5
 
 
 def test_short_training_is_deterministic_and_resumes(tmp_path, celegans):
