@@ -73,12 +73,12 @@ def main(argv=None) -> dict:
                                 "train_seconds_per_epoch": float(np.mean(res.epoch_seconds)),
                                 "epochs_run": len(res.epoch_seconds), "stopped_by_budget": res.stopped_early,
                                 "device": res.device})
-        _write(name, results)
+        _write(name, results, args.out)
         del res
     return results
 
 
-def _write(name: str, results: dict) -> None:
+def _write(name: str, results: dict, out_dir=None) -> None:
     rows = []
     for r in results["runs"]:
         b = r["best"]
@@ -102,7 +102,7 @@ Config: `{json.dumps(results['config'], sort_keys=True)}`
 Test Hits@20 is taken at the epoch with the best validation Hits@20 among the epochs run; with only a few
 epochs the model is far from converged, so this is a statement about this machine's budget, not about NCN.
 """
-    out = write_results(name, results, md)
+    out = write_results(name, results, md, out_dir)
     try:
         import matplotlib
 
