@@ -170,6 +170,7 @@ def adaptive_search(score: ScoreFn, nq: int, X: np.ndarray, alive: np.ndarray, k
     """
     n_alive = int(alive.sum())
     budget = min(budget, n_alive)
+    X = np.asarray(X)  # a memmap becomes a plain view (no copy): cheaper fancy indexing
     per = max(1, math.ceil(budget / max(rounds, 1)))
     sets = [np.asarray(f, dtype=np.int64)[:budget] for f in first]
     got = _score_sets(score, sets)
@@ -185,7 +186,7 @@ def adaptive_search(score: ScoreFn, nq: int, X: np.ndarray, alive: np.ndarray, k
         for j, q in enumerate(todo):
             rows = scored_rows[q]
             W[j], _ = ridge_with_intercept(np.asarray(X[rows], dtype=np.float64), scored_scores[q], ridge)
-        approx = (np.asarray(X, dtype=np.float32) @ W.T.astype(np.float32)).T  # len(todo) x N
+        approx = (X @ W.T.astype(X.dtype)).T  # len(todo) x N
         picks: list[np.ndarray] = []
         for j, q in enumerate(todo):
             excl = dead.copy()

@@ -83,7 +83,7 @@ def test_results_are_exact_and_accounted(fixture_index, fx, mode):
         assert np.all(np.diff(r.scores) <= 0)
         assert r.calls == 60 and r.scorer_seconds >= 0 and r.other_seconds >= 0
     if mode == "cur":
-        assert (res[0].k_i, res[0].k_r) == (30, 30)  # auto split: min(index k_i, budget // 2)
+        assert (res[0].k_i, res[0].k_r) == (20, 40)  # auto split: max((budget - k) // 2, budget // 4)
 
 
 def test_calls_are_counted_by_the_scorer(fixture_index, fx):
