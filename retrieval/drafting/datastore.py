@@ -362,7 +362,7 @@ class DatastoreCatalog:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._open: dict[str, CorpusDatastore] = {}
+        self._open: dict[str, tuple[tuple[int, int], CorpusDatastore]] = {}
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -383,12 +383,16 @@ class DatastoreCatalog:
         return m
 
     def open(self, name: str) -> CorpusDatastore:
+        """The opened datastore (cached; reopened when the folder was rebuilt since)."""
+        p = self._path(name)
+        stamp = (p / "manifest.json").stat()
+        key = (stamp.st_ino, stamp.st_mtime_ns)
         with self._lock:
-            ds = self._open.get(name)
-            if ds is None:
-                ds = CorpusDatastore(self._path(name))
-                self._open[name] = ds
-            return ds
+            hit = self._open.get(name)
+            if hit is None or hit[0] != key:
+                hit = (key, CorpusDatastore(p))
+                self._open[name] = hit
+            return hit[1]
 
     def drop(self, name: str) -> None:
         p = self._path(name)

@@ -12,9 +12,11 @@ subtree is a contiguous SA range): the same longest-match and continuation count
 instead of tens of bytes per node of a pointer tree, built by the same vectorized kernel as the corpus
 datastore. Sequences are kept in arrival order; when the total exceeds ``capacity_tokens`` the oldest
 are evicted, so memory is bounded by ``~ 8 * capacity_tokens`` bytes (tokens + SA) plus a
-``(vocab + 2)`` offset table. The structure is rebuilt when at least ``rebuild_tokens`` new tokens have
-arrived (default 1: after every finished generation); a rebuild over ``N`` tokens takes
-``O(N log N)`` numpy work and happens in the thread that ends a session, never in a draft call.
+``(vocab + 2)`` offset table. The structure is rebuilt when the new tokens reach
+``max(rebuild_tokens, rebuild_fraction * indexed tokens)`` (defaults 1 and 0: after every finished
+generation; a server uses a fraction such as 0.05 so the amortized cost per token stays
+``O(log N / fraction)``); a rebuild over ``N`` tokens takes ``O(N log N)`` numpy work and happens in the
+thread that ends a session, never in a draft call.
 
 Thread-safety: ``propose`` reads an immutable snapshot (swapped atomically by a rebuild); ``add`` holds a
 lock. One instance is shared by every session of a vocabulary.
@@ -40,7 +42,7 @@ class HistoryStore:
     """Bounded store of finished generations. ``capacity_tokens`` default 1,000,000."""
 
     def __init__(self, vocab_size: int, capacity_tokens: int = 1_000_000, rebuild_tokens: int = 1,
-                 max_sequence_tokens: int = 65536) -> None:
+                 max_sequence_tokens: int = 65536, rebuild_fraction: float = 0.0) -> None:
         if vocab_size < 1 or capacity_tokens < 1 or rebuild_tokens < 1 or max_sequence_tokens < 1:
             raise InvalidArgument(f"history store needs positive sizes, got vocab_size={vocab_size}, "
                                   f"capacity_tokens={capacity_tokens}, rebuild_tokens={rebuild_tokens}")
@@ -48,6 +50,10 @@ class HistoryStore:
         self.sep = self.vocab_size
         self.capacity_tokens = int(capacity_tokens)
         self.rebuild_tokens = int(rebuild_tokens)
+        if not 0.0 <= rebuild_fraction <= 1.0:
+            raise InvalidArgument(f"rebuild_fraction={rebuild_fraction} must be in [0, 1]")
+        self.rebuild_fraction = float(rebuild_fraction)
+        self._indexed = 0
         self.max_sequence_tokens = int(max_sequence_tokens)
         self._dtype = token_dtype(vocab_size)
         self._seqs: deque[np.ndarray] = deque()
@@ -81,7 +87,7 @@ class HistoryStore:
             while self._total > self.capacity_tokens:
                 old = self._seqs.popleft()
                 self._total -= len(old)
-            if self._pending >= self.rebuild_tokens:
+            if self._pending >= max(self.rebuild_tokens, self.rebuild_fraction * self._indexed):
                 self._rebuild()
 
     def _rebuild(self) -> None:
@@ -93,6 +99,7 @@ class HistoryStore:
         sa = build_suffix_array(tokens)
         off = bucket_offsets(tokens, sa, self.vocab_size + 1)
         self.snapshot = (tokens, sa, off)
+        self._indexed = self._total
         self._pending = 0
         self.rebuilds += 1
 

@@ -229,7 +229,8 @@ class ManagerConfig:
     ``vocab_size`` of the model's tokenizer; ``tokenizer_fingerprint`` (sha256 of its file) to refuse
     datastores built with another one (``None``: check vocabulary size only). ``idle_timeout_s`` (300),
     ``max_sessions`` (4096), ``max_total_bytes`` (session memory, 1 GiB), ``history_capacity_tokens``
-    (1,000,000), ``recycling_k`` (8), ``source_params``: per-source keyword overrides.
+    (1,000,000), ``history_rebuild_tokens`` / ``history_rebuild_fraction`` (re-index the history once
+    ``max(tokens, fraction * indexed)`` new output tokens arrived; 1 / 0 = after every session), ``recycling_k`` (8), ``source_params``: per-source keyword overrides.
     """
 
     vocab_size: int
@@ -240,6 +241,8 @@ class ManagerConfig:
     max_sessions: int = 4096
     max_total_bytes: int = 1 << 30
     history_capacity_tokens: int = 1_000_000
+    history_rebuild_tokens: int = 1
+    history_rebuild_fraction: float = 0.0
     recycling_k: int = 8
     combine: str = "noisy_or"
     source_params: dict = field(default_factory=dict)
@@ -262,7 +265,9 @@ class SessionManager:
         sp = config.source_params
         self.recycling = RecyclingSource(RecyclingMatrix(config.vocab_size, config.recycling_k),
                                          **sp.get("recycling", {}))
-        self.history = HistorySource(HistoryStore(config.vocab_size, config.history_capacity_tokens),
+        self.history = HistorySource(HistoryStore(config.vocab_size, config.history_capacity_tokens,
+                                                                  config.history_rebuild_tokens,
+                                                                  rebuild_fraction=config.history_rebuild_fraction),
                                      **sp.get("history", {}))
         self.context_source = make_source("context", **sp.get("context", {}))
         self._corpus: dict[str, CorpusSource] = {}
@@ -275,9 +280,9 @@ class SessionManager:
     def _corpus_source(self, name: str) -> CorpusSource:
         if self.catalog is None:
             raise FailedPrecondition("this server has no datastore catalog; open the session without 'corpus'")
+        ds = self.catalog.open(name)  # cached; a rebuilt datastore comes back as a new object
         src = self._corpus.get(name)
-        if src is None:
-            ds = self.catalog.open(name)
+        if src is None or src.ds is not ds:
             if ds.vocab_size != self.config.vocab_size:
                 raise FailedPrecondition(f"datastore {name!r} has a vocabulary of {ds.vocab_size} tokens, the server "
                                          f"uses {self.config.vocab_size}")
