@@ -1,0 +1,159 @@
+"""The Drafts gRPC service: draft sessions (bidirectional stream), stateless drafts, datastores.
+
+A draft costs about a millisecond of CPU (bounded by the budget's 1024 nodes), so draft and append run
+on the event loop: handing them to a thread pool would cost more than it saves. Work that can take
+longer runs in the default executor: closing a session (it may re-index the history) and describing
+or dropping a datastore (disk I/O). Datastore builds are jobs (kind ``build_datastore``).
+
+A session lives as long as its stream. A ``close`` message ends the generation and records its output
+in the history (unless ``discard``); a stream that ends without it, breaks (client gone) or fails drops
+the session without learning from it (a cancelled stream cannot always be told from a half-closed one,
+so only the explicit message counts); a session idle past ``idle_timeout_s`` is evicted by the
+service's sweeper, and its stream's next message gets NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from retrieval.drafting import convert as dconv
+from retrieval.drafting.engine import JOB_KIND, DraftsEngine
+from retrieval.drafting.session import draft as stateless_draft
+from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from retrieval.v1 import drafts_pb2, drafts_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 256
+
+
+class DraftsServicer(drafts_pb2_grpc.DraftsServicer):
+    def __init__(self, engine: DraftsEngine, jobs) -> None:
+        self.engine = engine
+        self.jobs = jobs
+
+    # --- sessions ------------------------------------------------------------------------------
+    async def Session(self, request_iterator, context):
+        mgr = sess = None
+        record = False
+        try:
+            async for req in request_iterator:
+                kind = req.WhichOneof("kind")
+                if kind == "close":
+                    if sess is None:
+                        raise FailedPrecondition("the first message of a draft session must be 'open'")
+                    record = not req.close.discard
+                    yield drafts_pb2.SessionReply(session_id=sess.session_id, step=sess.steps)
+                    break
+                if kind == "open":
+                    if sess is not None:
+                        raise FailedPrecondition(f"session {sess.session_id} is already open on this stream; "
+                                                 "send append messages, or open a new stream")
+                    p = dconv.open_from_proto(req.open)
+                    mgr = self.engine.manager(p.pop("vocab_size"))
+                    p["budget"] = dconv.budget_from_proto(req.open.budget, mgr.config.default_budget)
+                    sess = mgr.open(**p)
+                    d = sess.draft()
+                elif kind == "append":
+                    if sess is None:
+                        raise FailedPrecondition("the first message of a draft session must be 'open'")
+                    a = dconv.append_from_proto(req.append, sess.budget)
+                    mgr.append(sess.session_id, a["accepted_ids"], a["topk"])
+                    d = sess.draft(a["budget"])
+                else:
+                    raise InvalidArgument("a session message must set 'open' or 'append'")
+                reply = drafts_pb2.SessionReply(session_id=sess.session_id, step=sess.steps)
+                dconv.draft_to_proto(d, reply.draft)
+                yield reply
+        finally:
+            if sess is not None:
+                if record:
+                    loop = asyncio.get_running_loop()
+                    try:
+                        await loop.run_in_executor(None, mgr.close, sess.session_id, True)
+                    except NotFound:  # evicted meanwhile
+                        pass
+                else:
+                    try:
+                        mgr.close(sess.session_id, record=False)
+                    except NotFound:
+                        pass
+
+    # --- stateless -----------------------------------------------------------------------------
+    def _draft_one(self, m: drafts_pb2.DraftRequest) -> drafts_pb2.DraftReply:
+        p = dconv.draft_request_from_proto(m)
+        mgr = self.engine.manager(p["vocab_size"])
+        budget = dconv.budget_from_proto(m.budget, mgr.config.default_budget)
+        srcs = mgr.resolve_sources(p["sources"], p["datastore"])
+        d = stateless_draft(p["context_ids"], budget, srcs, mgr.calibrator, vocab_size=p["vocab_size"],
+                            max_context_tokens=mgr.config.limits.max_context_tokens, combine=mgr.config.combine)
+        reply = drafts_pb2.DraftReply()
+        dconv.draft_to_proto(d, reply.draft)
+        return reply
+
+    async def Draft(self, request, context):
+        return self._draft_one(request)
+
+    async def DraftBatch(self, request, context):
+        if len(request.requests) > MAX_BATCH:
+            raise ResourceExhausted(f"a batch has {len(request.requests)} requests, the maximum is {MAX_BATCH}")
+        out = drafts_pb2.DraftBatchReply()
+        for r in request.requests:
+            out.replies.append(self._draft_one(r))
+        return out
+
+    # --- datastores ----------------------------------------------------------------------------
+    async def BuildDatastore(self, request, context):
+        from retrieval.convert import job_to_proto
+
+        rec = await self.jobs.start(JOB_KIND, dconv.build_request_from_proto(request))
+        return job_to_proto(rec)
+
+    async def ListDatastores(self, request, context):
+        loop = asyncio.get_running_loop()
+        cat = self.engine.catalog
+
+        def work():
+            return [cat.describe(n) for n in cat.names()]
+
+        out = drafts_pb2.ListDatastoresResponse()
+        for m in await loop.run_in_executor(None, work):
+            out.datastores.append(dconv.datastore_info_to_proto(m))
+        return out
+
+    async def DescribeDatastore(self, request, context):
+        loop = asyncio.get_running_loop()
+        m = await loop.run_in_executor(None, self.engine.catalog.describe, request.name)
+        return dconv.datastore_info_to_proto(m)
+
+    async def DropDatastore(self, request, context):
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.engine.drop_datastore, request.name)
+        return drafts_pb2.DropDatastoreResponse()
+
+
+def register(server, ctx, idle_timeout_s: float | None = None) -> tuple[DraftsEngine, "asyncio.Task"]:
+    """Create the engine under ``ctx.data_dir / "drafting"``, register the servicer, the job kind and the
+    idle-session sweeper. Returns the engine and the sweeper task (cancel it on stop)."""
+    from retrieval.jobs.manager import JobKind
+
+    engine = DraftsEngine(ctx.data_dir / "drafting")
+    if idle_timeout_s is not None:
+        engine.template.idle_timeout_s = float(idle_timeout_s)
+    drafts_pb2_grpc.add_DraftsServicer_to_server(DraftsServicer(engine, ctx.jobs), server)
+    ctx.jobs.register(JobKind(JOB_KIND, body=engine.build_body, validate=engine.validate_build, resumable=True,
+                              description="build a corpus draft datastore (suffix array) from text or id files"))
+
+    async def sweep():
+        period = max(1.0, engine.template.idle_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                n = engine.evict_idle()
+                if n:
+                    logger.info("evicted %d idle draft sessions", n)
+            except Exception:  # the sweeper must keep running
+                logger.exception("idle draft session sweep failed")
+
+    return engine, asyncio.get_running_loop().create_task(sweep())
