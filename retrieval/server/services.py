@@ -69,5 +69,28 @@ class JobsService:
         pass
 
 
+class DraftsService:
+    """N-gram draft lookups (``retrieval.drafting``): sessions, stateless drafts, datastores under
+    ``<data_dir>/drafting``. The idle timeout of draft sessions is ``DRAFTS_IDLE_TIMEOUT_S`` (default 300)."""
+
+    service_names = ("retrieval.v1.Drafts",)
+
+    def __init__(self) -> None:
+        self._sweeper = None
+
+    async def start(self, server: grpc.aio.Server, ctx: ServerContext) -> None:
+        import os
+
+        from retrieval.server.drafts_servicer import register
+
+        idle = os.environ.get("DRAFTS_IDLE_TIMEOUT_S")
+        engine, self._sweeper = register(server, ctx, float(idle) if idle else None)
+        ctx.extras["drafts"] = engine
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+
 #: Factories of every service the server hosts, in start order.
-SERVICES: list[Callable[[], Service]] = [VectorsService, JobsService]
+SERVICES: list[Callable[[], Service]] = [VectorsService, JobsService, DraftsService]
