@@ -362,3 +362,145 @@ class Client:
     def job_kinds(self) -> list[dict]:
         resp = self._call(self._jobs.Kinds, jobs_pb2.ListJobKindsRequest())
         return [{"name": k.name, "description": k.description, "resumable": k.resumable} for k in resp.kinds]
+
+    # --- drafts (speculative decoding) -------------------------------------------------------------
+    def _drafts_stub(self):
+        stub = getattr(self, "_drafts", None)
+        if stub is None:
+            from retrieval.v1 import drafts_pb2_grpc
+
+            stub = self._drafts = drafts_pb2_grpc.DraftsStub(self._channel)
+        return stub
+
+    def draft_session(self, prompt_ids, vocab_size: int, datastore: str | None = None, sources=None,
+                      max_nodes: int = 0, max_depth: int = 0, chain: bool = False) -> "DraftSession":
+        """Open a draft session (one bidirectional stream per generation); ``session.draft`` is the
+        first draft. Then ``session.append(accepted_ids, topk=None) -> Draft`` per verification step, and
+        ``session.close()`` (or a ``with`` block) at the end. 0 budgets: server default."""
+        from retrieval.drafting import convert as dconv
+        from retrieval.drafting.draft import DraftBudget
+
+        budget = DraftBudget(max_nodes or 64, max_depth or 10, not chain)
+        return DraftSession(self._drafts_stub(), dconv.open_to_proto(prompt_ids, vocab_size, datastore, sources, budget))
+
+    def draft(self, context_ids, vocab_size: int, datastore: str | None = None, sources=None, max_nodes: int = 0,
+              max_depth: int = 0, chain: bool = False):
+        """Stateless draft for ``context_ids`` -> :class:`retrieval.drafting.Draft`."""
+        from retrieval.drafting import convert as dconv
+        from retrieval.drafting.draft import DraftBudget
+
+        req = dconv.draft_request_to_proto(context_ids, vocab_size, datastore, sources,
+                                           DraftBudget(max_nodes or 64, max_depth or 10, not chain))
+        return dconv.draft_from_proto(self._call(self._drafts_stub().Draft, req).draft)
+
+    def draft_batch(self, contexts, vocab_size: int, datastore: str | None = None, sources=None, max_nodes: int = 0,
+                    max_depth: int = 0, chain: bool = False) -> list:
+        """Stateless drafts for several contexts in one call."""
+        from retrieval.drafting import convert as dconv
+        from retrieval.drafting.draft import DraftBudget
+        from retrieval.v1 import drafts_pb2
+
+        b = DraftBudget(max_nodes or 64, max_depth or 10, not chain)
+        req = drafts_pb2.DraftBatchRequest(
+            requests=[dconv.draft_request_to_proto(c, vocab_size, datastore, sources, b) for c in contexts])
+        return [dconv.draft_from_proto(r.draft) for r in self._call(self._drafts_stub().DraftBatch, req).replies]
+
+    def build_datastore(self, name: str, inputs, tokenizer: str | None = None, vocab_size: int | None = None,
+                        input_format: str = "auto", text_fields=None, overwrite: bool = False, wait: bool = True) -> dict:
+        """Build a corpus datastore from files the server can read (a job). ``wait``: block until it ends
+        and return the final job record, else the record at once."""
+        from retrieval.drafting import convert as dconv
+
+        req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite)
+        job = convert.job_from_proto(self._call(self._drafts_stub().BuildDatastore, req))
+        return self.wait_job(job["id"]) if wait else job
+
+    def list_datastores(self) -> list[dict]:
+        from retrieval.drafting import convert as dconv
+        from retrieval.v1 import drafts_pb2
+
+        resp = self._call(self._drafts_stub().ListDatastores, drafts_pb2.ListDatastoresRequest())
+        return [dconv.datastore_info_from_proto(d) for d in resp.datastores]
+
+    def describe_datastore(self, name: str) -> dict:
+        from retrieval.drafting import convert as dconv
+        from retrieval.v1 import drafts_pb2
+
+        return dconv.datastore_info_from_proto(self._call(self._drafts_stub().DescribeDatastore,
+                                                          drafts_pb2.DatastoreRef(name=name)))
+
+    def drop_datastore(self, name: str) -> None:
+        from retrieval.v1 import drafts_pb2
+
+        self._call(self._drafts_stub().DropDatastore, drafts_pb2.DatastoreRef(name=name))
+
+
+class DraftSession:
+    """One generation's draft stream (see :meth:`Client.draft_session`). Not shared between threads."""
+
+    def __init__(self, stub, open_request) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses = stub.Session(iter(self._q.get, None), timeout=None)
+        self.closed = False
+        reply = self._send(open_request)
+        self.session_id: str = reply.session_id
+
+    def _send(self, req):
+        from retrieval.drafting import convert as dconv
+
+        if self.closed:
+            raise errors.FailedPrecondition("this draft session is closed")
+        self._q.put(req)
+        try:
+            reply = next(self._responses)
+        except grpc.RpcError as e:
+            self.closed = True
+            _raise(e)
+        except StopIteration:
+            self.closed = True
+            raise errors.Unavailable("the draft stream ended") from None
+        self.step = reply.step
+        self.draft = dconv.draft_from_proto(reply.draft)
+        return reply
+
+    def append(self, accepted_ids, topk=None, max_nodes: int = 0, max_depth: int = 0, chain: bool | None = None):
+        """Send the accepted ids (accepted draft tokens + the bonus token), optionally the model's top-k
+        ids per position (``(len(accepted_ids), k)``); returns the next draft."""
+        from retrieval.drafting import convert as dconv
+        from retrieval.drafting.draft import DraftBudget
+
+        budget = None
+        if max_nodes or max_depth or chain is not None:
+            budget = DraftBudget(max_nodes or 64, max_depth or 10, not chain)
+        self._send(dconv.append_to_proto(accepted_ids, topk, budget))
+        return self.draft
+
+    def close(self, discard: bool = False) -> None:
+        """End the generation; the server records its output in the shared history unless ``discard``."""
+        from retrieval.drafting import convert as dconv
+
+        if self.closed:
+            return
+        self._q.put(dconv.close_to_proto(discard))
+        self._q.put(None)
+        self.closed = True
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                _raise(e)
+
+    def abort(self) -> None:
+        """Drop the stream without ending the generation cleanly (nothing is recorded)."""
+        self.closed = True
+        self._responses.cancel()
+
+    def __enter__(self) -> "DraftSession":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
