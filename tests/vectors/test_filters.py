@@ -19,66 +19,7 @@ import pytest
 from retrieval.errors import InvalidArgument
 from retrieval.vectors import filters as flt
 from retrieval.vectors.filters import Condition, Filter, Range
-
-_MISSING = object()
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference evaluator
-# --------------------------------------------------------------------------------------------------
-def _resolve(payload, key: str):
-    cur = payload
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return _MISSING
-        cur = cur[part]
-    return cur
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _scalar_eq(x, v) -> bool:
-    if isinstance(v, bool):
-        return isinstance(x, bool) and x == v
-    if isinstance(v, str):
-        return isinstance(x, str) and x == v
-    return _is_num(x) and x == v
-
-
-def _in_range(x, r: Range) -> bool:
-    if not _is_num(x):
-        return False
-    return ((r.gt is None or x > r.gt) and (r.gte is None or x >= r.gte)
-            and (r.lt is None or x < r.lt) and (r.lte is None or x <= r.lte))
-
-
-def ref_condition(c: Condition, payload) -> bool:
-    val = _resolve(payload, c.key) if payload is not None else _MISSING
-    if c.is_null is not None:
-        null = val is _MISSING or val is None
-        return null if c.is_null else not null
-    if val is _MISSING:
-        return False
-    elems = val if isinstance(val, list) else [val]
-    if c.equals is not None:
-        return any(_scalar_eq(e, c.equals) for e in elems)
-    if c.any_of is not None:
-        return any(_scalar_eq(e, v) for e in elems for v in c.any_of)
-    return any(_in_range(e, c.range) for e in elems)
-
-
-def ref_eval(f: Filter, payload) -> bool:
-    def clause(c) -> bool:
-        return ref_eval(c, payload) if isinstance(c, Filter) else ref_condition(c, payload)
-
-    if not all(clause(c) for c in f.must):
-        return False
-    if f.should and not any(clause(c) for c in f.should):
-        return False
-    return not any(clause(c) for c in f.must_not)
-
+from tests.vectors.helpers import ref_eval
 
 # --------------------------------------------------------------------------------------------------
 # Random payloads and filters
