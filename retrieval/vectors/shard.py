@@ -67,6 +67,33 @@ class _WriteActivity:
 WRITES = _WriteActivity()
 
 
+def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+    """Stored vectors (n, d) float32 -> index-ready vectors: L2-normalised rows for ``"cosine"``, else ``x``."""
+    if metric != "cosine":
+        return x
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_snapshot(root: Path, index: VectorIndex, labels: np.ndarray, seq: int, spec: IndexSpec, d: int,
+                   index_metric: str) -> Path:
+    """Save ``index`` with its label map (uint64 point id per label, NO_ID for hidden labels) as the
+    snapshot of write ``seq`` under ``root`` (``<shard>/snapshots``), atomically; older snapshots are
+    removed once the new one is in place. Returns the snapshot folder. Used by the shard and by the
+    offline builder (``index_builder``), so both write one format."""
+    meta = {"kind": spec.kind, "d": d, "metric": index_metric, "spec": registry.spec_to_dict(spec),
+            "labels": int(len(labels))}
+    tmp = snapshots.begin(root)
+    try:
+        files = index.save(tmp)
+        np.save(tmp / "labels.npy", np.asarray(labels, np.uint64))
+        final = snapshots.commit(root, tmp, seq, meta, [*files, "labels.npy"])
+    except BaseException:
+        snapshots.abort(tmp)
+        raise
+    snapshots.cleanup(root, final)
+    return final
+
+
 def merge_topk(D1: np.ndarray, I1: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int):
     """Merge two (nq, *) result sets into the k nearest per row (ties keep the first set first)."""
     D = np.hstack([D1, D2])
@@ -76,6 +103,10 @@ def merge_topk(D1: np.ndarray, I1: np.ndarray, D2: np.ndarray, I2: np.ndarray, k
 
 
 class Shard:
+    """An in-process shard; also the local implementation of :class:`retrieval.vectors.handles.ShardHandle`."""
+
+    is_local = True  # search() may be called synchronously on the event-loop thread
+
     def __init__(self, folder: Path, d: int, metric: str, spec: IndexSpec, settings: ShardSettings,
                  name: str = "") -> None:
         self.folder = Path(folder)
@@ -170,9 +201,7 @@ class Shard:
     # ------------------------------------------------------------------------------------------
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """Stored vectors -> index-ready vectors (L2-normalised for cosine)."""
-        if self.metric != "cosine":
-            return x
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        return prepare_vectors(x, self.metric)
 
     def _hide(self, ids: np.ndarray) -> None:
         if not self.lab_of_ext:
@@ -279,6 +308,10 @@ class Shard:
             D2, I2 = self.delta.search(xq, k, self.index_metric)
             D, I = merge_topk(D, I, D2, I2, k)
         return D, I
+
+    async def asearch(self, xq: np.ndarray, k: int, params: QueryParams) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` for callers that treat every shard handle alike (Ray shards are remote)."""
+        return self.search(xq, k, params)
 
     def _live_labels(self) -> np.ndarray:
         return np.flatnonzero(self.ext_of_lab[: self.next_label] != NO_ID).astype(np.int64)
@@ -431,21 +464,10 @@ class Shard:
             return self.snapshot_seq
         labels = self.ext_of_lab[: self.next_label].copy()
         root = self.folder / "snapshots"
-        meta = {"kind": self.spec.kind, "d": self.d, "metric": self.index_metric,
-                "spec": registry.spec_to_dict(self.spec), "labels": int(len(labels))}
         index = self.index
 
         def write():
-            tmp = snapshots.begin(root)
-            try:
-                files = index.save(tmp)
-                np.save(tmp / "labels.npy", labels)
-                final = snapshots.commit(root, tmp, seq, meta, [*files, "labels.npy"])
-            except BaseException:
-                snapshots.abort(tmp)
-                raise
-            snapshots.cleanup(root, final)
-            return final
+            return write_snapshot(root, index, labels, seq, self.spec, self.d, self.index_metric)
 
         t0 = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(None, write)
@@ -526,6 +548,10 @@ class Shard:
             "state": "failed" if self.failed else self.state,
             "location": "local",
         }
+
+    async def ainfo(self) -> dict:
+        """:meth:`info` for callers that treat every shard handle alike."""
+        return self.info()
 
     async def wait_indexed(self, timeout: float) -> bool:
         """Wait until the delta is empty (or the index is untrained and waiting for points)."""
