@@ -23,9 +23,10 @@ k = neighbour) of the gathered CSR rows and a ``searchsorted`` intersection; the
 ``(B x n) @ (n x h)`` product (``torch.sparse.mm``), so no ``B x n`` dense matrix is formed.
 
 Departures from the reference code, and why:
-- The completion step scores the missing edges with the depth-0 predictor on the *same* node
-  representations ``h``; the reference passes the already transformed ``h + xlin(h)`` into its
-  recursive call, which transforms it a second time. We follow the paper's equation.
+- ``completion="paper"`` (default) scores the missing edges with the depth-0 predictor on the *same*
+  node representations ``h`` (the paper's equation). The reference passes the already transformed
+  ``h + xlin(h)`` into its recursive call, which transforms it a second time and drops the predictor's
+  edges a second time in training; ``completion="reference"`` reproduces that.
 - ``jk`` with one layer is a learnable scalar (as in the reference); ``gcn_lin`` (a GCN layer with
   weights) exists for the plain-GCN baseline.
 
@@ -248,6 +249,7 @@ class NCNConfig:
     train_res_deg: int = -1  # [trndeg] sample at most this many residual neighbours per target
     test_res_deg: int = -1  # [tstdeg]
     splitsize: int = 262144  # pairs scored at once in the completion step
+    completion: str = "paper"  # "paper": complete with NCN on the same h; "reference": as the authors' code
     # evaluation / stopping
     hits_k: int = 100
     patience: int | None = None  # stop after this many evaluations without a better validation score
@@ -269,6 +271,8 @@ class NCNConfig:
                 raise InvalidArgument(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.mp_layers, int) or self.mp_layers < 0:
             raise InvalidArgument(f"mp_layers must be an integer >= 0, got {self.mp_layers!r}")
+        if self.completion not in ("paper", "reference"):
+            raise InvalidArgument(f"completion must be 'paper' or 'reference', got {self.completion!r}")
         if self.depth not in (0, 1, 2):
             raise InvalidArgument(f"depth must be 0, 1 or 2, got {self.depth!r}")
         for name in ("x_dropout", "gnn_dropout", "tail_dropout", "gnn_edge_dropout", "pred_dropout",
@@ -510,8 +514,12 @@ class NCNPredictor(nn.Module):
     def _completion_prob(self, h, hx, adj, a, k, depth) -> torch.Tensor:
         out = torch.empty(a.numel(), device=h.device, dtype=h.dtype)
         step = self.cfg.splitsize
+        ref = self.cfg.completion == "reference"
         for s in range(0, a.numel(), step):
-            logits = self.forward(h, adj, a[s:s + step], k[s:s + step], depth=depth, hx=hx, _dropped=True)
+            if ref:  # the authors' code: the inner call gets h' as its h (transformed again), edges dropped again
+                logits = self.forward(hx, adj, a[s:s + step], k[s:s + step], depth=depth)
+            else:
+                logits = self.forward(h, adj, a[s:s + step], k[s:s + step], depth=depth, hx=hx, _dropped=True)
             out[s:s + step] = self.calibrate(logits)
         return out
 

@@ -260,3 +260,27 @@ def test_cuda_matches_cpu(adj_and_dense):
         ac = Adj(adj.rowptr.cuda(), adj.col.cuda(), adj.n)
         gpu = mc.score(mc.encode(None, ac), ac, src.cuda(), dst.cuda()).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-4, rtol=1e-3)
+
+
+def test_reference_completion_mode_matches_dense(adj_and_dense):
+    """completion='reference': the inner NCN sees h' = h + xlin(h) as its input (the authors' code)."""
+    adj, A = adj_and_dense
+    torch.manual_seed(0)
+    cfg = make_config("cora", predictor="ncnc", hidden=32, input="learnable", prob_offset=-5.0, completion="reference")
+    model = LinkModel(32, cfg, num_nodes=adj.n).eval()
+    pred = model.predictor
+    src, dst = _pairs(adj.n, 40, 5)
+    with torch.no_grad():
+        h = model.encode(None, adj)
+        hx = pred.transform(h)
+        out = model.score(h, adj, src, dst)
+        Ad = A.astype(bool)
+        extra = torch.zeros(len(src), adj.n)
+        for b in range(len(src)):
+            i, j = int(src[b]), int(dst[b])
+            for a, only in ((j, np.flatnonzero(Ad[i] & ~Ad[j])), (i, np.flatnonzero(Ad[j] & ~Ad[i]))):
+                if len(only):
+                    logit = _dense_ncn(pred, hx, A, torch.full((len(only),), a), torch.from_numpy(only))
+                    extra[b, only] = pred.calibrate(logit)
+        ref = _dense_ncn(pred, h, A, src, dst, extra=extra)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
