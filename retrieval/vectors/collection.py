@@ -29,7 +29,9 @@ from retrieval.indexes.base import IndexSpec, QueryParams
 from retrieval.storage.names import validate_name
 from retrieval.vectors import filters as flt
 from retrieval.vectors.delta import NO_ID
-from retrieval.vectors.shard import Shard, ShardSettings, merge_topk
+from retrieval.vectors import importing
+from retrieval.vectors.handles import ShardFactory, ShardHandle, local_shard
+from retrieval.vectors.shard import ShardSettings, merge_topk
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +103,18 @@ def _reject_constant(name: str):
 
 
 class Collection:
-    def __init__(self, folder: Path, config: CollectionConfig, settings: ShardSettings, limits: Limits) -> None:
+    def __init__(self, folder: Path, config: CollectionConfig, settings: ShardSettings, limits: Limits,
+                 shard_factory: ShardFactory | None = None) -> None:
         self.folder = folder
         self.config = config
         self.limits = limits
         self.d = config.dimension
-        self.shards = [Shard(folder / f"shard-{i}", config.dimension, config.metric, config.index, settings,
-                             name=f"{config.name}/{i}") for i in range(config.shards)]
+        make = shard_factory or local_shard
+        self.shards: list[ShardHandle] = [
+            make(folder / f"shard-{i}", config.dimension, config.metric, config.index, settings, f"{config.name}/{i}")
+            for i in range(config.shards)]
+        # in-process shards are searched with a plain call (no await, no thread hop); remote ones in parallel
+        self._local = all(sh.is_local for sh in self.shards)
 
     @property
     def name(self) -> str:
@@ -232,7 +239,8 @@ class Collection:
             where = flt.to_sql(flt.validate_filter(filter))
             parts = await asyncio.gather(*(sh.search_filtered(xp, k, params, where) for sh in self.shards))
         else:
-            parts = [sh.search(xp, k, params) for sh in self.shards]
+            parts = ([sh.search(xp, k, params) for sh in self.shards] if self._local
+                     else await asyncio.gather(*(sh.asearch(xp, k, params) for sh in self.shards)))
         D, I = parts[0]
         for D2, I2 in parts[1:]:
             D, I = merge_topk(D, I, D2, I2, k)
@@ -319,8 +327,10 @@ class Collection:
         return ids, vecs, pls, nxt
 
     # ------------------------------------------------------------------------------------------
-    def info(self, points: int) -> dict:
-        shard_infos = [dict(shard=i, **s.info()) for i, s in enumerate(self.shards)]
+    def info(self, points: int, shard_infos: list[dict] | None = None) -> dict:
+        if shard_infos is None:
+            shard_infos = [s.info() for s in self.shards]
+        shard_infos = [dict(shard=i, **s) for i, s in enumerate(shard_infos)]
         states = {s["state"] for s in shard_infos}
         state = "ready" if states == {"ready"} else sorted(states - {"ready"})[0]
         return {
@@ -334,7 +344,8 @@ class Collection:
 
     async def describe(self) -> dict:
         counts = await asyncio.gather(*(sh.read(lambda st: st.count(None)) for sh in self.shards))
-        info = self.info(int(sum(counts)))
+        infos = await asyncio.gather(*(sh.ainfo() for sh in self.shards))
+        info = self.info(int(sum(counts)), list(infos))
         for s, c in zip(info["shard_info"], counts):
             s["points"] = int(c)
         return info
@@ -347,22 +358,30 @@ class CollectionManager:
     """All collections of a data folder. Create and drop are atomic: a crash leaves a collection
     either fully there or absent."""
 
-    def __init__(self, data_dir: Path, settings: ShardSettings, limits: Limits) -> None:
+    def __init__(self, data_dir: Path, settings: ShardSettings, limits: Limits,
+                 shard_factory: ShardFactory | None = None) -> None:
+        """``shard_factory``: where shards live (default in process; see :mod:`retrieval.vectors.handles`)."""
         self.root = Path(data_dir) / "collections"
         self.settings = settings
         self.limits = limits
+        self.shard_factory = shard_factory
         self._collections: dict[str, Collection] = {}
         self._lock = asyncio.Lock()
+        self._importing: set[str] = set()
+
+    def _new(self, folder: Path, config: CollectionConfig) -> Collection:
+        return Collection(folder, config, self.settings, self.limits, self.shard_factory)
 
     async def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        importing.resolve_duplicates(self.root)  # a crash during a replacing import: the newest install wins
         for p in sorted(self.root.iterdir()):
             if p.name.startswith("."):  # leftovers of an interrupted create or drop
                 shutil.rmtree(p, ignore_errors=True)
                 continue
             try:
                 config = CollectionConfig.from_json(json.loads((p / "collection.json").read_text())).validate()
-                col = Collection(p, config, self.settings, self.limits)
+                col = self._new(p, config)
                 await col.open()
                 self._collections[config.name] = col
                 logger.info("opened collection %s", config.name)
@@ -401,7 +420,7 @@ class CollectionManager:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, final)
-            col = Collection(final, config, self.settings, self.limits)
+            col = self._new(final, config)
             try:
                 await col.open()
             except Exception:
@@ -419,4 +438,63 @@ class CollectionManager:
             await col.close(snapshot=False)
             os.rename(col.folder, trash)
             await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
+
+    async def import_folder(self, source: Path, name: str, replace: bool = False, move: bool = False) -> Collection:
+        """Attach the collection folder ``source`` (e.g. written by ``index_builder build``) as ``name``.
+
+        ``source`` is copied (``move``: renamed) into the data folder, validated
+        (:func:`retrieval.vectors.importing.validate_folder`: checksums, dimension, layout, no links),
+        opened, and checked to serve from its snapshots; only then does it take the name, in one step
+        on the event loop. With ``replace`` an existing collection of that name keeps serving until that
+        moment, then is closed and deleted (writes it took meanwhile go with it); without, an existing
+        name is ALREADY_EXISTS. A failed import changes nothing (a moved ``source`` is moved back).
+        """
+        validate_name(name, "collection name")
+        if name in self._importing:
+            raise FailedPrecondition(f"collection {name!r} is being imported already")
+        if name in self._collections and not replace:
+            raise AlreadyExists(f"collection {name!r} already exists; pass replace to replace it")
+        loop = asyncio.get_running_loop()
+        source = Path(source)
+        self._importing.add(name)
+        staging = self.root / f".import-{uuid.uuid4().hex}"
+        target: Path | None = None
+        try:
+            config = await loop.run_in_executor(None, importing.stage, source, staging, name, move)
+            expected = await loop.run_in_executor(None, importing.snapshot_seqs, staging)
+            target = importing.target_folder(self.root, name)
+            os.rename(staging, target)
+            col = self._new(target, config)
+            try:
+                await col.open()
+                infos = await asyncio.gather(*(sh.ainfo() for sh in col.shards))
+                for i, (info, seq) in enumerate(zip(infos, expected)):
+                    if seq and info["snapshot_seq"] != seq:
+                        raise InvalidArgument(f"shard {i} of the imported collection did not load its index "
+                                              f"snapshot (seq {seq}); see the server log")
+            except BaseException:
+                await col.close(snapshot=False)
+                raise
+            async with self._lock:
+                old = self._collections.get(name)
+                if old is not None and not replace:
+                    await col.close(snapshot=False)
+                    raise AlreadyExists(f"collection {name!r} was created while it was being imported")
+                self._collections[name] = col
+                target = None  # installed: from here on it is the collection
+            if old is not None:
+                await old.close(snapshot=False)
+                await loop.run_in_executor(None, importing.trash, old.folder)
+            logger.info("imported collection %s from %s (%s)", name, source, "replacing" if old else "new")
+            return col
+        finally:
+            self._importing.discard(name)
+            if target is not None and target.exists():  # failed after installing the folder: undo
+                if move and not source.exists():
+                    os.rename(target, source)
+                else:
+                    await loop.run_in_executor(None, importing.trash, target)
+            elif move and staging.exists() and not source.exists():
+                os.rename(staging, source)
+            await loop.run_in_executor(None, shutil.rmtree, staging, True)
 

@@ -284,3 +284,13 @@ def install_offline(data_dir: Path, built: Path, name: str, replace: bool = Fals
         for old in existing:
             trash(old)
     return target
+
+
+def snapshot_seqs(folder: Path) -> list[int]:
+    """Per shard of a collection folder, the write sequence of its newest snapshot (0: none)."""
+    config, _ = read_config(folder)
+    out = []
+    for i in range(config.shards):
+        snaps = snapshots.candidates(Path(folder) / f"shard-{i}" / "snapshots")
+        out.append(int(snaps[0].name) if snaps else 0)
+    return out
