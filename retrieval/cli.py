@@ -1,7 +1,13 @@
 """The ``retrieval`` command line.
 
     retrieval serve [--config retrieval.yaml] [--host 127.0.0.1] [--port 50051] [--data-dir ./data]
-    retrieval collections list|describe NAME|create NAME --dimension D ...|drop NAME [--address HOST:PORT]
+                    [--api-keys-file F] [--tls-cert F --tls-key F [--tls-client-ca F]] [--metrics-port P]
+    retrieval [CONNECTION OPTIONS] status [--address HOST:PORT] [--metrics-url URL] [--json]
+    retrieval [CONNECTION OPTIONS] collections list|describe NAME|create NAME --dimension D ...|drop NAME
+
+Connection options (before the command, or from the environment): ``--api-key-file`` /
+``$RETRIEVAL_API_KEY_FILE`` or ``$RETRIEVAL_API_KEY`` (never a key on the command line), ``--ca-file``
+(the server's CA; implies TLS), ``--tls``, ``--client-cert`` / ``--client-key`` (mutual TLS).
 """
 
 from __future__ import annotations
@@ -29,6 +35,27 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
+#: Connection settings shared by the client commands (set by the main callback).
+_CONN: dict = {}
+
+
+@app.callback()
+def main_options(
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", envvar="RETRIEVAL_API_KEY_FILE",
+                                                help="file holding the API key (or set $RETRIEVAL_API_KEY)"),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", envvar="RETRIEVAL_CA_FILE",
+                                           help="PEM CA of the server's certificate (implies --tls)"),
+    tls: bool = typer.Option(False, "--tls", envvar="RETRIEVAL_TLS", help="connect over TLS (system CAs)"),
+    client_cert: Optional[Path] = typer.Option(None, "--client-cert", envvar="RETRIEVAL_CLIENT_CERT",
+                                               help="PEM client certificate (mutual TLS)"),
+    client_key: Optional[Path] = typer.Option(None, "--client-key", envvar="RETRIEVAL_CLIENT_KEY",
+                                              help="PEM client private key (mutual TLS)"),
+) -> None:
+    """A gRPC retrieval service: vector search, cross-encoder search, graphs, drafts."""
+    _CONN.update(api_key_file=api_key_file, root_certificates=ca_file, tls=tls or None,
+                 client_cert=client_cert, client_key=client_key)
+
+
 @app.command()
 def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML settings file"),
@@ -38,16 +65,34 @@ def serve(
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING, ERROR"),
     access_log: Optional[bool] = typer.Option(None, "--access-log/--no-access-log", help="log every request"),
     durability: Optional[str] = typer.Option(None, help="FULL (survives power loss) or NORMAL (survives kill -9)"),
+    log_format: Optional[str] = typer.Option(None, help="text or json (one JSON object per line)"),
+    api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file",
+                                                 help="file of API keys, one per line (or $RETRIEVAL_API_KEYS)"),
+    read_only_keys_file: Optional[Path] = typer.Option(None, "--read-only-keys-file",
+                                                       help="file of read-only API keys, one per line"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate chain (enables TLS)"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+    tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca",
+                                                 help="PEM CA: require client certificates it signed (mTLS)"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on this port"),
+    metrics_host: Optional[str] = typer.Option(None, "--metrics-host", help="address of the metrics endpoint "
+                                               "(default 127.0.0.1)"),
 ) -> None:
-    """Start the server (runs until SIGTERM / Ctrl-C)."""
+    """Start the server (runs until SIGTERM / Ctrl-C). API keys come from files or the environment only."""
     from pydantic import ValidationError
 
     from retrieval.config import load_settings
     from retrieval.server.app import run
 
+    security = {k: v for k, v in dict(api_keys_file=api_keys_file, read_only_keys_file=read_only_keys_file,
+                                      tls_cert_file=tls_cert, tls_key_file=tls_key,
+                                      tls_client_ca_file=tls_client_ca).items() if v is not None}
     try:
         settings = load_settings(config, host=host, port=port, data_dir=data_dir, log_level=log_level,
-                                 access_log=access_log, durability=durability)
+                                 access_log=access_log, durability=durability, log_format=log_format,
+                                 metrics_port=metrics_port, metrics_host=metrics_host)
+        if security:
+            settings = settings.model_copy(update={"security": settings.security.model_copy(update=security)})
     except (ValidationError, FileNotFoundError) as e:
         _fail(e)
     try:
@@ -56,10 +101,10 @@ def serve(
         _fail(e)
 
 
-def _client(address: str):
+def _client(address: str, timeout: float = 30):
     from retrieval.client import Client
 
-    return Client(address, timeout=30)
+    return Client(address, timeout=timeout, **_CONN)
 
 
 def _print(obj) -> None:
@@ -72,6 +117,173 @@ def _print(obj) -> None:
             return str(o)
 
     typer.echo(json.dumps(obj, indent=2, default=default))
+
+
+def _histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Quantile from cumulative Prometheus buckets [(upper bound, count)], linear within a bucket."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    target = q * buckets[-1][1]
+    lo, prev = 0.0, 0.0
+    for ub, cnt in buckets:
+        if cnt >= target:
+            if ub == float("inf"):
+                return lo
+            return lo + (ub - lo) * ((target - prev) / (cnt - prev) if cnt > prev else 1.0)
+        lo, prev = ub, cnt
+    return lo
+
+
+def parse_metrics(text: str) -> dict:
+    """Key figures from a Prometheus text page of this server: per RPC requests, errors, p50 / p99
+    latency (seconds, since the server started), and backpressure rejections / in-flight gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rpcs: dict[str, dict] = {}
+    buckets: dict[str, list] = {}
+    out: dict = {"rpcs": rpcs, "rejected": {}, "inflight": {}}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            lab = smp.labels
+            key = f"{lab.get('service', '')}/{lab.get('method', '')}"
+            if smp.name == "retrieval_requests_total":
+                r = rpcs.setdefault(key, {"requests": 0, "errors": 0})
+                r["requests"] += int(smp.value)
+            elif smp.name == "retrieval_request_errors_total":
+                r = rpcs.setdefault(key, {"requests": 0, "errors": 0})
+                r["errors"] += int(smp.value)
+            elif smp.name == "retrieval_request_duration_seconds_bucket":
+                buckets.setdefault(key, []).append((float(lab["le"]), smp.value))
+            elif smp.name == "retrieval_rejected_total":
+                out["rejected"][lab.get("reason", "")] = int(smp.value)
+            elif smp.name == "retrieval_inflight":
+                out["inflight"][lab.get("kind", "")] = smp.value
+    for key, b in buckets.items():
+        r = rpcs.setdefault(key, {"requests": 0, "errors": 0})
+        r["p50_ms"] = None if (v := _histogram_quantile(b, 0.5)) is None else round(v * 1e3, 3)
+        r["p99_ms"] = None if (v := _histogram_quantile(b, 0.99)) is None else round(v * 1e3, 3)
+    return out
+
+
+def server_status(c, metrics_url: str | None = None) -> dict:
+    """Health of every service, collections, jobs and (from ``metrics_url``) key metrics."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    out: dict = {"address": c.address}
+    health = health_pb2_grpc.HealthStub(c._channel)
+    try:
+        out["health"] = health_pb2.HealthCheckResponse.ServingStatus.Name(
+            health.Check(health_pb2.HealthCheckRequest(service=""), timeout=c.timeout).status)
+    except grpc.RpcError as e:
+        out["health"] = f"unreachable ({e.code().name}: {e.details()})"
+        return out
+    services: dict[str, str] = {}
+    try:
+        stub = reflection_pb2_grpc.ServerReflectionStub(c._channel)
+        reply = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                    timeout=c.timeout)))
+        names = [s.name for s in reply.list_services_response.service]
+    except grpc.RpcError as e:
+        names = []
+        out["services_error"] = f"{e.code().name}: {e.details()}"
+    for name in sorted(n for n in names if not n.startswith("grpc.")):
+        try:
+            st = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=c.timeout).status
+            services[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(st)
+        except grpc.RpcError as e:
+            services[name] = e.code().name
+    out["services"] = services
+    try:
+        out["collections"] = [{k: col[k] for k in ("name", "dimension", "metric", "shards", "points", "indexed",
+                                                   "pending", "memory_bytes", "state")} | {"index": col["index"].kind}
+                              for col in c.list_collections()]
+    except RetrievalError as e:
+        out["collections_error"] = str(e)
+    try:
+        jobs = c.list_jobs()
+        by_state: dict[str, int] = {}
+        for j in jobs:
+            by_state[j["state"]] = by_state.get(j["state"], 0) + 1
+        out["jobs"] = {"by_state": by_state, "active": [
+            {k: j[k] for k in ("id", "kind", "state", "done", "total", "message")}
+            for j in jobs if j["state"] in ("queued", "running")]}
+    except RetrievalError as e:
+        out["jobs_error"] = str(e)
+    if metrics_url:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=c.timeout) as r:
+                out["metrics"] = parse_metrics(r.read().decode())
+        except OSError as e:
+            out["metrics_error"] = f"cannot read {metrics_url}: {e}"
+    return out
+
+
+def _print_status(st: dict) -> None:
+    typer.echo(f"server {st['address']}: {st['health']}")
+    for name, h in st.get("services", {}).items():
+        typer.echo(f"  {name:<32} {h}")
+    if "services_error" in st:
+        typer.echo(f"  (service list unavailable: {st['services_error']})")
+    if "collections" in st:
+        cols = st["collections"]
+        typer.echo(f"collections: {len(cols)}")
+        if cols:
+            typer.echo(f"  {'name':<24} {'dim':>5} {'metric':<6} {'index':<6} {'points':>10} {'pending':>8} "
+                       f"{'memory':>10} state")
+            for col in cols:
+                typer.echo(f"  {col['name']:<24} {col['dimension']:>5} {col['metric']:<6} {col['index']:<6} "
+                           f"{col['points']:>10} {col['pending']:>8} {col['memory_bytes'] / 2**20:>8.1f}Mi "
+                           f"{col['state']}")
+    elif "collections_error" in st:
+        typer.echo(f"collections: {st['collections_error']}")
+    if "jobs" in st:
+        js = st["jobs"]
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(js["by_state"].items())) or "none"
+        typer.echo(f"jobs: {summary}")
+        for j in js["active"]:
+            prog = f"{j['done']:.0f}/{j['total']:.0f}" if j["total"] else f"{j['done']:.0f}"
+            typer.echo(f"  {j['id']} {j['kind']} {j['state']} {prog} {j['message']}")
+    if "metrics" in st:
+        m = st["metrics"]
+        typer.echo("requests (since start):")
+        typer.echo(f"  {'rpc':<56} {'calls':>9} {'errors':>7} {'p50 ms':>9} {'p99 ms':>9}")
+        for key, r in sorted(m["rpcs"].items(), key=lambda kv: -kv[1]["requests"]):
+            if not r["requests"]:
+                continue
+            typer.echo(f"  {key:<56} {r['requests']:>9} {r['errors']:>7} {r.get('p50_ms') or 0:>9.3f} "
+                       f"{r.get('p99_ms') or 0:>9.3f}")
+        if m["rejected"]:
+            typer.echo("  rejected (backpressure): " + ", ".join(f"{k} {v}" for k, v in m["rejected"].items()))
+        if m["inflight"]:
+            typer.echo("  in flight: " + ", ".join(f"{k} {v:.0f}" for k, v in m["inflight"].items()))
+    elif "metrics_error" in st:
+        typer.echo(f"metrics: {st['metrics_error']}")
+
+
+@app.command()
+def status(
+    address: str = ADDRESS,
+    metrics_url: Optional[str] = typer.Option(None, "--metrics-url", envvar="RETRIEVAL_METRICS_URL",
+                                              help="the server's metrics endpoint, e.g. http://127.0.0.1:9464/metrics"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Summary of a running server: health per service, collections, jobs and key metrics."""
+    try:
+        with _client(address, timeout=10) as c:
+            st = server_status(c, metrics_url)
+    except RetrievalError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+    else:
+        _print_status(st)
+    if st["health"] != "SERVING":
+        raise typer.Exit(2)
 
 
 @collections_app.command("list")

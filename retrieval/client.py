@@ -16,7 +16,17 @@ padding). Ids are uint64 on the wire; ids of 2**63 and above read back negative 
 Errors are raised as :class:`retrieval.errors.RetrievalError` subclasses matching the status
 (``InvalidArgument``, ``NotFound``, ...), so client code handles the same exceptions as the server.
 Idempotent calls are retried on ``UNAVAILABLE`` (gRPC retry policy, up to 5 attempts with backoff);
-every call has a deadline (``timeout`` seconds, default 30).
+every call has a deadline (``timeout`` seconds, default 30). A call the server refused because it was
+saturated (``RESOURCE_EXHAUSTED`` with a ``retry-after-ms`` hint: nothing was done) is retried after
+the hint, up to ``max_busy_retries`` times within the deadline; limits that retrying cannot help
+(``k`` too large, a full collection) raise at once.
+
+Security (see docs/operations.md): ``api_key`` (default: ``$RETRIEVAL_API_KEY``, or the file named by
+``api_key_file`` / ``$RETRIEVAL_API_KEY_FILE``) is sent on every call as ``authorization: Bearer``;
+``tls=True`` or any of ``root_certificates`` (the server's CA, PEM bytes or a path), ``client_cert`` +
+``client_key`` (mutual TLS) connects over TLS::
+
+    Client("db.internal:50051", api_key_file="~/.retrieval/key", root_certificates="ca.pem")
 
 Thread-safety: a Client may be shared between threads. Single-query ``search`` uses one long-lived
 bidirectional stream per client (the lowest latency gRPC offers in Python), guarded by a lock.
@@ -25,9 +35,13 @@ bidirectional stream per client (the lowest latency gRPC offers in Python), guar
 from __future__ import annotations
 
 import json
+import os
 import queue
+import random
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from dataclasses import dataclass
 
 import grpc
@@ -65,6 +79,96 @@ _SERVICE_CONFIG = json.dumps({
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }]
 })
+
+
+def _retry_after_s(e: grpc.RpcError) -> float | None:
+    """The server's retry-after hint (seconds) of a RESOURCE_EXHAUSTED error, else None."""
+    try:
+        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return None
+        for key, value in e.trailing_metadata() or ():
+            if key == "retry-after-ms":
+                return max(0.0, float(value) / 1000)
+    except Exception:
+        return None
+    return None
+
+
+def _pem(value, what: str) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    path = Path(os.path.expanduser(str(value)))
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def _read_key(api_key: str | None, api_key_file) -> str | None:
+    if api_key is not None:
+        return api_key.strip() or None
+    path = api_key_file or os.environ.get("RETRIEVAL_API_KEY_FILE")
+    if path:
+        try:
+            key = Path(os.path.expanduser(str(path))).read_text().split("#", 1)[0].split()
+        except OSError as e:
+            raise errors.InvalidArgument(f"cannot read API key file {path}: {e.strerror or e}") from None
+        if not key:
+            raise errors.InvalidArgument(f"API key file {path} holds no key")
+        return key[0]
+    return os.environ.get("RETRIEVAL_API_KEY", "").strip() or None
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata) -> None:
+        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
+        self.wait_for_ready, self.compression = getattr(d, "wait_for_ready", None), getattr(d, "compression", None)
+        self.metadata = metadata
+
+
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call."""
+
+    def __init__(self, key: str) -> None:
+        self._md = ("authorization", f"Bearer {key}")
+
+    def _details(self, d):
+        return _Details(d, [*(d.metadata or ()), self._md])
+
+    def intercept_unary_unary(self, continuation, d, request):
+        return continuation(self._details(d), request)
+
+    def intercept_unary_stream(self, continuation, d, request):
+        return continuation(self._details(d), request)
+
+    def intercept_stream_unary(self, continuation, d, request_iterator):
+        return continuation(self._details(d), request_iterator)
+
+    def intercept_stream_stream(self, continuation, d, request_iterator):
+        return continuation(self._details(d), request_iterator)
+
+
+def make_channel(address: str, api_key: str | None = None, tls: bool | None = None, root_certificates=None,
+                 client_cert=None, client_key=None, server_name: str | None = None, options=()) -> grpc.Channel:
+    """A channel with the client's security settings (see :class:`Client`); usable for any stub."""
+    opts = list(options)
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    if (client_cert is None) != (client_key is None):
+        raise errors.InvalidArgument("mutual TLS needs both client_cert and client_key")
+    if tls or (tls is None and (root_certificates is not None or client_cert is not None)):
+        creds = grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates, "root certificates"),
+                                             private_key=_pem(client_key, "client key"),
+                                             certificate_chain=_pem(client_cert, "client certificate"))
+        channel = grpc.secure_channel(address, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(address, options=opts)
+    if api_key:
+        channel = grpc.intercept_channel(channel, _KeyInterceptor(api_key))
+    return channel
 
 
 def _raise(e: grpc.RpcError) -> None:
@@ -138,15 +242,21 @@ class _Stream:
 
 class Client:
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float = 30.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.Channel | None = None) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.Channel | None = None, *,
+                 api_key: str | None = None, api_key_file: str | os.PathLike | None = None,
+                 tls: bool | None = None, root_certificates: bytes | str | os.PathLike | None = None,
+                 client_cert: bytes | str | os.PathLike | None = None,
+                 client_key: bytes | str | os.PathLike | None = None, server_name: str | None = None,
+                 max_busy_retries: int = 5) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _SERVICE_CONFIG),
-        ])
+        self.max_busy_retries = max_busy_retries
+        self._channel = channel or make_channel(
+            address, _read_key(api_key, api_key_file), tls, root_certificates, client_cert, client_key, server_name,
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes),
+                     ("grpc.enable_retries", 1),
+                     ("grpc.service_config", _SERVICE_CONFIG)])
         self._collections = collections_pb2_grpc.CollectionsStub(self._channel)
         self._points = points_pb2_grpc.PointsStub(self._channel)
         self._search = search_pb2_grpc.SearchStub(self._channel)
@@ -176,10 +286,18 @@ class Client:
             raise errors.Unavailable(f"no server answered at {self.address} within {timeout} s") from None
 
     def _call(self, fn, request):
-        try:
-            return fn(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            _raise(e)
+        t_end = time.monotonic() + self.timeout
+        for attempt in range(self.max_busy_retries + 1):
+            try:
+                return fn(request, timeout=max(0.001, t_end - time.monotonic()))
+            except grpc.RpcError as e:
+                wait = _retry_after_s(e)
+                if wait is None or attempt == self.max_busy_retries:
+                    _raise(e)
+                wait *= random.uniform(1.0, 1.5)  # spread the retries of clients refused together
+                if time.monotonic() + wait >= t_end:
+                    _raise(e)
+                time.sleep(wait)
 
     # --- collections -------------------------------------------------------------------------------
     def create_collection(self, name: str, dimension: int, metric: str = "l2", index=None, shards: int = 1) -> dict:
@@ -318,7 +436,12 @@ class Client:
                 except grpc.RpcError as e:
                     self._stream.close()
                     self._stream = None
-                    # the stream broke (server restart, idle reset): one retry on a fresh stream
+                    # the stream broke (server restart, idle reset): one retry on a fresh stream;
+                    # refused because the server is saturated: one retry after its hint
+                    wait = _retry_after_s(e)
+                    if wait is not None and attempt == 0:
+                        time.sleep(min(wait * random.uniform(1.0, 1.5), self.timeout))
+                        continue
                     if e.code() != grpc.StatusCode.UNAVAILABLE and e.code() != grpc.StatusCode.CANCELLED \
                             or attempt == 1:
                         _raise(e)

@@ -9,6 +9,12 @@ Example ``retrieval.yaml``::
     durability: FULL
 
 Environment: ``RETRIEVAL_PORT=6000``, ``RETRIEVAL_LIMITS__MAX_K=100`` (nested with ``__``).
+
+API keys are never settings values (so they never appear on a command line or in a dump of the
+settings): they come from the files named by ``security.api_keys_file`` /
+``security.read_only_keys_file`` or from the environment variables ``RETRIEVAL_API_KEYS`` /
+``RETRIEVAL_READ_ONLY_API_KEYS`` (see :mod:`retrieval.server.auth`). docs/operations.md has the
+production set-up.
 """
 
 from __future__ import annotations
@@ -27,6 +33,35 @@ class LimitsSettings(BaseModel):
     max_payload_bytes: int = Field(65_536, ge=2)
     max_ef: int = Field(100_000, ge=1)
     max_scroll: int = Field(10_000, ge=1)
+    # Backpressure: past these the server answers RESOURCE_EXHAUSTED with a retry-after hint
+    # (trailing metadata ``retry-after-ms``) instead of queueing without bound. 0 disables a limit.
+    max_points_per_collection: int = Field(0, ge=0, description="stored points per collection; 0 = no limit")
+    max_pending_bytes: int = Field(1 << 30, ge=0, description="vector bytes acknowledged but not yet indexed, "
+                                   "per collection; writes wait for the indexer past it; 0 = no limit")
+    max_inflight_requests: int = Field(512, ge=0, description="unary calls being served at once")
+    max_streams: int = Field(256, ge=0, description="streaming calls open at once (sessions included)")
+    max_sessions: int = Field(128, ge=0, description="session streams (e.g. draft sessions) open at once")
+    max_inflight_write_bytes: int = Field(256 * 1024 * 1024, ge=0,
+                                          description="bytes of write requests being served at once")
+    retry_after_ms: int = Field(100, ge=1, description="base retry-after hint when saturated")
+    search_chunk: int = Field(1024, ge=1, description="queries per slice of a batch search; the call checks "
+                              "its deadline and yields the event loop between slices")
+
+
+class SecuritySettings(BaseModel):
+    """API keys and TLS. Keys are read from files or the environment only (never flags)."""
+
+    api_keys_file: Path | None = Field(None, description="file with one API key per line (read-write)")
+    read_only_keys_file: Path | None = Field(None, description="file with one read-only API key per line")
+    require_api_key: bool | None = Field(None, description="None: required exactly when listening on a "
+                                         "non-loopback address; True: always; False is refused off loopback")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the server")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the server")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle; when set, clients must present "
+                                            "a certificate it signed (mutual TLS)")
+    client_file_dirs: list[Path] = Field(default_factory=list, description="folders whose files a client may "
+                                         "name as inputs (e.g. corpus files); empty: the data folder's "
+                                         "'imports' folder only")
 
 
 class IndexingSettings(BaseModel):
@@ -49,9 +84,15 @@ class Settings(BaseSettings):
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight calls get on shutdown")
     max_concurrent_jobs: int = Field(1, ge=1, description="jobs running at the same time")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, with "
+                                                "the request id of the call that logged it")
     access_log: bool = Field(False, description="log every request (otherwise only errors and slow calls)")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus metrics over HTTP on this "
+                                     "port (0 picks a free one); None = off")
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint")
     limits: LimitsSettings = LimitsSettings()
     indexing: IndexingSettings = IndexingSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -3,6 +3,11 @@
 ``serve(settings)`` runs until SIGTERM / SIGINT (or ``stop`` is set): it then reports NOT_SERVING,
 gives in-flight calls ``grace_s`` seconds, stops the services and closes the collections (writing
 final index snapshots). Only one server may use a data folder at a time (an exclusive lock file).
+
+Before opening anything it checks its security settings (:func:`retrieval.server.auth.check_startup`):
+a server reachable from other machines refuses to start without an API key. Every RPC passes the
+:class:`retrieval.server.interceptors.CallInterceptor` (keys, limits, metrics, errors, request ids);
+Prometheus metrics are served on ``metrics_port`` when set. docs/operations.md describes production use.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from grpc_reflection.v1alpha import reflection
 from retrieval.config import Settings
 from retrieval.errors import FailedPrecondition
 from retrieval.jobs.manager import JobManager
-from retrieval.server.interceptors import ErrorAndLogInterceptor
+from retrieval.server import auth, metrics
+from retrieval.server.interceptors import CallInterceptor, JsonFormatter, RequestContextFilter, TextFormatter
+from retrieval.server.limits import Admission
 from retrieval.server.services import SERVICES, ServerContext
 from retrieval.vectors.collection import CollectionManager, Limits
 from retrieval.vectors.shard import ShardSettings
@@ -57,11 +64,16 @@ def shard_settings(s: Settings) -> ShardSettings:
 def limits(s: Settings) -> Limits:
     lim = s.limits
     return Limits(max_k=lim.max_k, max_batch=lim.max_batch, max_payload_bytes=lim.max_payload_bytes,
-                  max_ef=lim.max_ef, max_scroll=lim.max_scroll)
+                  max_ef=lim.max_ef, max_scroll=lim.max_scroll, max_points=lim.max_points_per_collection,
+                  max_pending_bytes=lim.max_pending_bytes, retry_after_ms=lim.retry_after_ms,
+                  search_chunk=lim.search_chunk)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=None) -> None:
     """Run the server until ``stop`` is set or a SIGTERM / SIGINT arrives."""
+    keys = auth.KeyStore.from_settings(settings.security)
+    auth.check_startup(settings, keys)
+    credentials = auth.server_credentials(settings.security)
     data_dir = Path(settings.data_dir).resolve()
     lock = _lock_data_dir(data_dir)
     stop = stop or asyncio.Event()
@@ -78,8 +90,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     ctx.jobs.services["collections"] = ctx.collections
     await ctx.collections.open()
     max_msg = settings.limits.max_message_bytes
+    admission = Admission.from_settings(settings.limits, on_reject=lambda r: metrics.REJECTED.labels(r).inc())
+    ctx.extras["admission"] = admission
     server = grpc.aio.server(
-        interceptors=[ErrorAndLogInterceptor(settings.access_log)],
+        interceptors=[CallInterceptor(settings.access_log, auth.Authenticator(keys), admission)],
         options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg),
                  ("grpc.so_reuseport", 0)],
     )
@@ -92,17 +106,40 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for svc in services:  # services declare their read-only methods (for read-only API keys)
+        for sname in svc.service_names:
+            reads = getattr(svc, "read_methods", None)
+            if reads:
+                auth.register_read_methods(sname, reads)
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as e:
+        await ctx.jobs.close()
         await ctx.collections.close()
+        lock.close()
         raise FailedPrecondition(f"cannot listen on {address}: {e}") from None
+    httpd = None
+    if settings.metrics_port is not None:
+        try:
+            httpd, mport = metrics.start_http(settings.metrics_port, settings.metrics_host, settings.security)
+        except OSError as e:
+            await ctx.jobs.close()
+            await ctx.collections.close()
+            lock.close()
+            raise FailedPrecondition(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {e}") from None
+        scheme = "https" if settings.security.tls_cert_file else "http"
+        if not auth.is_loopback(settings.metrics_host):
+            logger.warning("metrics are served on %s, reachable from other machines (no API key protects them)",
+                           settings.metrics_host)
+        print(f"retrieval: metrics on {scheme}://{settings.metrics_host}:{mport}/metrics", flush=True)
+    refresher = asyncio.create_task(metrics.refresh_forever(ctx.collections, ctx.jobs, admission))
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     bound = f"{settings.host}:{port}"
-    logger.info("serving on %s, data folder %s", bound, data_dir)
+    logger.info("serving on %s (%s, %s), data folder %s", bound, "TLS" if credentials else "plaintext",
+                f"{len(keys)} API keys" if keys.enabled else "no API keys", data_dir)
     print(f"retrieval: serving on {bound} (data folder {data_dir})", flush=True)
     if on_ready is not None:
         on_ready(port)
@@ -113,6 +150,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
         for name in ("", *names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(settings.grace_s)
+        refresher.cancel()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
         for svc in reversed(services):
             try:
                 await svc.stop()
@@ -124,11 +165,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
         logger.info("stopped")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr; ``fmt`` "json" writes one JSON object per line. Every record carries the request
+    id of the call that logged it (``request_id``; "" outside calls)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def run(settings: Settings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))

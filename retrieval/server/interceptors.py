@@ -1,22 +1,45 @@
-"""Server interceptor: request ids, access log, and the one place domain errors become statuses.
+"""The server interceptor: one wrapper around every RPC of every service.
 
-Every RPC gets a request id (the client's ``x-request-id`` metadata, or a new one); it appears in
-the log lines of the call and in INTERNAL error messages, so a user can quote it. :class:`retrieval.errors.RetrievalError`
-subclasses map to their status code with their message; anything else is logged with its traceback
-and answered ``INTERNAL``.
+For each call, in order:
+
+1. **Request id**: the client's ``x-request-id`` metadata (first 64 characters) or a new one. It is
+   set in a context variable, so every log line of the call carries it (:class:`RequestContextFilter`),
+   and it is returned in the trailing metadata of failed calls and quoted in INTERNAL messages.
+2. **Authentication** (:mod:`retrieval.server.auth`): missing / wrong API key -> ``UNAUTHENTICATED``,
+   read-only key on a write -> ``PERMISSION_DENIED``; health checks are open.
+3. **Malformed requests**: bytes that are not a valid message of the method's request type ->
+   ``INVALID_ARGUMENT`` (gRPC alone would answer INTERNAL).
+4. **Admission** (:mod:`retrieval.server.limits`): calls, streams, sessions and write bytes in flight;
+   saturated -> ``RESOURCE_EXHAUSTED`` with trailing metadata ``retry-after-ms``.
+5. **Errors -> statuses**, the one place: :class:`retrieval.errors.RetrievalError` subclasses map to
+   their code with their message (plus ``retry-after-ms`` when they carry ``retry_after_ms``); a full
+   disk (``ENOSPC`` / ``EDQUOT``, SQLite's "database or disk is full") -> ``RESOURCE_EXHAUSTED``; anything
+   else is logged with its traceback and answered ``INTERNAL``.
+6. **Metrics and access log** (:mod:`retrieval.server.metrics`): requests, errors, latency per RPC,
+   per-message latency on bidirectional streams; slow calls (> ``SLOW_S``) are always logged.
+
+Cancelled calls and calls past their deadline: grpc.aio cancels the handler's task, so the work stops
+at its next ``await`` (engines yield between chunks of long work, see ``limits.search_chunk``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import errno
 import itertools
+import json
 import logging
 import os
+import sqlite3
 import time
 
 import grpc
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import InvalidArgument, RetrievalError
+from retrieval.server import metrics
+from retrieval.server.auth import Authenticator, KeyStore, is_read_method, split_method
+from retrieval.server.limits import RETRY_AFTER_KEY, SESSION_METHODS, STREAM_WAIT_S, Admission, StreamCharge, retry_after_of
 
 logger = logging.getLogger("retrieval.access")
 
@@ -24,33 +47,196 @@ _ids = itertools.count(1)
 _PREFIX = f"{os.getpid():x}"
 SLOW_S = 1.0
 
+#: The request id and method of the call the current task serves ("" outside calls).
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+RPC_METHOD: contextvars.ContextVar[str] = contextvars.ContextVar("rpc_method", default="")
 
-def _request_id(context) -> str:
-    for key, value in context.invocation_metadata() or ():
+
+def _request_id(metadata) -> str:
+    for key, value in metadata or ():
         if key == "x-request-id":
             return str(value)[:64]
     return f"{_PREFIX}-{next(_ids)}"
 
 
-async def _fail(context, method: str, rid: str, e: BaseException) -> None:
+# ------------------------------------------------------------------------------------------------
+# Logging: request ids on every record, optional JSON lines
+# ------------------------------------------------------------------------------------------------
+class RequestContextFilter(logging.Filter):
+    """Adds ``request_id`` and ``rpc`` (the call being served, or "") to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get()
+        if not hasattr(record, "rpc"):
+            record.rpc = RPC_METHOD.get()
+        return True
+
+
+_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, request_id, rpc, extra fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 6), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        for key, value in record.__dict__.items():
+            if key not in _STD_ATTRS and not key.startswith("_") and value not in ("", None):
+                out[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(rid)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = getattr(record, "request_id", "")
+        record.rid = f"[{rid}] " if rid and record.name != "retrieval.access" else ""
+        return super().format(record)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors -> statuses
+# ------------------------------------------------------------------------------------------------
+DISK_FULL = "the disk holding the data folder is full; the write was not stored (free space and retry)"
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str, int | None]:
+    """(code, message, retry-after hint) for an exception raised by a servicer."""
     if isinstance(e, RetrievalError):
-        logger.info("%s %s -> %s: %s", rid, method, e.code.name, e)
-        await context.abort(e.code, str(e))
-    logger.error("%s %s -> INTERNAL", rid, method, exc_info=e)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); see the server log")
+        return e.code, str(e), retry_after_of(e)
+    if _disk_full(e):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, DISK_FULL, None
+    return grpc.StatusCode.INTERNAL, "", None
 
 
-def _log_done(method: str, rid: str, t0: float, access_log: bool) -> None:
-    dt = time.perf_counter() - t0
-    if dt > SLOW_S:
-        logger.warning("%s %s OK slow %.3f s", rid, method, dt)
-    elif access_log:
-        logger.info("%s %s OK %.3f ms", rid, method, dt * 1e3)
+class _Malformed:
+    """What the deserializer returns for bytes that are not a valid request message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
-class ErrorAndLogInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, access_log: bool = False) -> None:
+def _safe_deserializer(deserialize):
+    if deserialize is None:
+        return None
+
+    def des(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # DecodeError, RecursionError, ...
+            return _Malformed(e)
+
+    return des
+
+
+class _Deny(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retry_after_ms = code, message, retry_after_ms
+
+
+def _malformed(method: str) -> InvalidArgument:
+    return InvalidArgument(f"the request is not a valid message for {method} (malformed protobuf)")
+
+
+class _Call:
+    """Book-keeping of one call: id, timing, final code; metrics and access log at the end."""
+
+    __slots__ = ("method", "service", "name", "rid", "t0", "code", "tokens", "context", "stream")
+
+    def __init__(self, method: str, service: str, name: str, context, stream: bool = False) -> None:
+        self.method, self.service, self.name, self.context, self.stream = method, service, name, context, stream
+        self.rid = _request_id(context.invocation_metadata())
+        self.t0 = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        self.tokens = (REQUEST_ID.set(self.rid), RPC_METHOD.set(method))
+
+    def cancelled(self) -> None:
+        left = None
+        try:
+            left = self.context.time_remaining()
+        except Exception:
+            pass
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+
+    async def fail(self, e: BaseException) -> None:
+        """Abort the call with the status of ``e`` (raises grpc's AbortError)."""
+        if isinstance(e, _Deny):
+            code, msg, retry = e.code, e.message, e.retry_after_ms
+        else:
+            code, msg, retry = status_of(e)
+        md = [("x-request-id", self.rid)]
+        if retry is not None:
+            md.append((RETRY_AFTER_KEY, str(retry)))
+        if code == grpc.StatusCode.INTERNAL:
+            logger.error("%s %s -> INTERNAL", self.rid, self.method, exc_info=e)
+            msg = f"internal error (request id {self.rid}); see the server log"
+        elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            logger.warning("%s %s -> %s (peer %s): %s", self.rid, self.method, code.name, self.context.peer(), msg)
+        else:
+            logger.info("%s %s -> %s: %s", self.rid, self.method, code.name, msg)
+        self.code = code
+        await self.context.abort(code, msg, trailing_metadata=tuple(md))
+
+    def aborted_by_servicer(self) -> None:
+        try:
+            c = self.context.code()
+            if isinstance(c, grpc.StatusCode):
+                self.code = c
+            elif isinstance(c, int):
+                self.code = next((s for s in grpc.StatusCode if s.value[0] == c), grpc.StatusCode.UNKNOWN)
+            else:
+                self.code = grpc.StatusCode.UNKNOWN
+        except Exception:
+            self.code = grpc.StatusCode.UNKNOWN
+
+    def finish(self, access_log: bool) -> None:
+        dt = time.perf_counter() - self.t0
+        code = self.code.name
+        metrics.REQUESTS.labels(self.service, self.name, code).inc()
+        if self.code != grpc.StatusCode.OK:
+            metrics.ERRORS.labels(self.service, self.name, code).inc()
+        metrics.LATENCY.labels(self.service, self.name).observe(dt)
+        extra = {"rpc": self.method, "code": code, "duration_ms": round(dt * 1e3, 3), "request_id": self.rid}
+        if dt > SLOW_S and self.code == grpc.StatusCode.OK and not self.stream:  # streams may live long
+            logger.warning("%s %s OK slow %.3f s", self.rid, self.method, dt, extra=extra)
+        elif access_log:
+            logger.info("%s %s %s %.3f ms", self.rid, self.method, code, dt * 1e3, extra=extra)
+        for var, tok in zip((REQUEST_ID, RPC_METHOD), self.tokens):
+            try:
+                var.reset(tok)
+            except ValueError:  # reset from another context (a generator closed elsewhere)
+                pass
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """See the module docstring. ``auth`` None: no keys; ``admission`` None: no limits."""
+
+    def __init__(self, access_log: bool = False, auth: Authenticator | None = None,
+                 admission: Admission | None = None) -> None:
         self.access_log = access_log
+        self.auth = auth or Authenticator(KeyStore())
+        self.admission = admission
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
@@ -59,47 +245,140 @@ class ErrorAndLogInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(details)
-        if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
-            return handler
+        if handler is None:
+            return None
         wrapped = self._wrap(method, handler)
         self._cache[method] = wrapped
         return wrapped
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, name = split_method(method)
         access = self.access_log
+        auth = self.auth
+        # health checks skip admission so probes answer even when the server is saturated
+        admission = None if method.startswith("/grpc.health.") else self.admission
+        write = not is_read_method(method)
+        session = method in SESSION_METHODS
+        deser = _safe_deserializer(h.request_deserializer)
+
+        def admit_checks(call: _Call) -> None:
+            verdict = auth.check(method, call.context.invocation_metadata())
+            if verdict.code is not None:
+                raise _Deny(verdict.code, verdict.message)
+
         if h.unary_unary or h.stream_unary:
             inner = h.unary_unary or h.stream_unary
+            streaming_in = h.stream_unary is not None
 
             async def unary_response(request, context):
-                rid = _request_id(context)
-                t0 = time.perf_counter()
+                call = _Call(method, service, name, context, streaming_in)
+                wb = 0
+                admitted = False
+                charge = None
                 try:
-                    resp = await inner(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    admit_checks(call)
+                    if streaming_in:
+                        if admission is not None:
+                            admission.enter_stream(session)
+                            admitted = True
+                            if write:
+                                charge = StreamCharge(admission)
+                        request = _requests(request, method, charge, context)
+                    else:
+                        if isinstance(request, _Malformed):
+                            raise _malformed(method)
+                        if admission is not None:
+                            wb = request.ByteSize() if write else 0
+                            admission.enter_unary(wb)
+                            admitted = True
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    call.cancelled()
+                    raise
+                except grpc.aio.AbortError:
+                    if call.code == grpc.StatusCode.OK:
+                        call.aborted_by_servicer()
                     raise
                 except Exception as e:
-                    await _fail(context, method, rid, e)
-                _log_done(method, rid, t0, access)
-                return resp
+                    await call.fail(e)
+                finally:
+                    if charge is not None:
+                        charge.close()
+                    if admitted:
+                        if streaming_in:
+                            admission.leave_stream(session)
+                        else:
+                            admission.leave_unary(wb)
+                    call.finish(access)
 
-            make = grpc.unary_unary_rpc_method_handler if h.unary_unary else grpc.stream_unary_rpc_method_handler
-            return make(unary_response, request_deserializer=h.request_deserializer,
-                        response_serializer=h.response_serializer)
+            make = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
+            return make(unary_response, request_deserializer=deser, response_serializer=h.response_serializer)
 
         inner = h.unary_stream or h.stream_stream
+        streaming_in = h.stream_stream is not None
+        hist = metrics.STREAM_MESSAGE_LATENCY.labels(service, name) if streaming_in else None
 
         async def stream_response(request, context):
-            rid = _request_id(context)
-            t0 = time.perf_counter()
+            call = _Call(method, service, name, context, True)
+            admitted = False
+            charge = None
             try:
-                async for resp in inner(request, context):
-                    yield resp
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+                admit_checks(call)
+                if admission is not None:
+                    admission.enter_stream(session)
+                    admitted = True
+                if streaming_in:
+                    if write and admission is not None:
+                        charge = StreamCharge(admission)
+                    arrivals: list[float] = []
+                    request = _requests(request, method, charge, context, arrivals)
+                    async for resp in inner(request, context):
+                        if arrivals:
+                            hist.observe(time.perf_counter() - arrivals.pop(0))
+                        yield resp
+                else:
+                    if isinstance(request, _Malformed):
+                        raise _malformed(method)
+                    async for resp in inner(request, context):
+                        yield resp
+            except asyncio.CancelledError:
+                call.cancelled()
+                raise
+            except GeneratorExit:
+                call.code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                if call.code == grpc.StatusCode.OK:
+                    call.aborted_by_servicer()
                 raise
             except Exception as e:
-                await _fail(context, method, rid, e)
-            _log_done(method, rid, t0, access)
+                await call.fail(e)
+            finally:
+                if charge is not None:
+                    charge.close()
+                if admitted:
+                    admission.leave_stream(session)
+                call.finish(access)
 
-        make = grpc.unary_stream_rpc_method_handler if h.unary_stream else grpc.stream_stream_rpc_method_handler
-        return make(stream_response, request_deserializer=h.request_deserializer,
-                    response_serializer=h.response_serializer)
+        make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
+        return make(stream_response, request_deserializer=deser, response_serializer=h.response_serializer)
+
+
+async def _requests(it, method: str, charge: StreamCharge | None, context, arrivals: list | None = None):
+    """The request stream, checked message by message (malformed -> INVALID_ARGUMENT), with write
+    bytes charged (waiting for room: backpressure) and arrival times noted for latency metrics."""
+    async for m in it:
+        if isinstance(m, _Malformed):
+            raise _malformed(method)
+        if charge is not None:
+            left = context.time_remaining()
+            await charge.add(m.ByteSize(), STREAM_WAIT_S if left is None else max(0.0, min(STREAM_WAIT_S, left)))
+        if arrivals is not None:
+            if len(arrivals) >= 64:  # a stream answering fewer messages than it receives
+                del arrivals[0]
+            arrivals.append(time.perf_counter())
+        yield m
+
+
+#: The name app.py used before the interceptor grew auth, limits and metrics.
+ErrorAndLogInterceptor = CallInterceptor

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import InvalidArgument, ResourceExhausted, Unavailable
+from retrieval.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
+from retrieval.storage import wal
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +64,31 @@ def _translate(e: sqlite3.Error) -> Exception:
         return ResourceExhausted("the disk holding the data folder is full; the write was not stored")
     if isinstance(e, sqlite3.OperationalError) and ("disk I/O error" in msg or "unable to open" in msg):
         return Unavailable(f"storage error, the write was not stored: {msg}")
+    if isinstance(e, sqlite3.OperationalError) and msg == "interrupted":
+        return Cancelled("the call was cancelled (client gone or deadline passed) while reading the store")
     return e
 
 
 class PointStore:
     """SQLite-backed points of one shard. See the module docstring for the format."""
 
-    def __init__(self, path: Path, dim: int, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, dim: int, synchronous: str = "FULL", inspect_wal: bool = True) -> None:
         self.path = Path(path)
         self.dim = dim
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise InvalidArgument(f"synchronous must be FULL, NORMAL or EXTRA, got {synchronous!r}")
+        wal_before = wal.scan(Path(f"{self.path}-wal")) if inspect_wal else None
         self._w = self._connect(synchronous)
+        if wal_before is not None:  # before any write: report a torn or corrupt log tail SQLite dropped
+            self.wal_report = wal.diagnose(wal_before, int(self._w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]))
+            wal.report(self.path, self.wal_report)
+        else:
+            self.wal_report = None
         self._w.executescript(_SCHEMA)
         self._r = self._connect(synchronous)
+        # Reads of a cancelled call stop: the shard sets `cancel_token` around each reader job.
+        self.cancel_token = None
+        self._r.set_progress_handler(self._should_interrupt, 10_000)
         self.last_seq = int(self._w.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
         self._tombstones = int(self._w.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0])
 
@@ -87,6 +99,10 @@ class PointStore:
         con.execute("PRAGMA temp_store=MEMORY")
         con.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
         return con
+
+    def _should_interrupt(self) -> int:
+        t = self.cancel_token
+        return 1 if t is not None and t.is_set() else 0
 
     def close(self) -> None:
         for con in (self._r, self._w):
@@ -121,7 +137,8 @@ class PointStore:
                 con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # SQLite may have rolled back already (e.g. on a full disk)
+                    con.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             raise _translate(e) from e

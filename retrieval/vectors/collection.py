@@ -47,6 +47,19 @@ class Limits:
     max_payload_bytes: int = 65_536  # per point
     max_ef: int = 100_000
     max_scroll: int = 10_000
+    max_points: int = 0              # stored points per collection (0: no limit)
+    max_pending_bytes: int = 1 << 30  # vector bytes acknowledged but not indexed yet (0: no limit)
+    retry_after_ms: int = 100        # base of the retry-after hint of backpressure errors
+    search_chunk: int = 1024         # queries per slice of a batch search (deadline checks between)
+
+
+def _overloaded(message: str, retry_after_ms: int) -> ResourceExhausted:
+    """RESOURCE_EXHAUSTED that a client may retry after ``retry_after_ms`` (the server's interceptor
+    sends the hint as ``retry-after-ms`` trailing metadata)."""
+    ms = int(min(max(retry_after_ms, 1), 10_000))
+    err = ResourceExhausted(f"{message}; retry after {ms} ms")
+    err.retry_after_ms = ms
+    return err
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,7 @@ class Collection:
             for i in range(config.shards)]
         # in-process shards are searched with a plain call (no await, no thread hop); remote ones in parallel
         self._local = all(sh.is_local for sh in self.shards)
+        self._reserved = 0  # points of upserts admitted but not yet applied (for max_points)
 
     @property
     def name(self) -> str:
@@ -198,17 +212,51 @@ class Collection:
             u, c = np.unique(ids, return_counts=True)
             raise InvalidArgument(f"ids must be unique within a request; {int(u[c > 1][0])} appears {int(c.max())} times")
         pls = self.check_payloads(payloads, ids)
-        if len(self.shards) == 1:
-            seq = await self.shards[0].upsert(ids, vectors, pls)
-            return len(ids), seq
+        reserve = await self.check_capacity(ids)
+        self._reserved += reserve
+        try:
+            if len(self.shards) == 1:
+                seq = await self.shards[0].upsert(ids, vectors, pls)
+                return len(ids), seq
+            route = shard_of(ids, len(self.shards))
+            tasks = []
+            for s, shard in enumerate(self.shards):
+                sel = np.flatnonzero(route == s)
+                if len(sel):
+                    tasks.append(shard.upsert(ids[sel], vectors[sel], [pls[i] for i in sel] if pls else None))
+            seqs = await asyncio.gather(*tasks)
+            return len(ids), max(seqs)
+        finally:
+            self._reserved -= reserve
+
+    async def check_capacity(self, ids: np.ndarray) -> int:
+        """Limits on writes: ``max_pending_bytes`` (backpressure: RESOURCE_EXHAUSTED with a retry-after
+        hint while too many acknowledged vectors wait for the indexer; they are held in memory and
+        searched exactly meanwhile) and ``max_points`` (RESOURCE_EXHAUSTED when the upsert would pass it).
+        Returns the number of new points to reserve while the upsert commits."""
+        lim = self.limits
+        if not lim.max_pending_bytes and not lim.max_points:
+            return 0
+        infos = await asyncio.gather(*(sh.ainfo() for sh in self.shards))
+        pending = sum(i["pending"] for i in infos)
+        if lim.max_pending_bytes and pending * self.d * 4 > lim.max_pending_bytes:
+            raise _overloaded(f"collection {self.name!r} has {pending} points waiting for the indexer "
+                              f"({pending * self.d * 4} bytes; limits.max_pending_bytes is {lim.max_pending_bytes})",
+                              lim.retry_after_ms * 10)
+        if not lim.max_points:
+            return 0
+        now = sum(i["indexed"] for i in infos) + pending + self._reserved
+        if now + len(ids) <= lim.max_points:
+            return len(ids)
         route = shard_of(ids, len(self.shards))
-        tasks = []
-        for s, shard in enumerate(self.shards):
-            sel = np.flatnonzero(route == s)
-            if len(sel):
-                tasks.append(shard.upsert(ids[sel], vectors[sel], [pls[i] for i in sel] if pls else None))
-        seqs = await asyncio.gather(*tasks)
-        return len(ids), max(seqs)
+        found = await asyncio.gather(*(sh.read(lambda st, sel=ids[route == s]: len(st.get(sel, False, False)[0]))
+                                       for s, sh in enumerate(self.shards) if (route == s).any()))
+        new = len(ids) - int(sum(found))
+        if now + new > lim.max_points:
+            raise ResourceExhausted(f"collection {self.name!r} holds {now} points and this upsert adds {new}; "
+                                    f"the limit is {lim.max_points} points per collection "
+                                    "(limits.max_points_per_collection)")
+        return new
 
     async def delete(self, ids: np.ndarray | None = None, filter: flt.Filter | None = None) -> int:
         if (ids is None or len(ids) == 0) == (filter is None or filter.is_empty()):
@@ -235,8 +283,28 @@ class Collection:
         if params.ef > self.limits.max_ef:
             raise InvalidArgument(f"ef = {params.ef} is above the limit of {self.limits.max_ef}")
         xp = self.shards[0].prepare(xq)
-        if filter is not None and not filter.is_empty():
-            where = flt.to_sql(flt.validate_filter(filter))
+        where = flt.to_sql(flt.validate_filter(filter)) if filter is not None and not filter.is_empty() else None
+        step = self.limits.search_chunk
+        if len(xp) <= step:
+            D, I = await self._search_chunk(xp, k, params, where)
+        else:
+            # Slices: between them other calls get the event loop, and a cancelled call (client gone,
+            # deadline passed) stops here: grpc.aio cancels the task at the next await.
+            Ds, Is = [], []
+            for i in range(0, len(xp), step):
+                if i:
+                    await asyncio.sleep(0)
+                D, I = await self._search_chunk(xp[i : i + step], k, params, where)
+                Ds.append(D)
+                Is.append(I)
+            D, I = np.vstack(Ds), np.vstack(Is)
+        res = SearchResult(distances=D, ids=I)
+        if with_payloads or with_vectors:
+            await self._attach(res, with_payloads, with_vectors)
+        return res
+
+    async def _search_chunk(self, xp: np.ndarray, k: int, params: QueryParams, where):
+        if where is not None:
             parts = await asyncio.gather(*(sh.search_filtered(xp, k, params, where) for sh in self.shards))
         else:
             parts = ([sh.search(xp, k, params) for sh in self.shards] if self._local
@@ -244,10 +312,7 @@ class Collection:
         D, I = parts[0]
         for D2, I2 in parts[1:]:
             D, I = merge_topk(D, I, D2, I2, k)
-        res = SearchResult(distances=D, ids=I)
-        if with_payloads or with_vectors:
-            await self._attach(res, with_payloads, with_vectors)
-        return res
+        return D, I
 
     async def _attach(self, res: SearchResult, with_payloads: bool, with_vectors: bool) -> None:
         flat = res.ids.ravel()

@@ -22,8 +22,10 @@ work runs on the shard's own writer and reader threads, snapshot saves and rebui
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import FailedPrecondition
+from retrieval.errors import Cancelled, FailedPrecondition
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec, QueryParams, VectorIndex
 from retrieval.indexes.exact import knn
@@ -65,6 +67,15 @@ class _WriteActivity:
 
 
 WRITES = _WriteActivity()
+DISK_FULL_BACKOFF_S = 5.0
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
@@ -335,12 +346,12 @@ class Shard:
         self._check_open()
         loop = asyncio.get_running_loop()
         thr = self.settings.filter_exact_threshold
-        ids, vecs = await loop.run_in_executor(self._rexec, lambda: self.store.match(where, thr + 1, True))
+        ids, vecs = await self._on_reader(lambda: self.store.match(where, thr + 1, True))
         if len(ids) <= thr or params.exact:
             if params.exact and len(ids) > thr:
-                ids, vecs = await loop.run_in_executor(self._rexec, lambda: self.store.match(where, None, True))
+                ids, vecs = await self._on_reader(lambda: self.store.match(where, None, True))
             return self._exact_over(xq, k, ids, vecs)
-        ids, _ = await loop.run_in_executor(self._rexec, lambda: self.store.match(where, None, False))
+        ids, _ = await self._on_reader(lambda: self.store.match(where, None, False))
         allowed = np.zeros(self.next_label, bool)
         labs = [lab for lab in map(self.lab_of_ext.get, ids.tolist()) if lab is not None]
         allowed[np.asarray(labs, np.int64)] = True
@@ -356,7 +367,7 @@ class Shard:
         # A graph search may strand a query among too few allowed points: redo those rows exactly.
         short = np.flatnonzero((I != NO_ID).sum(1) < min(k, len(ids)))
         if len(short):
-            got, vecs, _ = await loop.run_in_executor(self._rexec, lambda: self.store.get(ids, True, False))
+            got, vecs, _ = await self._on_reader(lambda: self.store.get(ids, True, False))
             D[short], I[short] = self._exact_over(xq[short], k, got, vecs)
         return D, I
 
@@ -369,7 +380,29 @@ class Shard:
     async def read(self, fn):
         """Run ``fn(store)`` on the reader thread (get, count, scroll, payloads)."""
         self._check_open()
-        return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, self.store)
+        return await self._on_reader(fn, self.store)
+
+    async def _on_reader(self, fn, *args):
+        """Run ``fn(*args)`` on the reader thread; if the calling task is cancelled (client gone,
+        deadline passed) a job not started yet is skipped and a running SQLite query is interrupted."""
+        token = threading.Event()
+        store = self.store
+
+        def job():
+            if token.is_set():
+                raise Cancelled("the call was cancelled before its read started")
+            store.cancel_token = token
+            try:
+                return fn(*args)
+            finally:
+                store.cancel_token = None
+
+        fut = asyncio.get_running_loop().run_in_executor(self._rexec, job)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            token.set()
+            raise
 
     # ------------------------------------------------------------------------------------------
     # The indexer
@@ -389,7 +422,12 @@ class Shard:
                 await self._maybe_snapshot()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as e:
+                if _disk_full(e):  # snapshots cannot be written; the store and searches are unaffected
+                    logger.warning("shard %s: disk full, index snapshot not written; retrying in %.0f s",
+                                   self.name, DISK_FULL_BACKOFF_S)
+                    await asyncio.sleep(DISK_FULL_BACKOFF_S)
+                    continue
                 logger.exception("shard %s: indexer step failed; retrying in 1 s", self.name)
                 await asyncio.sleep(1.0)
 
@@ -496,7 +534,7 @@ class Shard:
         path = self.store.path
 
         def build():
-            store = PointStore(path, d, self.settings.synchronous)
+            store = PointStore(path, d, self.settings.synchronous, inspect_wal=False)
             try:
                 index = registry.create(spec, d, metric, threads)
                 ids_all, vec_all = [], []
