@@ -225,7 +225,7 @@ def _markdown(r: dict[str, Any]) -> str:
                  f"{x['scorer_ms_per_query']:.1f} | {x['other_ms_per_query']:.2f} | {100 * x['other_share']:.1f}% |")
     L.append("")
     L.append("Recall here is against the live scorer's own exhaustive ranking of these items. Produced by "
-             "`python -m bench.crossencoder.live` (command in the JSON's sibling docstring).")
+             "`python -m bench.crossencoder.live` (see the module docstring for the CPU and GPU commands).")
     L.append("")
     return "\n".join(L)
 
