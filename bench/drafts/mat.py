@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
 
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
     cat = catalog()
     ds = cat.open(DATASTORE)
     res = {"machine": f"{platform.machine()} {platform.processor() or ''} ({platform.node()})".strip(),
-           "date": time.strftime("%Y-%m-%d"), "n_turns": len(turns), "n_tokens": int(sum(len(t.output) for t in turns)),
+           "date": time.strftime("%Y-%m-%d"), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "n_turns": len(turns), "n_tokens": int(sum(len(t.output) for t in turns)),
            "datastore_tokens": ds.n_tokens, "cost_model": {"c_node": C_NODE, "t_tok_s": T_TOK_S},
            "published": PUBLISHED, "source_md_pld": SOURCE_MD_PLD, "pld_reference": [], "runs": []}
     print(f"{'configuration':48s} {'budget':8s} " + " ".join(f"{c[:8]:>8s}" for c in CATEGORIES)

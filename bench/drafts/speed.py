@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import tempfile
 import threading
@@ -206,7 +207,8 @@ def bench_concurrent(cat, turns, n_sessions: int = 128, n_threads: int = 8, step
 def write_markdown(res: dict, path: Path) -> None:
     L = ["# Draft engine speed and memory (in-process)", "",
          f"`python -m bench.drafts.speed` on {res['machine']}, {res['date']}, one Python process "
-         "(the machine's 2 cores are shared with other jobs, so tails are noisy).", "",
+         f"(the machine's 2 cores are shared with other jobs, load average {res['loadavg_at_start'][0]} at the start, "
+         "so tails are noisy).", "",
          "## Datastore build (AlpacaEval, 4 x 801 records)", "", "| input | tokens | tokenize s | suffix sort s | total s | tokens/s |",
          "|---|---|---|---|---|---|"]
     for r in res["build"]:
@@ -276,7 +278,7 @@ def main(argv=None) -> dict:
     sp_processor()
     turns = load_turns()
     cat = catalog()
-    res = {"machine": f"{platform.machine()} ({platform.node()})", "date": time.strftime("%Y-%m-%d")}
+    res = {"machine": f"{platform.machine()} ({platform.node()})", "date": time.strftime("%Y-%m-%d"), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
     res["build"] = bench_build(args.quick)
     for r in res["build"]:
         print(r, flush=True)

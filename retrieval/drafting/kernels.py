@@ -89,7 +89,7 @@ def bucket_offsets(tokens: np.ndarray, sa: np.ndarray, n_symbols: int) -> np.nda
 
 def _narrow(tokens: np.ndarray, sa: np.ndarray, lo: int, hi: int, j: int, t: int) -> tuple[int, int]:
     """Sub-range of ``sa[lo:hi]`` (all sharing a prefix of length ``j``) whose token at offset ``j`` is ``t``."""
-    if hi - lo <= 48:
+    if hi - lo <= 256:
         keys = tokens[sa[lo:hi] + j]
         a = int(np.searchsorted(keys, t, side="left"))
         b = int(np.searchsorted(keys, t, side="right"))

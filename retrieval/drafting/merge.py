@@ -220,29 +220,33 @@ def merge(cands: list[Candidates], budget: DraftBudget, calibrator: Calibrator |
                 p[lo:hi] = q[lo:hi] * p[pp]
                 h[lo:hi] = h[pp] * _PRIME + t[lo:hi]
     key = (h & np.uint64((1 << 56) - 1)) | (dep.astype(np.uint64) << np.uint64(56))
-    uk, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    n = len(uk)
+    # group equal keys; keys sort by depth first (top byte), so groups come out in BFS order
+    o = np.argsort(key, kind="stable")
+    ks = key[o]
+    head = np.empty(N, dtype=bool)
+    head[0] = True
+    np.not_equal(ks[1:], ks[:-1], out=head[1:])
+    grp = np.cumsum(head) - 1
+    n = int(grp[-1]) + 1
+    inv = np.empty(N, dtype=np.int64)
+    inv[o] = grp
+    first = o[head]
+    uk = ks[head]
     if combine == "noisy_or":
-        miss = np.ones(n)
-        np.multiply.at(miss, inv, 1.0 - p)
-        Pm = 1.0 - miss
+        with np.errstate(divide="ignore"):
+            Pm = 1.0 - np.exp(np.bincount(inv, weights=np.log1p(-np.minimum(p, 1.0)), minlength=n))
     else:
         Pm = np.zeros(n)
         np.maximum.at(Pm, inv, p)
     # the source credited with a node: the one giving it the highest probability
-    ob = np.lexsort((-p, inv))
-    io = inv[ob]
-    heads = np.flatnonzero(np.r_[True, io[1:] != io[:-1]])
+    best = np.zeros(n)
+    np.maximum.at(best, inv, p)
+    top = p >= best[inv]
     best_src = np.empty(n, dtype=np.int64)
-    best_src[io[heads]] = src[ob[heads]]
+    best_src[inv[top]] = src[top]
     m_tok, m_dep = tok[first], dep[first]
-    m_par = np.where(par[first] >= 0, inv[np.maximum(par[first], 0)], -1)
-    # BFS order of the merged trie, then p(child) <= p(parent) level by level
-    bfs = np.lexsort((np.arange(n), m_dep))
-    rank = np.empty(n, dtype=np.int64)
-    rank[bfs] = np.arange(n)
-    m_tok, m_dep, Pm, best_src = m_tok[bfs], m_dep[bfs], Pm[bfs], best_src[bfs]
-    m_par = np.where(m_par[bfs] >= 0, rank[np.maximum(m_par[bfs], 0)], -1)
+    m_par = np.where(m_dep > 1, np.searchsorted(uk, key[np.maximum(par[first], 0)]), -1)
+    # p(child) <= p(parent), level by level (groups are already in BFS order)
     for d, lo, hi in _levels(m_dep):
         if d > 1:
             Pm[lo:hi] = np.minimum(Pm[lo:hi], Pm[m_par[lo:hi]])

@@ -123,6 +123,7 @@ class Session:
         self._buf[: len(prompt)] = prompt
         self._len = len(prompt)
         self._last: list[Candidates] | None = None
+        self._feedback: list[tuple[list[Candidates], np.ndarray]] = []
         self._lock = threading.Lock()
         self.closed = False
         self.steps = 0
@@ -163,11 +164,13 @@ class Session:
             self.last_used = time.monotonic()
             return merge(cands, b, self.calibrator, self.combine)
 
-    def append(self, accepted_ids, topk=None) -> None:
+    def append(self, accepted_ids, topk=None, defer_feedback: bool = False) -> None:
         """Append the ids accepted by the last verification (accepted draft tokens + the bonus token).
 
         ``topk``: optional ``(len(accepted_ids), k)`` model candidate ids per verified position, best first
-        (``-1`` pads), fed to sources that use them (token recycling).
+        (``-1`` pads), fed to sources that use them (token recycling). ``defer_feedback``: keep the
+        calibration update of the last draft for :meth:`flush_feedback` (a server runs it after sending the
+        next draft, off the latency path; the next draft then uses calibration one step older).
         """
         with self._lock:
             self._check_open()
@@ -190,7 +193,10 @@ class Session:
                                         f"more than max_context_tokens={self.limits.max_context_tokens}")
             ctx = self._buf[: self._len]
             if self._last is not None and self.calibrator is not None:
-                self.calibrator.update(self._last, acc)
+                if defer_feedback:
+                    self._feedback.append((self._last, acc))
+                else:
+                    self.calibrator.update(self._last, acc)
             self._last = None
             for s in self.sources:
                 if s.caps.learns_online:
@@ -205,6 +211,13 @@ class Session:
             self.steps += 1
             self.last_used = time.monotonic()
 
+    def flush_feedback(self) -> None:
+        """Run the calibration updates deferred by ``append(..., defer_feedback=True)``."""
+        with self._lock:
+            pending, self._feedback = self._feedback, []
+        for cands, acc in pending:
+            self.calibrator.update(cands, acc)
+
     def close(self, record: bool = True) -> None:
         """End the generation; with ``record`` its output goes to learning sources (history)."""
         with self._lock:
@@ -212,6 +225,7 @@ class Session:
                 return
             self.closed = True
             self._last = None
+            self._feedback = []
             if record:
                 ctx = self._buf[: self._len]
                 for s in self.sources:
@@ -359,12 +373,17 @@ class SessionManager:
                            f"{self.config.idle_timeout_s:g}s idle)")
         return s
 
-    def append(self, session_id: str, accepted_ids, topk=None) -> None:
+    def append(self, session_id: str, accepted_ids, topk=None, defer_feedback: bool = False) -> Session:
         s = self.get(session_id)
-        grow = len(accepted_ids) * 4 if hasattr(accepted_ids, "__len__") else 0
-        if self.total_bytes() + grow > self.config.max_total_bytes:
-            raise ResourceExhausted(f"session memory is at max_total_bytes={self.config.max_total_bytes}")
-        s.append(accepted_ids, topk)
+        n = len(accepted_ids) if hasattr(accepted_ids, "__len__") else 0
+        if s._len + n > len(s._buf):  # the context buffer will grow: check the total bound first
+            cap = min(max(s._len + n, 2 * len(s._buf)), self.config.limits.max_context_tokens)
+            grow = 4 * max(cap - len(s._buf), 0)
+            if self.total_bytes() + grow > self.config.max_total_bytes:
+                raise ResourceExhausted(f"session {session_id}: growing its context would exceed max_total_bytes="
+                                        f"{self.config.max_total_bytes}")
+        s.append(accepted_ids, topk, defer_feedback)
+        return s
 
     def close(self, session_id: str, record: bool = True) -> None:
         with self._lock:

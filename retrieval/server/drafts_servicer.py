@@ -59,13 +59,14 @@ class DraftsServicer(drafts_pb2_grpc.DraftsServicer):
                     if sess is None:
                         raise FailedPrecondition("the first message of a draft session must be 'open'")
                     a = dconv.append_from_proto(req.append, sess.budget)
-                    mgr.append(sess.session_id, a["accepted_ids"], a["topk"])
+                    mgr.append(sess.session_id, a["accepted_ids"], a["topk"], defer_feedback=True)
                     d = sess.draft(a["budget"])
                 else:
                     raise InvalidArgument("a session message must set 'open' or 'append'")
                 reply = drafts_pb2.SessionReply(session_id=sess.session_id, step=sess.steps)
                 dconv.draft_to_proto(d, reply.draft)
                 yield reply
+                sess.flush_feedback()  # calibration learns while the client verifies the draft
         finally:
             if sess is not None:
                 if record:

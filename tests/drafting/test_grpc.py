@@ -118,14 +118,16 @@ def test_session_matches_in_process_congruence(client):
         with client.draft_session(t.prompt, 32000, sources=["context", "recycling", "history"], max_nodes=32,
                                   max_depth=6) as rs:
             out, i = t.output, 0
-            remote = rs.draft
+            remote, mine = rs.draft, ls.draft()
             while i < min(len(out), 200):
-                mine = ls.draft()
                 assert remote.tokens.tolist() == mine.tokens.tolist()
                 assert remote.parents.tolist() == mine.parents.tolist()
                 np.testing.assert_allclose(remote.probs, mine.probs, rtol=1e-6)
                 a = min(mine.accepted_length(out[i:i + 7].tolist()), len(out) - i - 1)
-                ls.append(out[i:i + a + 1])
+                # the server's order: append (calibration deferred), draft, reply, then learn
+                ls.append(out[i:i + a + 1], defer_feedback=True)
+                mine = ls.draft()
+                ls.flush_feedback()
                 remote = rs.append(out[i:i + a + 1])
                 i += a + 1
         local.close(ls.session_id)

@@ -117,3 +117,18 @@ def test_pld_chain_matches_the_reference_rule(rng, require_full):
         ids = rng.integers(0, 4, size=int(rng.integers(1, 40))).tolist()
         got = pld_chain(np.array(ids), 3, 1, 10, require_full=require_full).tolist()
         assert got == naive_pld(ids, 3, 10, require_full)
+
+
+def test_sa_range_on_wide_ranges_uses_binary_search_correctly():
+    rng = np.random.default_rng(7)
+    t = rng.integers(0, 3, size=6000).astype(np.int64)
+    t[-1] = 3
+    sa = build_suffix_array(t)
+    off = bucket_offsets(t, sa, 4)
+    for _ in range(60):
+        pat = rng.integers(0, 3, size=int(rng.integers(1, 8)))
+        lo, hi = sa_range(t, sa, off, pat.tolist())
+        win = np.lib.stride_tricks.sliding_window_view(t, len(pat))
+        want = np.flatnonzero((win == pat).all(axis=1))
+        assert sorted(sa[lo:hi].tolist()) == want.tolist()
+    assert off[1] - off[0] > 256  # the first ranges are wide enough for the bisection path

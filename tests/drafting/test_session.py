@@ -170,3 +170,29 @@ def test_session_vocab_check_against_sources():
 
     with pytest.raises(FailedPrecondition):
         Session([1], [RecyclingSource(vocab_size=5)], vocab_size=7)
+
+
+def test_deferred_feedback_matches_immediate():
+    from retrieval.drafting import Calibrator
+
+    seq = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 4, 6, 1, 2, 3, 4]
+    tables = []
+    for defer in (False, True):
+        cal = Calibrator()
+        s = Session(seq[:4], [ContextLookup()], vocab_size=7, calibrator=cal)
+        for i in range(4, len(seq)):
+            s.draft()
+            s.append([seq[i]], defer_feedback=defer)
+            s.flush_feedback()
+        tables.append(cal.table("context"))
+    assert np.array_equal(tables[0][0], tables[1][0]) and np.array_equal(tables[0][1], tables[1][1])
+    assert tables[0][1].sum() > 0
+
+
+def test_manager_refuses_growth_past_total_bytes():
+    m = manager(max_total_bytes=3000, limits=SessionLimits(max_context_tokens=4096))
+    s = m.open([1] * 60)  # 256-byte buffer
+    with pytest.raises(ResourceExhausted, match="max_total_bytes"):
+        for _ in range(100):
+            m.append(s.session_id, [1] * 60)
+    assert m.total_bytes() <= 3000
