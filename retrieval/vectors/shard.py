@@ -143,6 +143,7 @@ class Shard:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._snapshot_write: asyncio.Future | None = None  # the snapshot write in progress
         self._written_since_snapshot = 0
         self._last_snapshot_t = time.monotonic()
         self._chunk = 256
@@ -508,7 +509,10 @@ class Shard:
             return write_snapshot(root, index, labels, seq, self.spec, self.d, self.index_metric)
 
         t0 = time.perf_counter()
-        await asyncio.get_running_loop().run_in_executor(None, write)
+        # shielded: if the indexer is cancelled (close), the write goes on in its thread; close waits for
+        # it, so two snapshot writes never race (one's cleanup would delete the other's folders)
+        self._snapshot_write = asyncio.get_running_loop().run_in_executor(None, write)
+        await asyncio.shield(self._snapshot_write)
         await asyncio.get_running_loop().run_in_executor(self._wexec, self.store.purge_tombstones, seq)
         self.snapshot_seq = seq
         self._written_since_snapshot = 0
@@ -611,6 +615,11 @@ class Shard:
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
+                pass
+        if self._snapshot_write is not None and not self._snapshot_write.done():
+            try:  # a snapshot the cancelled indexer was writing
+                await self._snapshot_write
+            except Exception:
                 pass
         if snapshot and self.index is not None and self.store is not None:
             try:
