@@ -536,7 +536,13 @@ class Client:
 
         req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite)
         job = convert.job_from_proto(self._call(self._drafts_stub().BuildDatastore, req))
-        return self.wait_job(job["id"]) if wait else job
+        if not wait:
+            return job
+        job = self.wait_job(job["id"])
+        while job["state"] not in ("succeeded", "failed", "cancelled"):  # a watch may end on a stale record
+            time.sleep(0.05)
+            job = self.get_job(job["id"])
+        return job
 
     def list_datastores(self) -> list[dict]:
         from retrieval.drafting import convert as dconv
