@@ -129,11 +129,15 @@ class DuplicateIdChecker:
         self._source = source
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted ids, their rows)
 
-    def add(self, ids: np.ndarray, first_row: int) -> None:
-        """Record ``ids`` (uint64 (b,)) at rows ``first_row ..``; InvalidArgument on a repeated id."""
+    def add(self, ids: np.ndarray, first_row: int, rows: np.ndarray | None = None) -> None:
+        """Record ``ids`` (uint64 (b,)) at rows ``first_row ..`` (or at the int64 ``rows`` given, e.g.
+        the rows of one shard of a block); InvalidArgument on a repeated id."""
         if len(ids) == 0:
             return
-        rows = np.arange(first_row, first_row + len(ids), dtype=np.int64)
+        if rows is None:
+            rows = np.arange(first_row, first_row + len(ids), dtype=np.int64)
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(ids, kind="stable")
         s_ids, s_rows = ids[order], rows[order]
         same = np.flatnonzero(s_ids[1:] == s_ids[:-1])

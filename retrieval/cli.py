@@ -4,6 +4,9 @@
                     [--api-keys-file F] [--tls-cert F --tls-key F [--tls-client-ca F]] [--metrics-port P]
     retrieval [CONNECTION OPTIONS] status [--address HOST:PORT] [--metrics-url URL] [--json]
     retrieval [CONNECTION OPTIONS] collections list|describe NAME|create NAME --dimension D ...|drop NAME
+    retrieval build --input F --collection NAME [--index SPEC] [--shards N] [--ray [ADDRESS]]
+                    (--data-dir DIR | --push HOST:PORT)        (see index_builder.cli)
+    retrieval serve ... --ray ADDRESS                           (shards as Ray actors)
 
 Connection options (before the command, or from the environment): ``--api-key-file`` /
 ``$RETRIEVAL_API_KEY_FILE`` or ``$RETRIEVAL_API_KEY`` (never a key on the command line), ``--ca-file``
@@ -77,6 +80,8 @@ def serve(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on this port"),
     metrics_host: Optional[str] = typer.Option(None, "--metrics-host", help="address of the metrics endpoint "
                                                "(default 127.0.0.1)"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="place collection shards as actors on the Ray cluster "
+                                      "at this address ('local': start a local Ray instance)"),
 ) -> None:
     """Start the server (runs until SIGTERM / Ctrl-C). API keys come from files or the environment only."""
     from pydantic import ValidationError
@@ -90,7 +95,7 @@ def serve(
     try:
         settings = load_settings(config, host=host, port=port, data_dir=data_dir, log_level=log_level,
                                  access_log=access_log, durability=durability, log_format=log_format,
-                                 metrics_port=metrics_port, metrics_host=metrics_host)
+                                 metrics_port=metrics_port, metrics_host=metrics_host, ray_address=ray)
         if security:
             settings = settings.model_copy(update={"security": settings.security.model_copy(update=security)})
     except (ValidationError, FileNotFoundError) as e:
@@ -343,8 +348,14 @@ def collections_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", h
     typer.echo(f"dropped {name}")
 
 
+from index_builder.cli import argv_with_ray_default, build_command  # noqa: E402
+
+app.command("build", help="Build a vector collection from files, offline (same as `python -m index_builder "
+            "build`), into a data folder (--data-dir) or a running server (--push).")(build_command)
+
+
 def main() -> None:
-    app()
+    app(args=argv_with_ray_default(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -318,6 +318,18 @@ class Client:
     def drop_collection(self, name: str) -> None:
         self._call(self._collections.Drop, collections_pb2.DropCollectionRequest(name=name))
 
+    def import_collection(self, name: str, path: str, replace: bool = False, timeout: float | None = None) -> dict:
+        """Attach a collection folder built offline (``index_builder build``) that the server can read
+        at ``path`` (inside its allowed folders) as ``name``; with ``replace`` the old collection serves
+        until the new one is ready. The server copies the folder, so this may take a while: ``timeout``
+        defaults to an hour. Returns the collection's description."""
+        req = collections_pb2.ImportCollectionRequest(name=name, path=str(path), replace=replace)
+        try:
+            resp = self._collections.Import(req, timeout=timeout if timeout is not None else max(self.timeout, 3600.0))
+        except grpc.RpcError as e:
+            _raise(e)
+        return convert.collection_info_from_proto(resp)
+
     # --- points ------------------------------------------------------------------------------------
     @staticmethod
     def _upsert_request(collection, ids, vectors, payloads) -> points_pb2.UpsertRequest:

@@ -73,6 +73,16 @@ class IndexingSettings(BaseModel):
     slice_ms: float = Field(20.0, gt=0, description="longest the indexer holds the event loop per chunk")
 
 
+class RaySettings(BaseModel):
+    """Shards as Ray actors (used when ``ray_address`` is set); see :mod:`retrieval.vectors.ray_shards`."""
+
+    shard_cpus: float = Field(0.0, ge=0, description="CPUs each shard actor reserves in Ray's scheduler")
+    max_restarts: int = Field(-1, ge=-1, description="restarts of a shard actor after its process dies; -1 = no limit")
+    max_task_retries: int = Field(3, ge=-1, description="retries of a call in flight when its actor died")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance started for "
+                                 "ray_address 'local' (default: all)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RETRIEVAL_", env_nested_delimiter="__", extra="forbid")
 
@@ -93,6 +103,10 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     indexing: IndexingSettings = IndexingSettings()
     security: SecuritySettings = SecuritySettings()
+    ray_address: str | None = Field(None, description="place collection shards as actors on this Ray cluster "
+                                    "(host:port, ray://host:port, 'auto', or 'local' for a local instance); "
+                                    "None = shards live in the server process")
+    ray: RaySettings = RaySettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

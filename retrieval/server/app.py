@@ -75,6 +75,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     auth.check_startup(settings, keys)
     credentials = auth.server_credentials(settings.security)
     data_dir = Path(settings.data_dir).resolve()
+    from retrieval.vectors.ray_shards import factory_from_settings
+
+    shard_factory = factory_from_settings(settings)  # None: shards in process; else Ray actors (--ray)
     lock = _lock_data_dir(data_dir)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,7 +88,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
             pass
 
     ctx = ServerContext(settings=settings, data_dir=data_dir,
-                        collections=CollectionManager(data_dir, shard_settings(settings), limits(settings)),
+                        collections=CollectionManager(data_dir, shard_settings(settings), limits(settings),
+                                                      shard_factory),
                         jobs=JobManager(data_dir, max_concurrent=settings.max_concurrent_jobs))
     ctx.jobs.services["collections"] = ctx.collections
     await ctx.collections.open()

@@ -45,9 +45,13 @@ class VectorsService:
         from retrieval.server.vectors_servicer import CollectionsServicer, PointsServicer, SearchServicer
         from retrieval.v1 import collections_pb2_grpc, points_pb2_grpc, search_pb2_grpc
 
-        collections_pb2_grpc.add_CollectionsServicer_to_server(CollectionsServicer(ctx.collections), server)
+        collections_pb2_grpc.add_CollectionsServicer_to_server(
+            CollectionsServicer(ctx.collections, ctx.settings, ctx.data_dir), server)
         points_pb2_grpc.add_PointsServicer_to_server(PointsServicer(ctx.collections), server)
         search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(ctx.collections), server)
+        from index_builder.jobs import build_index_kind  # offline builds as a job: `build_index`
+
+        ctx.jobs.register(build_index_kind(ctx.collections, ctx.settings, ctx.data_dir))
 
     async def stop(self) -> None:
         pass

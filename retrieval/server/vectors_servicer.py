@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path, PurePath
 
 import numpy as np
 
 from retrieval import convert
-from retrieval.errors import InvalidArgument
+from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound
 from retrieval.indexes.base import QueryParams
 from retrieval.v1 import (collections_pb2, collections_pb2_grpc, points_pb2, points_pb2_grpc,
                           search_pb2, search_pb2_grpc)
@@ -16,8 +17,12 @@ from retrieval.vectors.collection import CollectionConfig, CollectionManager
 
 
 class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
-    def __init__(self, manager: CollectionManager) -> None:
+    def __init__(self, manager: CollectionManager, settings=None, data_dir: Path | None = None) -> None:
+        """``settings`` / ``data_dir``: where Import may read folders from (``security.client_file_dirs``,
+        default ``<data_dir>/imports``); without them Import is refused."""
         self.manager = manager
+        self.settings = settings
+        self.data_dir = Path(data_dir) if data_dir is not None else None
 
     async def Create(self, request, context):
         config = CollectionConfig(
@@ -38,6 +43,31 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
     async def Drop(self, request, context):
         await self.manager.drop(request.name)
         return collections_pb2.DropCollectionResponse()
+
+    async def Import(self, request, context):
+        source = import_path(request.path, self.settings, self.data_dir)
+        col = await self.manager.import_folder(source, request.name, replace=request.replace)
+        return convert.collection_info_to_proto(await col.describe())
+
+
+def import_path(path: str, settings, data_dir: Path | None) -> Path:
+    """The folder a client asked to import, checked: no ``..`` components, inside the folders clients
+    may name (symbolic links resolved), not inside the server's own collections."""
+    from retrieval.server.auth import resolve_client_file
+
+    if settings is None or data_dir is None:
+        raise FailedPrecondition("this server does not import collection folders")
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument("path must name a collection folder on the server")
+    if ".." in PurePath(path).parts:
+        raise InvalidArgument(f"path {path[:200]!r} contains '..'; give the folder's own path")
+    folder = resolve_client_file(path, settings, data_dir, "collection folder")
+    own = (Path(data_dir) / "collections").resolve()
+    if folder == own or own in folder.parents:
+        raise InvalidArgument(f"{str(folder)!r} is inside the server's own collections folder")
+    if not folder.is_dir():
+        raise NotFound(f"collection folder {str(folder)!r} does not exist on the server")
+    return folder
 
 
 def _points_response(ids: np.ndarray, vecs, pls, next_id=None) -> points_pb2.PointsResponse:

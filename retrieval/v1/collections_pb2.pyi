@@ -48,6 +48,16 @@ class DropCollectionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ImportCollectionRequest(_message.Message):
+    __slots__ = ("name", "path", "replace")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    replace: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
 class ShardInfo(_message.Message):
     __slots__ = ("shard", "points", "indexed", "pending", "deleted_in_index", "last_seq", "snapshot_seq", "memory_bytes", "state", "location")
     SHARD_FIELD_NUMBER: _ClassVar[int]

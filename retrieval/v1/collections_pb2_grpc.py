@@ -56,6 +56,11 @@ class CollectionsStub:
                 request_serializer=retrieval_dot_v1_dot_collections__pb2.DropCollectionRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_collections__pb2.DropCollectionResponse.FromString,
                 _registered_method=True)
+        self.Import = channel.unary_unary(
+                '/retrieval.v1.Collections/Import',
+                request_serializer=retrieval_dot_v1_dot_collections__pb2.ImportCollectionRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
+                _registered_method=True)
 
 
 class CollectionsServicer:
@@ -86,6 +91,18 @@ class CollectionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Import(self, request, context):
+        """Attach a collection folder built offline (`index_builder build`, or a copy of a collection folder)
+        under `name`. The server copies and validates it (checksums, dimension, layout), opens it, and
+        only then lets it take the name: with `replace`, the old collection serves until that moment.
+        ALREADY_EXISTS without `replace`; PERMISSION_DENIED for a path outside the folders clients may
+        name (settings `security.client_file_dirs`, default `<data_dir>/imports`); INVALID_ARGUMENT for a
+        folder that is not a valid collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +125,11 @@ def add_CollectionsServicer_to_server(servicer, server):
                     servicer.Drop,
                     request_deserializer=retrieval_dot_v1_dot_collections__pb2.DropCollectionRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_collections__pb2.DropCollectionResponse.SerializeToString,
+            ),
+            'Import': grpc.unary_unary_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=retrieval_dot_v1_dot_collections__pb2.ImportCollectionRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +241,33 @@ class Collections:
             '/retrieval.v1.Collections/Drop',
             retrieval_dot_v1_dot_collections__pb2.DropCollectionRequest.SerializeToString,
             retrieval_dot_v1_dot_collections__pb2.DropCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Collections/Import',
+            retrieval_dot_v1_dot_collections__pb2.ImportCollectionRequest.SerializeToString,
+            retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
             options,
             channel_credentials,
             insecure,
