@@ -46,6 +46,7 @@ logger = logging.getLogger("retrieval.access")
 _ids = itertools.count(1)
 _PREFIX = f"{os.getpid():x}"
 SLOW_S = 1.0
+MAX_DETAILS = 1024  # longest status message sent (longer ones are cut)
 
 #: The request id and method of the call the current task serves ("" outside calls).
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -196,6 +197,8 @@ class _Call:
         else:
             logger.info("%s %s -> %s: %s", self.rid, self.method, code.name, msg)
         self.code = code
+        if len(msg) > MAX_DETAILS:  # messages may quote client input; gRPC caps metadata at 8 KiB
+            msg = msg[: MAX_DETAILS - 30] + f"... ({len(msg)} characters)"
         await self.context.abort(code, msg, trailing_metadata=tuple(md))
 
     def aborted_by_servicer(self) -> None:
@@ -269,9 +272,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if h.unary_unary or h.stream_unary:
             inner = h.unary_unary or h.stream_unary
             streaming_in = h.stream_unary is not None
+            open_gauge = metrics.OPEN_STREAMS.labels(service, name) if streaming_in else None
 
             async def unary_response(request, context):
                 call = _Call(method, service, name, context, streaming_in)
+                if open_gauge is not None:
+                    open_gauge.inc()
                 wb = 0
                 admitted = False
                 charge = None
@@ -302,6 +308,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as e:
                     await call.fail(e)
                 finally:
+                    if open_gauge is not None:
+                        open_gauge.dec()
                     if charge is not None:
                         charge.close()
                     if admitted:
@@ -317,11 +325,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         inner = h.unary_stream or h.stream_stream
         streaming_in = h.stream_stream is not None
         hist = metrics.STREAM_MESSAGE_LATENCY.labels(service, name) if streaming_in else None
+        open_gauge = metrics.OPEN_STREAMS.labels(service, name)
 
         async def stream_response(request, context):
             call = _Call(method, service, name, context, True)
             admitted = False
             charge = None
+            open_gauge.inc()
             try:
                 admit_checks(call)
                 if admission is not None:
@@ -354,6 +364,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             except Exception as e:
                 await call.fail(e)
             finally:
+                open_gauge.dec()
                 if charge is not None:
                     charge.close()
                 if admitted:

@@ -12,6 +12,7 @@ Per RPC (labels ``service``, ``method``; ``code`` = gRPC status name)::
     retrieval_stream_message_duration_seconds{service,method}  histogram, request -> next response on
                                                            bidirectional streams (e.g. one search)
     retrieval_inflight{kind}                               unary / streams / sessions / write_bytes
+    retrieval_open_streams{service,method}                 streams open now (Drafts/Session: draft sessions)
     retrieval_rejected_total{reason}                       RESOURCE_EXHAUSTED from backpressure
 
 State, refreshed every ``REFRESH_S`` seconds on the event loop::
@@ -85,6 +86,8 @@ STREAM_MESSAGE_LATENCY = histogram("retrieval_stream_message_duration_seconds",
                                    "bidirectional streams: time from a request to the next response",
                                    ("service", "method"))
 INFLIGHT = gauge("retrieval_inflight", "calls and write bytes in flight", ("kind",))
+OPEN_STREAMS = gauge("retrieval_open_streams", "streaming calls open (e.g. Drafts/Session: draft sessions)",
+                     ("service", "method"))
 REJECTED = counter("retrieval_rejected_total", "calls refused with RESOURCE_EXHAUSTED by backpressure", ("reason",))
 
 _refreshers: list[Callable[[], None]] = []
