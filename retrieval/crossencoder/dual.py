@@ -133,6 +133,9 @@ class SentenceEncoder:
         except (OSError, ValueError) as e:
             raise InvalidArgument(f"could not load an encoder from {str(p)!r}: {e}") from e
         self.dim = int(self._model.config.hidden_size)
+        # Never past the model's position table (a small model would fail on long texts otherwise).
+        limit = int(getattr(self._model.config, "max_position_embeddings", 512) or 512)
+        self.max_length = min(self.max_length, limit)
         self._path = str(p.resolve())
         self._hash = hash_model_dir(p)
         self._lock = threading.Lock()
