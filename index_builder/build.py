@@ -480,8 +480,8 @@ def _run_local(ctx: JobContext, spec: BuildSpec, config: CollectionConfig, facts
         def progress(points: int, scanned: int, phase: str, _base=base) -> None:
             if phase == "indexing":
                 ctx.progress(_base + points, total, "indexing")
-            else:
-                ctx.progress(scanned, total, f"shard {i}: {phase}")
+            elif phase == "sampling for training":
+                ctx.progress(scanned, total, f"shard {i}: sampling for training")
 
         out[i] = build_shard(spec.to_json(), config.to_json(), facts, i, str(work), threads, checkpoint_s,
                              progress, ctx.check_cancelled)
@@ -605,6 +605,7 @@ def build(ctx: JobContext, spec: BuildSpec, *, data_dir: str | Path | None = Non
         raise InvalidArgument("give exactly one of --data-dir DIR (write into a data folder) and --push HOST:PORT "
                               "(import into a running server)")
     validate_name(spec.collection, "collection name")
+    work_dir_default = work_dir is None
     if work_dir is None:
         work_dir = Path(data_dir) / "builds" / spec.collection if data_dir is not None else Path("builds") / spec.collection
     work = Path(work_dir).resolve()
@@ -628,7 +629,7 @@ def build(ctx: JobContext, spec: BuildSpec, *, data_dir: str | Path | None = Non
         out = build_folder(ctx, spec, work, threads=threads, checkpoint_s=checkpoint_s, use_ray=use_ray,
                            ray_address=ray_address)
         t0 = time.perf_counter()
-        ctx.progress(0, None, "installing")
+        ctx.progress(0, 1, "installing")
         if client is not None:
             out["server"] = client.import_collection(spec.collection, str(work / "collection"), replace=replace,
                                                      timeout=timeout)
@@ -637,11 +638,17 @@ def build(ctx: JobContext, spec: BuildSpec, *, data_dir: str | Path | None = Non
 
             out["installed"] = str(install_offline(Path(data_dir), work / "collection", spec.collection, replace))
         out["install_s"] = time.perf_counter() - t0
+        ctx.progress(1, 1, "installing")
     finally:
         if client is not None:
             client.close()
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
+        if work_dir_default and work.parent.name == "builds":
+            try:
+                work.parent.rmdir()  # only when empty
+            except OSError:
+                pass
     return out
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -115,15 +117,16 @@ def build_command(
         from retrieval.storage.names import validate_name
 
         validate_name(collection, "collection name")
-        wd = work_dir or ((data_dir / "builds" / collection) if data_dir is not None else Path("builds") / collection)
-        ctx = LocalJobContext(Path(wd) / "job", job_id=f"build {collection}", show_progress=not quiet)
+        tmp = Path(tempfile.mkdtemp(prefix="index_builder-"))
+        ctx = LocalJobContext(tmp, job_id=f"build {collection}", show_progress=not quiet)
         try:
-            out = build(ctx, spec, data_dir=data_dir, push=push, work_dir=wd, replace=replace, threads=threads,
+            out = build(ctx, spec, data_dir=data_dir, push=push, work_dir=work_dir, replace=replace, threads=threads,
                         checkpoint_s=checkpoint_every, use_ray=ray is not None,
                         ray_address=None if ray in (None, "local") else ray, keep_work=keep_work,
                         client_options=_client_options(api_key_file, ca_file))
         finally:
             ctx.close()
+            shutil.rmtree(tmp, ignore_errors=True)
     except RetrievalError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -147,8 +150,6 @@ def ground_truth_command(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Exact k-NN of the queries in the base, streamed in blocks (GPU when present), resumable."""
-    import shutil
-
     from index_builder.ground_truth import ground_truth_job
     from retrieval.jobs import LocalJobContext
 

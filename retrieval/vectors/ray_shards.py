@@ -89,6 +89,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
     naming it. Must be called from the main thread (Ray's requirement).
     """
     ray = _import_ray()
+    if address not in (None, "", "local"):
+        check_reachable(address, timeout_s)  # even when connected: a wrong address is still an error
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
@@ -97,7 +99,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
             kw["num_cpus"] = num_cpus
         ray.init(**kw)
     else:
-        check_reachable(address, timeout_s)
         try:
             ray.init(address=address, **kw)
         except ConnectionError as e:
