@@ -96,5 +96,25 @@ class DraftsService:
             self._sweeper.cancel()
 
 
+class CrossEncoderService:
+    """Cross-encoder k-NN search (``retrieval.crossencoder``): named CUR / adaptive indexes under
+    ``<data_dir>/crossencoder``; building one is the job kind ``crossencoder_build``."""
+
+    service_names = ("retrieval.v1.CrossEncoder",)
+
+    def __init__(self) -> None:
+        self.engine = None
+
+    async def start(self, server: grpc.aio.Server, ctx: ServerContext) -> None:
+        from retrieval.server.crossencoder_servicer import register
+
+        self.engine = register(server, ctx)
+        ctx.extras["crossencoder"] = self.engine
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
 #: Factories of every service the server hosts, in start order.
-SERVICES: list[Callable[[], Service]] = [VectorsService, JobsService, DraftsService]
+SERVICES: list[Callable[[], Service]] = [VectorsService, JobsService, DraftsService, CrossEncoderService]
