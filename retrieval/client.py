@@ -576,6 +576,120 @@ class Client:
         self._call(self._drafts_stub().DropDatastore, drafts_pb2.DatastoreRef(name=name))
 
 
+    # --- cross-encoder k-NN (ANNCUR / adaptive) ---------------------------------------------------
+    def _ce_stub(self):
+        stub = getattr(self, "_ce", None)
+        if stub is None:
+            from retrieval.v1 import crossencoder_pb2_grpc
+
+            stub = self._ce = crossencoder_pb2_grpc.CrossEncoderStub(self._channel)
+        return stub
+
+    def _ce_long_call(self, fn, request, timeout: float | None):
+        try:
+            return fn(request, timeout=timeout if timeout is not None else max(self.timeout, 600.0))
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def build_ce_index(self, name: str, scorer: dict, items: list[dict] | None = None, items_path: str | None = None,
+                       anchor_queries: list[str] | None = None, query_log: list[str] | None = None,
+                       k_q: int | None = None, query_seed: int = 0, dual_encoder: dict | None = None,
+                       params: dict | None = None, wait: bool = True, timeout: float | None = None) -> dict:
+        """Build a cross-encoder index (a job, kind ``crossencoder_build``). ``scorer``:
+        ``{"name": "minilm-joint" | "hf" | "joint-encoder", "model_dir"?, "batch_size"?, "device"?,
+        "precision"?, "max_length"?}``; ``items``: ``[{"id", "text", "payload"?}]`` (or ``items_path`` on
+        the server); ``params``: build params (``k_i``, ``anchor_method``, ...). ``wait``: block until the
+        job ends and return its final record, else the record at once."""
+        from retrieval.crossencoder import convert as cconv
+
+        req = cconv.build_request_to_proto(name, scorer, items, items_path, anchor_queries, query_log, k_q,
+                                           query_seed, dual_encoder, params)
+        job = convert.job_from_proto(self._ce_long_call(self._ce_stub().BuildIndex, req, timeout))
+        return self.wait_job(job["id"]) if wait else job
+
+    def ce_add_items(self, index: str, ids, texts, payloads: list | None = None, timeout: float | None = None) -> dict:
+        """Add items (``k_q`` cross-encoder calls each); returns added, calls, seconds, truncated_items."""
+        from retrieval.crossencoder import convert as cconv
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        items = [{"id": int(i), "text": t, "payload": p}
+                 for i, t, p in zip(ids, texts, payloads if payloads is not None else [None] * len(texts), strict=True)]
+        req = cpb.AddCrossEncoderItemsRequest(index=index, items=cconv.items_to_proto(items))
+        return cconv.add_result_from_proto(self._ce_long_call(self._ce_stub().AddItems, req, timeout))
+
+    def ce_delete_items(self, index: str, ids) -> int:
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        req = cpb.DeleteCrossEncoderItemsRequest(index=index, ids=[int(i) for i in ids])
+        return int(self._call(self._ce_stub().DeleteItems, req).deleted)
+
+    @staticmethod
+    def _ce_params(mode, budget, k_i, rounds, seed_fraction, ridge):
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        p = cpb.CrossEncoderSearchParams(mode=mode, budget=budget, k_i=k_i, rounds=rounds)
+        if seed_fraction is not None:
+            p.seed_fraction = seed_fraction
+        if ridge is not None:
+            p.ridge = ridge
+        return p
+
+    def ce_search(self, index: str, query: str, k: int = 10, mode: str = "", budget: int = 0, k_i: int = 0,
+                  rounds: int = 0, seed_fraction: float | None = None, ridge: float | None = None,
+                  with_payloads: bool = False, timeout: float | None = None) -> dict:
+        """Top-``k`` items for ``query`` within ``budget`` cross-encoder calls (0 / "": server defaults).
+        Returns ``ids`` int64 (<= k,), ``scores`` float32 exact CE scores, ``calls``, the server's
+        ``scorer_seconds`` / ``other_seconds``, and ``latency_seconds`` measured here (the wire and
+        the server's gRPC layer are ``latency - scorer - other``)."""
+        from retrieval.crossencoder import convert as cconv
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        req = cpb.CrossEncoderSearchRequest(index=index, query=query, k=k, with_payloads=with_payloads,
+                                            params=self._ce_params(mode, budget, k_i, rounds, seed_fraction, ridge))
+        t0 = time.perf_counter()
+        resp = self._ce_long_call(self._ce_stub().Search, req, timeout)
+        out = cconv.hits_from_proto(resp)
+        out["latency_seconds"] = time.perf_counter() - t0
+        return out
+
+    def ce_search_batch(self, index: str, queries: list[str], k: int = 10, mode: str = "", budget: int = 0,
+                        k_i: int = 0, rounds: int = 0, seed_fraction: float | None = None, ridge: float | None = None,
+                        with_payloads: bool = False, timeout: float | None = None) -> list[dict]:
+        """:meth:`ce_search` for several queries in one call (each round is one scorer batch)."""
+        from retrieval.crossencoder import convert as cconv
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        req = cpb.CrossEncoderSearchBatchRequest(index=index, queries=list(queries), k=k, with_payloads=with_payloads,
+                                                 params=self._ce_params(mode, budget, k_i, rounds, seed_fraction, ridge))
+        return [cconv.hits_from_proto(r) for r in self._ce_long_call(self._ce_stub().SearchBatch, req, timeout).results]
+
+    def describe_ce_index(self, index: str) -> dict:
+        from retrieval.crossencoder import convert as cconv
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        return cconv.info_from_proto(self._ce_long_call(self._ce_stub().Describe, cpb.CrossEncoderIndexRef(index=index),
+                                                        None))
+
+    def list_ce_indexes(self) -> list[dict]:
+        from retrieval.crossencoder import convert as cconv
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        resp = self._ce_long_call(self._ce_stub().ListIndexes, cpb.ListCrossEncoderIndexesRequest(), None)
+        return [cconv.info_from_proto(i) for i in resp.indexes]
+
+    def drop_ce_index(self, index: str) -> None:
+        from retrieval.v1 import crossencoder_pb2 as cpb
+
+        self._call(self._ce_stub().DropIndex, cpb.CrossEncoderIndexRef(index=index))
+
+    def ce_set_anchor_items(self, index: str, k_i: int = 0, anchor_method: str = "", seed: int | None = None) -> dict:
+        """Re-choose the anchor items / ``k_i`` and re-solve from the stored scores (no cross-encoder call)."""
+        from retrieval.crossencoder import convert as cconv
+
+        req = cconv.set_anchor_items_to_proto(index, k_i, anchor_method, seed)
+        return cconv.info_from_proto(self._ce_long_call(self._ce_stub().SetAnchorItems, req, None))
+
+
 class DraftSession:
     """One generation's draft stream (see :meth:`Client.draft_session`). Not shared between threads."""
 
