@@ -22,7 +22,7 @@ from typing import Optional
 
 import typer
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import InvalidArgument, RetrievalError
 
 app = typer.Typer(help="A gRPC retrieval service: vector search, cross-encoder search, graphs, drafts.",
                   no_args_is_help=True, add_completion=False)
@@ -326,7 +326,10 @@ def collections_create(
     address: str = ADDRESS,
 ) -> None:
     """Create a collection."""
-    spec = json.loads(index) if index.strip().startswith("{") else index
+    try:
+        spec = json.loads(index) if index.strip().startswith("{") else index
+    except json.JSONDecodeError as e:
+        _fail(InvalidArgument(f"--index {index!r} is not valid JSON: {e}"))
     try:
         with _client(address) as c:
             _print(c.create_collection(name, dimension, metric, spec, shards))
