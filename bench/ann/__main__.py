@@ -24,7 +24,10 @@ from typing import Any
 
 from retrieval.errors import RetrievalError
 
-DEFAULT_ALGORITHMS = "hnswlib,faiss-hnsw,faiss-ivf-flat,faiss-ivfpq,exact-numpy"
+DEFAULT_ALGORITHMS = (
+    "hnswlib,faiss-hnsw,faiss-ivf-flat,faiss-ivfpq,exact-numpy,exact-torch,"
+    "service-hnsw,service-faiss-hnsw,service-ivf-flat,service-ivfpq,service-exact"
+)
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "ann"
 
 

@@ -145,7 +145,8 @@ def run_algorithm(
                 "label": alg.describe(),
                 "build_s": build_s,
                 "index_bytes": int(alg.index_bytes()),
-                "rss_delta_bytes": (rss1 - rss0) if cls.in_process else None,
+                "rss_delta_bytes": (rss1 - rss0) if cls.in_process else alg.rss_delta_bytes(),
+                "in_process": cls.in_process,
             }
             logger.info("%s built in %.2f s", info["label"], build_s)
             for q in sweep.query:

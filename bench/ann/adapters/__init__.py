@@ -13,7 +13,8 @@ from bench.ann.adapters.base import Algorithm
 from retrieval.errors import InvalidArgument, NotFound
 
 _REGISTRY: dict[str, type[Algorithm]] = {}
-_MODULES = ("bench.ann.adapters.hnswlib_", "bench.ann.adapters.faiss_", "bench.ann.adapters.exact")
+_MODULES = ("bench.ann.adapters.hnswlib_", "bench.ann.adapters.faiss_", "bench.ann.adapters.exact",
+            "bench.ann.adapters.service")
 _loaded = False
 
 

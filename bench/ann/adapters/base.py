@@ -78,6 +78,11 @@ class Algorithm(ABC):
     def index_bytes(self) -> int:
         """Size of the built index in bytes as the library reports it (serialized size or equivalent)."""
 
+    def rss_delta_bytes(self) -> int | None:
+        """RSS growth over ``fit`` of the process that holds the index, when that is not this process
+        (a server); ``None`` for in-process algorithms, whose growth the runner measures itself."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Free the index (and any process or server the adapter started). Idempotent."""

@@ -11,7 +11,7 @@ name               build                                      query
                    factory ``IVF{nlist},Flat``
 ``faiss-ivfpq``    ``nlist`` (auto), ``m`` (``auto``: the     ``nprobe``
                    divisor of d nearest d/4), ``nbits`` (8):
-                   factory ``IVF{nlist},PQ{m}x{nbits}``
+                   factory ``IVF{nlist},PQ{m}x{nbits}np``
 ``faiss``          ``factory``: any faiss factory string       any ``ParameterSpace``
                                                               names (``nprobe``, ``efSearch``...)
 =================  =========================================  ==========================
@@ -161,13 +161,6 @@ class FaissIVFPQ(_Faiss):
         super().__init__(metric, dim, build, threads)
         self._unknown(build, ("nlist", "m", "nbits"), "build")
 
-    def _configure(self, index: Any) -> None:
-        import faiss
-
-        # polysemous training (on by default for factory PQ codes) only serves Hamming-threshold search,
-        # which is not used here, and makes training ~7x slower
-        faiss.downcast_index(index).do_polysemous_training = False
-
     def factory(self, n: int) -> str:
         nlist = _resolve_nlist(self, n)
         m = auto_pq_m(self.dim) if self.build.get("m", "auto") == "auto" else self._param(self.build, "m")
@@ -175,7 +168,9 @@ class FaissIVFPQ(_Faiss):
             raise InvalidArgument(f"{self.name}: m={m} must divide the dimension {self.dim}")
         nbits = int(self.build.get("nbits", 8))
         self.build.update(m=m, nbits=nbits)
-        return f"IVF{nlist},PQ{m}x{nbits}"
+        # "np": no polysemous training (on by default for factory PQ codes; it only serves Hamming-threshold
+        # search, unused here, and makes training ~7x slower)
+        return f"IVF{nlist},PQ{m}x{nbits}np"
 
 
 @register
