@@ -174,6 +174,9 @@ def stage(source: Path, staging: Path, name: str, move: bool = False):
     source = Path(source)
     if not source.is_dir():
         raise NotFound(f"collection folder {str(source)!r} does not exist")
+    if (source / CONFIG_FILE).is_symlink():
+        raise InvalidArgument(f"{str(source / CONFIG_FILE)!r} is a symbolic link; a collection folder holds plain files only")
+    read_config(source)  # not a collection folder at all: say so before walking it
     _check_tree(source)  # before copying: copytree must not follow a link out of the folder
     try:
         if move:
