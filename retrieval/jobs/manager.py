@@ -242,8 +242,9 @@ class JobManager:
         q: asyncio.Queue = asyncio.Queue()
         self._watchers.setdefault(job_id, set()).add(q)
         try:
-            yield JobRecord(**rec.public())
-            if rec.state in FINAL:
+            first = JobRecord(**rec.public())
+            yield first
+            if first.state in FINAL:
                 return
             while True:
                 cur = await q.get()
