@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -59,6 +59,8 @@ class _Service(Algorithm):
     """Shared body: server lifecycle, bulk load, search through the client."""
 
     in_process = False
+    extra_env: ClassVar[dict[str, str]] = {}
+    """Extra environment of the server process (e.g. a profiling hook)."""
     build_names: tuple[str, ...] = ()
     query_names: tuple[str, ...] = ()
 
@@ -70,7 +72,7 @@ class _Service(Algorithm):
 
         self._tmp = Path(tempfile.mkdtemp(prefix="bench-ann-service-"))
         env = {"OMP_NUM_THREADS": str(threads), "RETRIEVAL_INDEXING__THREADS": str(threads),
-               "RETRIEVAL_LOG_LEVEL": "WARNING"}
+               "RETRIEVAL_LOG_LEVEL": "WARNING", **self.extra_env}
         self._server = ServerProcess(self._tmp / "data", env=env, log_path=self._tmp / "server.log")
         try:
             self._server.start()
