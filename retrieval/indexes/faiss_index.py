@@ -72,6 +72,9 @@ class FaissIndex:
                 self._ivf = faiss.extract_index_ivf(base)
             except RuntimeError:
                 self._ivf = None
+        if self._ivf is not None and self._ivf.direct_map.no():
+            # get_vectors (exact=True searches) reconstructs by id: IVF needs its id -> list position map
+            self._ivf.make_direct_map()
         self._hnsw = self._hnsw_of(base)
         self._train_size = spec.train_size or default_train_size(spec.factory)
         self.capabilities = Capabilities(native_delete=False, filter_in_index=True,
