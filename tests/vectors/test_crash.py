@@ -130,7 +130,7 @@ def check_search(client, name, model: dict) -> None:
     Dt, It = brute_knn(xq, ids, xb, 10, "l2")
     De, Ie = client.search_batch(name, xq, k=10, exact=True)
     assert_same_neighbours(De, Ie, Dt, It)
-    Dg, Ig = client.search_batch(name, xq, k=10, ef=200)
+    Dg, Ig = client.search_batch(name, xq, k=10, ef=200, nprobe=64)
     assert not np.isin(Ig, gone.view(np.int64)).any(), "a deleted point came back in search results"
     assert recall(Ig, It) >= 0.95
     h = client.search(name, xq[0], k=10, with_payloads=True, with_vectors=True)
@@ -140,7 +140,7 @@ def check_search(client, name, model: dict) -> None:
         sample = rng.choice(len(ids), min(200, len(ids)), replace=False)
         _, Ie1 = client.search_batch(name, xb[sample], k=1, exact=True)
         assert (Ie1[:, 0] == ids[sample].view(np.int64)).all()
-        D1, I1 = client.search_batch(name, xb[sample], k=1, ef=200)
+        D1, I1 = client.search_batch(name, xb[sample], k=1, ef=200, nprobe=64)
         miss = np.flatnonzero(I1[:, 0] != ids[sample].view(np.int64))
         if len(miss) == 0:
             return
@@ -282,5 +282,63 @@ def test_restart_without_snapshot_replays_everything(tmp_path):
             verify(c, "nosnap", model, None)
             wait_indexed(c, "nosnap")
             check_search(c, "nosnap", model)
+    finally:
+        srv.stop()
+
+
+KINDS = {
+    "hnsw-2shards": ({"type": "hnsw", "m": 16, "ef_construction": 100}, 2, 1500),
+    "faiss-hnsw": ({"type": "faiss", "factory": "HNSW32"}, 1, 1500),
+    "faiss-ivf": ({"type": "faiss", "factory": "IVF16,Flat"}, 1, 1500),
+    "faiss-ivf-untrained": ({"type": "faiss", "factory": "IVF64,Flat"}, 1, 500),  # needs 2496 points to train
+    "exact": ("exact", 1, 1500),
+}
+
+
+@pytest.mark.slow
+def test_sigkill_recovery_of_every_index_kind(tmp_path):
+    """Snapshot of each backend + writes after it, then SIGKILL: recovery = load the snapshot and
+    replay the rest (or, untrained, replay everything)."""
+    srv = ServerProcess(tmp_path / "data", env=ENV)
+    srv.start()
+    models: dict[str, dict] = {}
+    rng = np.random.default_rng(99)
+    try:
+        with Client(srv.address, timeout=60) as c:
+            for kind, (index, shards, n) in KINDS.items():
+                c.create_collection(kind, dimension=D, metric="l2", index=index, shards=shards)
+                ids = rng.choice(UNIVERSE, size=n, replace=False)
+                x = rng.standard_normal((n, D)).astype(np.float32)
+                pls = [{"k": kind, "j": j} for j in range(n)]
+                c.upsert(kind, ids, x, pls)
+                models[kind] = {}
+                apply(models[kind], ("upsert", ids, x, pls))
+                apply(models[kind], ("delete", ids[:200], None, None))
+                c.delete(kind, ids=ids[:200])
+            for kind in KINDS:
+                wait_indexed(c, kind, untrained_ok=True)
+            time.sleep(1.5)  # snapshots are due 0.5 s after the indexer caught up
+            snapped = srv.log_tail(200).count("snapshot at seq")
+            assert snapped >= len(KINDS) - 1 + 1  # every trained shard (hnsw has two)
+            for kind in KINDS:  # acknowledged writes after the snapshots
+                m = models[kind]
+                live = np.array([i for i, v in m.items() if v is not ABSENT], np.uint64)
+                upd = live[:100]
+                x = rng.standard_normal((100, D)).astype(np.float32)
+                c.upsert(kind, upd, x, [{"upd": 1}] * 100)
+                apply(m, ("upsert", upd, x, [{"upd": 1}] * 100))
+                c.delete(kind, ids=live[100:150])
+                apply(m, ("delete", live[100:150], None, None))
+        srv.kill()
+        srv.start()
+        log = srv.log_tail(60)
+        assert log.count("loaded snapshot seq") >= len(KINDS)  # 4 trained kinds, hnsw with 2 shards
+        with Client(srv.address, timeout=60) as c:
+            for kind in KINDS:
+                verify(c, kind, models[kind], None)
+                wait_indexed(c, kind, untrained_ok=True)
+                check_search(c, kind, models[kind])
+            info = c.describe_collection("faiss-ivf-untrained")
+            assert info["state"] == "untrained" and info["pending"] == 500 - 200 - 50
     finally:
         srv.stop()

@@ -169,6 +169,37 @@ def test_filtered_search_vs_exact(client, main_col, fname):
     assert_same_neighbours(De, Ie, Dt[:10], It[:10])
 
 
+def test_broad_filter_with_pending_points(client, main_col):
+    """The index path with part of the matching points still in the delta (searched exactly, merged)."""
+    name, model, xq = main_col
+    rng = np.random.default_rng(71)
+    n = 1500
+    ids = np.arange(n, dtype=np.uint64) + np.uint64(2**64 - 2 - n)  # near the top of the id range
+    x = clustered(n, 72)
+    pls = [payload(i, rng) for i in range(n)]
+    client.upsert(name, ids, x, pls)
+    model.upsert(ids, x, pls)
+    # and update some indexed points so that their old labels must be excluded from the filtered graph search
+    old_ids = np.array(sorted(model.pts), np.uint64)[:300]
+    x2 = clustered(300, 73)
+    pls2 = [payload(i, rng) for i in range(300)]
+    client.upsert(name, old_ids, x2, pls2)
+    model.upsert(old_ids, x2, pls2)
+    assert client.describe_collection(name)["pending"] > 0
+    for fname in ("broad_must_not", "broad_nested"):
+        fd = FILTERS[fname]
+        f = to_filter(fd)
+        Dg, Ig = client.search_batch(name, xq, k=10, ef=128, filter=fd)
+        model.check_consistent(xq, Dg, Ig, f)
+        Dt, It = model.knn(xq, 10, f)
+        assert recall(Ig, It) >= 0.95, fname
+    # the new points near the top of the id range are found right away
+    Dn, In = client.search_batch(name, x[:50], k=1, filter=FILTERS["broad_must_not"])
+    want = [i for i in range(50) if pls[i]["cat"] != 0]
+    assert (In[want, 0] == ids[want].view(np.int64)).all()
+    wait_indexed(client, name)
+
+
 def test_filter_matching_nothing_or_fewer_than_k(client, main_col):
     name, model, xq = main_col
     Dg, Ig = client.search_batch(name, xq[:3], k=5, filter={"must": [{"key": "color", "equals": "purple"}]})
@@ -414,7 +445,7 @@ def test_multi_shard_merge_is_exact(client):
 
 
 @pytest.mark.parametrize("kind", list(INDEXES))
-def test_empty_collection_search(client, kind):
+def test_empty_and_tiny_collections(client, kind):
     name = f"empty-{kind}"
     client.create_collection(name, dimension=4, index=INDEXES[kind])
     D_, I = client.search_batch(name, np.ones((2, 4), np.float32), k=3)
@@ -423,4 +454,71 @@ def test_empty_collection_search(client, kind):
     client.delete(name, ids=[1])
     D_, I = client.search_batch(name, np.ones((2, 4), np.float32), k=3, filter={"must": [{"key": "a", "is_null": True}]})
     assert (I == NO_ID).all()
+    # fewer points than k: all of them, then padding, before and after indexing
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    client.upsert(name, [10, 11, 2**63], x)
+    model = Model("l2")
+    model.upsert(np.array([10, 11, 2**63], np.uint64), x)
+    xq = np.array([[0, 1, 2, 3.5], [8, 8, 8, 8]], np.float32)
+    for _ in range(2):
+        D_, I = client.search_batch(name, xq, k=5)
+        Dt, It = model.knn(xq, 5)
+        assert_same_neighbours(D_, I, Dt, It)
+        wait_indexed(client, name, untrained_ok=True)
+    client.drop_collection(name)
+
+
+def test_hnsw_quality_after_update_churn(client):
+    """Updates reuse the slots of hidden labels (hnswlib replace_deleted). After replacing every point's
+    vector about once, recall must stay within 0.01 of a fresh hnswlib build over the same final vectors."""
+    import hnswlib
+
+    name = "churn"
+    client.create_collection(name, dimension=D, metric="l2", index={"type": "hnsw", "m": 16, "ef_construction": 100})
+    rng = np.random.default_rng(61)
+    n = 4000
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    ids = np.arange(n, dtype=np.uint64)
+    client.upsert(name, ids, x)
+    for _ in range(10):
+        wait_indexed(client, name)
+        sel = rng.choice(n, 400, replace=False)
+        x[sel] = rng.standard_normal((400, D)).astype(np.float32)
+        client.upsert(name, ids[sel], x[sel])
+    info = wait_indexed(client, name)
+    assert info["indexed"] == n and info["shard_info"][0]["deleted_in_index"] == 0  # every hidden slot reused
+    xq = rng.standard_normal((200, D)).astype(np.float32)
+    Dt, It = brute_knn(xq, ids, x, 10, "l2")
+    _, Ig = client.search_batch(name, xq, k=10, ef=64)
+    fresh = hnswlib.Index(space="l2", dim=D)
+    fresh.init_index(max_elements=n, M=16, ef_construction=100, random_seed=100)
+    fresh.add_items(x, np.arange(n), num_threads=1)
+    fresh.set_ef(64)
+    If, _ = fresh.knn_query(xq, k=10, num_threads=1)
+    r_svc, r_fresh = recall(Ig, It), recall(If.astype(np.int64), It)
+    assert r_svc >= r_fresh - 0.01, f"recall after churn {r_svc:.4f} vs fresh build {r_fresh:.4f}"
+    _, I1 = client.search_batch(name, x, k=1, ef=200)
+    assert (I1[:, 0] == ids.view(np.int64)).mean() >= 0.995  # points findable by their own vector
+    client.drop_collection(name)
+
+
+@pytest.mark.parametrize("kind", [*INDEXES, "faiss-ivfpq"])
+def test_exact_param_is_exact_for_every_index_kind(client, kind):
+    """``params.exact`` ("ignore the index and search exactly") gives the brute-force answer whatever
+    the index: also for IVF (whose vectors are looked up by id) and IVF-PQ (whose codes are lossy)."""
+    name = f"exactparam-{kind}"
+    index = INDEXES.get(kind, {"type": "faiss", "factory": "IVF16,PQ4x4"})
+    client.create_collection(name, dimension=D, metric="l2", index=index)
+    x = clustered(1500, 81)
+    ids = np.arange(1500, dtype=np.uint64) * np.uint64(3) + np.uint64(2**63)
+    client.upsert(name, ids, x)
+    model = Model("l2")
+    model.upsert(ids, x)
+    wait_indexed(client, name)
+    client.delete(name, ids=ids[:100])
+    model.delete(ids[:100])
+    xq = clustered(20, 82)
+    De, Ie = client.search_batch(name, xq, k=10, exact=True)
+    Dt, It = model.knn(xq, 10)
+    assert_same_neighbours(De, Ie, Dt, It, atol=1e-3)
     client.drop_collection(name)
