@@ -269,8 +269,12 @@ class NCNConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InvalidArgument(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.mp_layers, int) or self.mp_layers < 0:
-            raise InvalidArgument(f"mp_layers must be an integer >= 0, got {self.mp_layers!r}")
+        for name, hi in (("hidden", 4096), ("batch_size", 1 << 22), ("test_batch_size", 1 << 22), ("epochs", 100_000),
+                         ("fastrp_dim", 4096), ("mlp_layers", 16), ("splitsize", 1 << 24), ("hits_k", 1_000_000)):
+            if getattr(self, name) > hi:
+                raise InvalidArgument(f"{name} = {getattr(self, name)} is above the limit of {hi}")
+        if not isinstance(self.mp_layers, int) or not 0 <= self.mp_layers <= 16:
+            raise InvalidArgument(f"mp_layers must be an integer in [0, 16], got {self.mp_layers!r}")
         if self.completion not in ("paper", "reference"):
             raise InvalidArgument(f"completion must be 'paper' or 'reference', got {self.completion!r}")
         if self.depth not in (0, 1, 2):
@@ -284,7 +288,15 @@ class NCNConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise InvalidArgument(f"{name} must be a finite learning rate >= 0, got {v!r}")
-        if not 0 < self.pt <= 1:
+        for name in ("beta", "prob_scale", "prob_offset", "alpha"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise InvalidArgument(f"{name} must be a finite number, got {v!r}")
+        for name in ("train_res_deg", "test_res_deg"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise InvalidArgument(f"{name} must be an integer (-1 = no sampling), got {v!r}")
+        if not isinstance(self.pt, (int, float)) or not 0 < self.pt <= 1:
             raise InvalidArgument(f"pt must be in (0, 1], got {self.pt!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches <= 0):
             raise InvalidArgument(f"max_batches must be a positive integer or None, got {self.max_batches!r}")

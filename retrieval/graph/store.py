@@ -37,13 +37,19 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from retrieval.graph.graph import Graph, Labels, as_features, as_labels, as_node_ids, as_weights
 
 logger = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 FORMAT_VERSION = 1
+MAX_NODES = 100_000_000  # per graph: the CSR row pointer alone is 8 bytes a node
+
+
+def check_num_nodes(n: int, max_nodes: int = MAX_NODES) -> None:
+    if n > max_nodes:
+        raise ResourceExhausted(f"a graph of {n} nodes exceeds the limit of {max_nodes} nodes")
 
 
 def check_name(name, what: str = "graph name") -> str:
@@ -176,6 +182,9 @@ class GraphStore:
 
     def create(self, name: str, num_nodes: int = 0, *, directed: bool = False, weighted: bool = False) -> dict:
         """Create an empty graph with ``num_nodes`` isolated nodes. Raises AlreadyExists."""
+        check_name(name)
+        if isinstance(num_nodes, (int, np.integer)) and not isinstance(num_nodes, bool):
+            check_num_nodes(int(num_nodes))
         g = Graph.from_edges(num_nodes, [], [], None, directed=directed, weighted=weighted)
         return self.put(name, g)
 
@@ -186,6 +195,7 @@ class GraphStore:
         graph is replaced atomically (its embeddings and models are kept, and marked stale by version).
         """
         check_name(name)
+        check_num_nodes(graph.n)
         with self._lock(name):
             final = self.path(name)
             if final.exists() and (final / "manifest.json").exists():
@@ -296,6 +306,7 @@ class GraphStore:
         with self._lock(name):
             g = self.load(name)
             n2 = g.n + int(count)
+            check_num_nodes(n2)
             indptr = np.concatenate([g.indptr, np.full(int(count), g.indptr[-1], np.int64)])
             feats = None
             if g.features is not None:
@@ -337,28 +348,57 @@ class GraphStore:
         p.mkdir(exist_ok=True)
         return p
 
-    def put_embeddings(self, name: str, emb_name: str, emb: np.ndarray, info: dict) -> dict:
-        """Store node embeddings ``[n, d]`` float32 computed from graph version ``info['graph_version']``."""
+    def write_embedding_file(self, name: str, emb_name: str, emb: np.ndarray) -> str:
+        """Write embeddings ``[n, d]`` to a new file (not yet in use); returns its file name.
+        :meth:`commit_embeddings` makes it the current one."""
+        check_name(emb_name, "embedding name")
+        g = self.load(name)
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != g.n:
+            raise InvalidArgument(f"embeddings must have shape ({g.n}, d), got {emb.shape}")
+        fname = f"{emb_name}.{uuid.uuid4().hex[:12]}.npy"
+        atomic_save_npy(self.embeddings_dir(name) / fname, emb)
+        return fname
+
+    def commit_embeddings(self, name: str, emb_name: str, fname: str, info: dict) -> dict:
+        """Point embedding ``emb_name`` at ``fname`` (atomic: the JSON is the commit point) and delete
+        the file it pointed at before. ``info`` is stored with it (e.g. the graph version, a collection)."""
         check_name(emb_name, "embedding name")
         with self._lock(name):
-            g = self.load(name)
-            emb = np.asarray(emb, dtype=np.float32)
-            if emb.ndim != 2 or emb.shape[0] != g.n:
-                raise InvalidArgument(f"embeddings must have shape ({g.n}, d), got {emb.shape}")
             d = self.embeddings_dir(name)
-            atomic_save_npy(d / f"{emb_name}.npy", emb)
-            meta = dict(info, name=emb_name, n=int(emb.shape[0]), dim=int(emb.shape[1]), written=time.time())
+            arr = np.load(d / fname, mmap_mode="r", allow_pickle=False)
+            old = None
+            try:
+                old = json.loads((d / f"{emb_name}.json").read_text()).get("file")
+            except FileNotFoundError:
+                pass
+            meta = dict(info, name=emb_name, file=fname, n=int(arr.shape[0]), dim=int(arr.shape[1]),
+                        written=time.time())
+            del arr
             atomic_write_json(d / f"{emb_name}.json", meta)
+            if old and old != fname and (d / old).exists():
+                (d / old).unlink()
             return meta
 
-    def load_embeddings(self, name: str, emb_name: str, mmap: bool = False) -> tuple[np.ndarray, dict]:
+    def put_embeddings(self, name: str, emb_name: str, emb: np.ndarray, info: dict) -> dict:
+        """Store node embeddings ``[n, d]`` float32 (e.g. with ``info['graph_version']``), replacing
+        earlier ones of that name atomically."""
+        with self._lock(name):
+            return self.commit_embeddings(name, emb_name, self.write_embedding_file(name, emb_name, emb), info)
+
+    def embedding_info(self, name: str, emb_name: str) -> dict:
         check_name(emb_name, "embedding name")
-        d = self.path(name) / "embeddings"
         try:
-            meta = json.loads((d / f"{emb_name}.json").read_text())
-            arr = np.load(d / f"{emb_name}.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
+            return json.loads((self.path(name) / "embeddings" / f"{emb_name}.json").read_text())
         except FileNotFoundError:
+            if not self.exists(name):
+                raise NotFound(f"graph {name!r} does not exist (known graphs: {self.list()})") from None
             raise NotFound(f"graph {name!r} has no embeddings {emb_name!r} (known: {self.list_embeddings(name)})") from None
+
+    def load_embeddings(self, name: str, emb_name: str, mmap: bool = False) -> tuple[np.ndarray, dict]:
+        meta = self.embedding_info(name, emb_name)
+        arr = np.load(self.path(name) / "embeddings" / meta.get("file", f"{emb_name}.npy"), allow_pickle=False,
+                      mmap_mode="r" if mmap else None)
         return arr, meta
 
     def list_embeddings(self, name: str) -> list[str]:

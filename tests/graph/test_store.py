@@ -150,7 +150,10 @@ def test_embeddings_are_stored_with_the_graph(st):
         st.put_embeddings("e", "x", np.ones((2, 4)), {})
     with pytest.raises(NotFound):
         st.load_embeddings("e", "nope")
-    assert json.loads((st.path("e") / "embeddings" / "fastrp.json").read_text())["n"] == 3
+    meta2 = st.put_embeddings("e", "fastrp", np.zeros((3, 2), np.float32), {"graph_version": 2})
+    assert meta2["dim"] == 2 and st.load_embeddings("e", "fastrp")[0].shape == (3, 2)
+    files = sorted(p.name for p in (st.path("e") / "embeddings").iterdir())
+    assert files == sorted([meta2["file"], "fastrp.json"])  # the replaced file is gone
 
 
 def test_empty_graph_can_be_stored(st):

@@ -1,0 +1,210 @@
+"""Proto <-> domain conversion for the Graphs service (``proto/retrieval/v1/graphs.proto``).
+
+One function per message and direction; ``tests/graph/test_convert.py`` round-trips all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from retrieval.errors import InvalidArgument
+from retrieval.graph.fastrp import FastRPParams
+from retrieval.v1 import graphs_pb2 as pb
+
+U63 = np.uint64(2**63)
+
+
+def ids_from_proto(values, what: str) -> np.ndarray:
+    """Repeated uint64 -> int64 array (ids >= 2^63 cannot be node ids)."""
+    arr = np.fromiter(values, dtype=np.uint64, count=len(values))
+    if arr.size and (arr >= U63).any():
+        raise InvalidArgument(f"{what}: id {int(arr[arr >= U63][0])} is not a node id")
+    return arr.astype(np.int64)
+
+
+# ---- GraphInfo -------------------------------------------------------------------------------------
+def graph_info_to_proto(d: dict) -> pb.GraphInfo:
+    deg = d.get("degree") or {}
+    return pb.GraphInfo(
+        graph=d["name"], num_nodes=d["n"], num_edges=d["m"], directed=d["directed"], weighted=d["weighted"],
+        self_loops=d.get("self_loops", 0), isolated=d.get("isolated", 0),
+        degree=pb.DegreeStats(min=deg.get("min", 0), max=deg.get("max", 0), mean=deg.get("mean", 0.0)),
+        feature_dim=d.get("feature_dim", 0), version=d.get("version", 0), embeddings=d.get("embeddings", []),
+        models=d.get("models", []), labels_json=json.dumps(d["labels"]) if d.get("labels") else "",
+        describe_json=json.dumps(d, sort_keys=True))
+
+
+def graph_info_from_proto(msg: pb.GraphInfo) -> dict:
+    if msg.describe_json:
+        return json.loads(msg.describe_json)
+    out = {"name": msg.graph, "n": msg.num_nodes, "m": msg.num_edges, "directed": msg.directed,
+           "weighted": msg.weighted, "self_loops": msg.self_loops, "isolated": msg.isolated,
+           "degree": {"min": msg.degree.min, "max": msg.degree.max, "mean": msg.degree.mean},
+           "feature_dim": msg.feature_dim, "version": msg.version, "embeddings": list(msg.embeddings),
+           "models": list(msg.models)}
+    if msg.labels_json:
+        out["labels"] = json.loads(msg.labels_json)
+    return out
+
+
+# ---- edges -----------------------------------------------------------------------------------------
+def edges_to_proto(graph: str, src, dst, weights=None, duplicates: str = "") -> pb.AppendEdgesRequest:
+    src = np.asarray(src)
+    dst = np.asarray(dst)
+    if (src.size and src.min() < 0) or (dst.size and dst.min() < 0):
+        raise InvalidArgument("node ids must be >= 0")
+    msg = pb.AppendEdgesRequest(graph=graph, src=src.astype(np.uint64).tolist(), dst=dst.astype(np.uint64).tolist(),
+                                duplicates=duplicates)
+    if weights is not None:
+        msg.weights.extend(np.asarray(weights, np.float32).tolist())
+    return msg
+
+
+def edges_from_proto(msg: pb.AppendEdgesRequest) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    src = ids_from_proto(msg.src, "src")
+    dst = ids_from_proto(msg.dst, "dst")
+    if src.shape != dst.shape:
+        raise InvalidArgument(f"src and dst must have the same length, got {src.size} and {dst.size}")
+    w = None
+    if len(msg.weights):
+        w = np.fromiter(msg.weights, dtype=np.float32, count=len(msg.weights))
+        if w.shape != src.shape:
+            raise InvalidArgument(f"{w.size} weights for {src.size} edges; give one per edge or none")
+    return src, dst, w
+
+
+def append_result_to_proto(d: dict) -> pb.AppendEdgesResponse:
+    return pb.AppendEdgesResponse(received=d["received"], added=d["added"], num_edges=d["m"], version=d["version"])
+
+
+def append_result_from_proto(msg: pb.AppendEdgesResponse) -> dict:
+    return {"received": msg.received, "added": msg.added, "m": msg.num_edges, "version": msg.version}
+
+
+# ---- labels ----------------------------------------------------------------------------------------
+def labels_to_proto(graph: str, labels) -> pb.SetLabelsRequest:
+    """``labels``: None (clear), an int array ``[n]`` or a 0/1 matrix ``[n, L]`` (dense or scipy sparse)."""
+    import scipy.sparse as sp
+
+    if labels is None:
+        return pb.SetLabelsRequest(graph=graph, clear=True)
+    if sp.issparse(labels) or np.ndim(labels) == 2:
+        Y = sp.coo_matrix(labels)
+        return pb.SetLabelsRequest(graph=graph, multi=pb.MultiLabels(
+            num_classes=Y.shape[1], nodes=Y.row.astype(np.uint64).tolist(), classes=Y.col.astype(np.uint32).tolist()))
+    return pb.SetLabelsRequest(graph=graph, single=pb.SingleLabels(labels=np.asarray(labels, np.int64).tolist()))
+
+
+def labels_from_proto(msg: pb.SetLabelsRequest, n: int):
+    """-> None (clear), an int64 array, or a scipy CSR 0/1 matrix ``[n, num_classes]``."""
+    import scipy.sparse as sp
+
+    if msg.clear:
+        return None
+    kind = msg.WhichOneof("labels")
+    if kind == "single":
+        return np.fromiter(msg.single.labels, dtype=np.int64, count=len(msg.single.labels))
+    if kind == "multi":
+        m = msg.multi
+        rows = ids_from_proto(m.nodes, "labels.multi.nodes")
+        cols = np.fromiter(m.classes, dtype=np.int64, count=len(m.classes))
+        if rows.shape != cols.shape:
+            raise InvalidArgument(f"multi labels: {rows.size} nodes but {cols.size} classes")
+        if rows.size and rows.max() >= n:
+            raise InvalidArgument(f"multi labels: node {int(rows.max())} is outside the graph (n = {n})")
+        if cols.size and cols.max() >= m.num_classes:
+            raise InvalidArgument(f"multi labels: class {int(cols.max())} >= num_classes = {m.num_classes}")
+        return sp.csr_matrix((np.ones(rows.size, np.int8), (rows, cols)), shape=(n, m.num_classes))
+    raise InvalidArgument("SetLabels needs single labels, multi labels or clear=true")
+
+
+# ---- neighbours ------------------------------------------------------------------------------------
+def neighbors_to_proto(lists: list[tuple[np.ndarray, np.ndarray]]) -> pb.NeighborsResponse:
+    offsets = np.zeros(len(lists) + 1, np.uint64)
+    offsets[1:] = np.cumsum([len(ids) for ids, _ in lists])
+    ids = np.concatenate([i for i, _ in lists]) if lists else np.zeros(0, np.int64)
+    w = np.concatenate([w for _, w in lists]) if lists else np.zeros(0, np.float32)
+    return pb.NeighborsResponse(offsets=offsets.tolist(), ids=ids.astype(np.uint64).tolist(), weights=w.tolist())
+
+
+def neighbors_from_proto(msg: pb.NeighborsResponse) -> list[tuple[np.ndarray, np.ndarray]]:
+    off = np.fromiter(msg.offsets, dtype=np.int64, count=len(msg.offsets))
+    ids = np.fromiter(msg.ids, dtype=np.uint64, count=len(msg.ids)).astype(np.int64)
+    w = np.fromiter(msg.weights, dtype=np.float32, count=len(msg.weights))
+    return [(ids[off[i]:off[i + 1]], w[off[i]:off[i + 1]]) for i in range(max(0, len(off) - 1))]
+
+
+# ---- FastRP ------------------------------------------------------------------------------------------
+def fastrp_params_to_proto(p: dict | FastRPParams) -> pb.FastRPParams:
+    d = p.as_dict() if isinstance(p, FastRPParams) else dict(p)
+    msg = pb.FastRPParams(dim=int(d.get("dim", 0)), seed=int(d.get("seed", 0)))
+    if "iteration_weights" in d:
+        msg.iteration_weights.extend(float(w) for w in d["iteration_weights"])
+    if "s" in d:
+        msg.s = str(d["s"])
+    for f in ("beta", "self_influence", "property_ratio"):
+        if f in d:
+            setattr(msg, f, float(d[f]))
+    for f in ("normalize", "propagate_normalized", "standardize"):
+        if f in d:
+            setattr(msg, f, bool(d[f]))
+    return msg
+
+
+def fastrp_params_from_proto(msg: pb.FastRPParams) -> dict:
+    """Only the fields that were set (the rest take :class:`FastRPParams` defaults)."""
+    d: dict = {"dim": int(msg.dim), "seed": int(msg.seed)}
+    if len(msg.iteration_weights):
+        d["iteration_weights"] = [float(w) for w in msg.iteration_weights]
+    if msg.s:
+        try:
+            val = float(msg.s)
+            d["s"] = val if math.isfinite(val) else msg.s
+        except ValueError:
+            d["s"] = msg.s
+    for f in ("beta", "self_influence", "property_ratio", "normalize", "propagate_normalized", "standardize"):
+        if msg.HasField(f):
+            d[f] = getattr(msg, f)
+    return d
+
+
+# ---- hits --------------------------------------------------------------------------------------------
+def hits_to_proto(results: list[tuple[np.ndarray, np.ndarray]]) -> list[pb.NodeHits]:
+    return [pb.NodeHits(ids=np.asarray(i, np.int64).astype(np.uint64).tolist(), scores=np.asarray(s, np.float32).tolist())
+            for i, s in results]
+
+
+def hits_from_proto(msgs) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.fromiter(m.ids, dtype=np.uint64, count=len(m.ids)).astype(np.int64),
+             np.fromiter(m.scores, dtype=np.float32, count=len(m.scores))) for m in msgs]
+
+
+# ---- training ----------------------------------------------------------------------------------------
+def train_request_to_params(msg: pb.TrainLinkModelRequest) -> dict:
+    try:
+        config = json.loads(msg.config_json) if msg.config_json else {}
+    except ValueError as e:
+        raise InvalidArgument(f"config_json is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument("config_json must be a JSON object")
+    p = {"graph": msg.graph, "model": msg.model or "ncn", "preset": msg.preset or None, "config": config,
+         "seed": int(msg.seed), "device": msg.device or "auto"}
+    if msg.HasField("val_frac"):
+        p["val_frac"] = msg.val_frac
+    if msg.HasField("test_frac"):
+        p["test_frac"] = msg.test_frac
+    return p
+
+
+def train_params_to_request(p: dict) -> pb.TrainLinkModelRequest:
+    msg = pb.TrainLinkModelRequest(graph=p["graph"], model=p.get("model") or "", preset=p.get("preset") or "",
+                                   config_json=json.dumps(p.get("config") or {}), seed=int(p.get("seed", 0)),
+                                   device=p.get("device") or "")
+    if "val_frac" in p:
+        msg.val_frac = p["val_frac"]
+    if "test_frac" in p:
+        msg.test_frac = p["test_frac"]
+    return msg

@@ -1,0 +1,329 @@
+"""The graph engine behind the Graphs gRPC service: a :class:`GraphStore`, FastRP and link-model jobs,
+SimilarNodes over vector collections, and cached link scorers.
+
+FastRP output goes two places: the embedding file stored with the graph (the query vectors of
+SimilarNodes and the candidate search of PredictLinks) and a vector collection named
+``g-<graph>-<embedding>-<token>`` (HNSW, cosine by default). A rerun writes a new file and a new
+collection, then switches the embedding's JSON record to both in one atomic write, then drops the old
+collection: a SimilarNodes call sees the old pair or the new pair, never a mix. Rows that are all zero
+(isolated nodes without self-influence) are not indexed; such a node gets no similar nodes.
+
+Thread-safety: synchronous methods run in executor threads and rely on the store's locks; the scorer
+cache is guarded by a lock and each scorer serialises its own calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from retrieval.graph.fastrp import FastRPParams, check_params, fastrp
+from retrieval.graph.store import GraphStore, check_name
+
+logger = logging.getLogger(__name__)
+
+FASTRP_KIND = "fastrp"
+TRAIN_KIND = "link_model_train"
+MAX_ALL_CANDIDATES = 50_000  # PredictLinks scores every node when no candidates are given, up to this n
+MAX_DIM = 4096
+MAX_ITERATIONS = 100
+MAX_EMBEDDING_BYTES = 16 << 30  # n x dim x float32, times the ~3 arrays FastRP holds
+MAX_LEARNABLE = 200_000_000     # n x hidden parameters of a learnable embedding table
+
+
+def _collection_name(graph: str, embedding: str) -> str:
+    return f"g-{graph[:60]}-{embedding[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+class GraphEngine:
+    """``root``: the store folder (``<data_dir>/graphs``). ``collections``: the server's CollectionManager
+    (None outside the server: FastRP jobs then only store the embedding file)."""
+
+    def __init__(self, root: Path, collections=None, device: str | None = None) -> None:
+        self.store = GraphStore(root)
+        self.collections = collections
+        self.device = device
+        self._scorers: dict[tuple[str, str], tuple[tuple, object]] = {}
+        self._scorers_lock = threading.Lock()
+
+    # ---- FastRP --------------------------------------------------------------------------------
+    def validate_fastrp(self, p: dict) -> dict:
+        """Check a FastRP job's params before the job is accepted."""
+        p = dict(p)
+        graph = check_name(p.get("graph"), "graph name")
+        g = self.store.load(graph)
+        p.setdefault("embedding", "fastrp")
+        check_name(p["embedding"], "embedding name")
+        params = dict(p.get("params") or {})
+        if "dim" not in params:
+            raise InvalidArgument("FastRP params need dim (the embedding dimension)")
+        try:
+            fp = FastRPParams(**params)
+        except TypeError as e:
+            raise InvalidArgument(f"unknown FastRP parameter: {e}") from None
+        if g.n == 0:
+            raise InvalidArgument(f"graph {graph!r} is empty (0 nodes): nothing to embed")
+        if isinstance(fp.dim, int) and fp.dim > MAX_DIM:
+            raise ResourceExhausted(f"dim = {fp.dim} is above the limit of {MAX_DIM}")
+        if len(fp.iteration_weights or ()) > MAX_ITERATIONS:
+            raise InvalidArgument(f"{len(fp.iteration_weights)} iteration weights; the limit is {MAX_ITERATIONS}")
+        if isinstance(fp.dim, int) and 3 * 4 * g.n * max(fp.dim, 0) > MAX_EMBEDDING_BYTES:
+            raise ResourceExhausted(f"FastRP of {g.n} nodes at dim {fp.dim} needs more than "
+                                    f"{MAX_EMBEDDING_BYTES >> 30} GiB")
+        use_features = bool(p.get("use_features", False))
+        if use_features and g.features is None:
+            raise InvalidArgument(f"graph {graph!r} has no node features; attach them or set use_features=false")
+        for w in check_params(fp, g.n, use_features):
+            logger.warning("FastRP on %s: %s", graph, w)
+        metric = p.get("metric") or "cosine"
+        if metric not in ("cosine", "l2", "ip"):
+            raise InvalidArgument(f"metric must be cosine, l2 or ip, got {metric!r}")
+        if p.get("index") is not None:
+            from retrieval.indexes import registry
+
+            spec = registry.spec_from_dict(p["index"])
+            registry.create(spec, min(fp.dim, 8) if spec.kind != "faiss" else fp.dim, "l2")  # fail fast on a bad spec
+        p["metric"] = metric
+        p["params"] = fp.as_dict()
+        p["use_features"] = use_features
+        return p
+
+    def fastrp_body(self, ctx, *, graph: str, embedding: str = "fastrp", params: dict, use_features: bool = False,
+                    index: dict | None = None, metric: str = "cosine") -> dict:
+        """Job body (kind ``fastrp``): compute, store with the graph, index into a fresh collection, switch.
+
+        Resumable: the embedding and the new collection's name are kept in the work folder; upserts are
+        idempotent, so a resumed job repeats only the indexing."""
+        work = Path(ctx.work_dir)
+        g = self.store.load(graph)
+        version = self.store.version(graph)
+        fp = FastRPParams(**params)
+        key = hashlib.sha256(json.dumps([graph, version, fp.as_dict(), use_features], sort_keys=True).encode()).hexdigest()[:16]
+        state_f = work / "state.json"
+        state = json.loads(state_f.read_text()) if state_f.exists() else {}
+        if state.get("key") != key:
+            state = {"key": key}
+        k = len(fp.iteration_weights)
+        emb_f = work / "embedding.npy"
+        if state.get("computed") and emb_f.exists():
+            emb = np.load(emb_f, allow_pickle=False)
+        else:
+            ctx.progress(0, k, "fastrp iterations")
+            emb = fastrp(g.adjacency(), fp, features=g.features if use_features else None, progress=ctx.progress,
+                         check_cancelled=ctx.check_cancelled)
+            np.save(emb_f, emb, allow_pickle=False)
+            state["computed"] = True
+            _write_json(state_f, state)
+        result = {"graph": graph, "embedding": embedding, "n": int(emb.shape[0]), "dim": int(emb.shape[1]),
+                  "graph_version": version, "params": fp.as_dict()}
+        if "file" not in state:
+            state["file"] = self.store.write_embedding_file(graph, embedding, emb)
+            _write_json(state_f, state)
+        info = {"kind": "fastrp", "params": fp.as_dict(), "graph_version": version, "use_features": use_features,
+                "metric": metric}
+        if self.collections is None:
+            meta = self.store.commit_embeddings(graph, embedding, state["file"], info)
+            return dict(result, collection=None, file=meta["file"])
+        name = state.setdefault("collection", _collection_name(graph, embedding))
+        _write_json(state_f, state)
+        created_here = False
+        try:
+            try:
+                col = self.collections.get(name)
+            except NotFound:
+                col = ctx.run_coroutine(self._create_collection(name, emb.shape[1], metric, index))
+                created_here = True
+            rows = np.flatnonzero(np.any(emb != 0, axis=1)) if metric == "cosine" else np.arange(emb.shape[0])
+            step = max(1, min(self.collections.limits.max_batch, 10_000))
+            total = len(rows)
+            for s in range(0, total, step):
+                ctx.check_cancelled()
+                ids = rows[s:s + step]
+                ctx.run_coroutine(col.upsert(ids.astype(np.uint64), np.ascontiguousarray(emb[ids]), None))
+                ctx.progress(min(s + step, total), total, "indexing into the vector collection")
+            ctx.run_coroutine(col.wait_indexed(600.0))
+        except Cancelled:
+            raise  # keep the collection: a resumed job continues with it
+        except BaseException:
+            if created_here:
+                try:
+                    ctx.run_coroutine(self.collections.drop(name))
+                except Exception:
+                    logger.exception("could not drop the unfinished collection %s", name)
+            raise
+        old = None
+        try:
+            old = self.store.embedding_info(graph, embedding).get("collection")
+        except NotFound:
+            pass
+        meta = self.store.commit_embeddings(graph, embedding, state["file"], dict(info, collection=name,
+                                                                                   indexed=int(len(rows))))
+        if old and old != name:
+            try:
+                ctx.run_coroutine(self.collections.drop(old))
+            except NotFound:
+                pass
+            except Exception:
+                logger.exception("could not drop the replaced collection %s", old)
+        return dict(result, collection=name, file=meta["file"], indexed=int(len(rows)))
+
+    async def _create_collection(self, name: str, d: int, metric: str, index: dict | None):
+        from retrieval.indexes import registry
+        from retrieval.vectors.collection import CollectionConfig
+
+        spec = registry.spec_from_dict(index or {"type": "hnsw", "m": 16, "ef_construction": 200})
+        return await self.collections.create(CollectionConfig(name=name, dimension=int(d), metric=metric, index=spec))
+
+    async def similar_nodes(self, graph: str, embedding: str, nodes: np.ndarray, k: int, query_params,
+                            include_self: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each node: ``(ids, distances)`` of its k nearest nodes in the embedding's collection."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        meta = await loop.run_in_executor(None, self.store.embedding_info, graph, embedding)
+        if not meta.get("collection") or self.collections is None:
+            raise FailedPrecondition(f"embedding {embedding!r} of graph {graph!r} has no vector collection; "
+                                     "run RunFastRP first")
+        X, _ = await loop.run_in_executor(None, lambda: self.store.load_embeddings(graph, embedding, mmap=True))
+        nodes = _check_nodes(nodes, X.shape[0])
+        col = self.collections.get(meta["collection"])
+        xq = np.ascontiguousarray(X[nodes], dtype=np.float32)
+        has = np.any(xq != 0, axis=1) if meta.get("metric", "cosine") == "cosine" else np.ones(len(nodes), bool)
+        out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(nodes)
+        if has.any():
+            kk = k if include_self else k + 1
+            res = await col.search(xq[has], kk, query_params)
+            for qi, row in zip(np.flatnonzero(has), range(int(has.sum()))):
+                ids = res.ids[row]
+                dist = res.distances[row]
+                keep = ids != np.uint64(2**64 - 1)
+                if not include_self:
+                    keep &= ids != np.uint64(nodes[qi])
+                ids, dist = ids[keep][:k].astype(np.int64), dist[keep][:k]
+                out[qi] = (ids, dist.astype(np.float32))
+        return out
+
+    # ---- link models -----------------------------------------------------------------------------
+    def validate_train(self, p: dict) -> dict:
+        from retrieval.graph.ncn import make_config
+
+        p = dict(p)
+        graph = check_name(p.get("graph"), "graph name")
+        g = self.store.load(graph)
+        if g.directed:
+            raise InvalidArgument(f"graph {graph!r} is directed; link models here need an undirected graph")
+        p["model"] = check_name(p.get("model") or "ncn", "model name")
+        cfg = make_config(p.get("preset") or None, **(p.get("config") or {}))
+        if cfg.input == "features" and g.features is None:
+            raise InvalidArgument(f"graph {graph!r} has no node features: pass config input='learnable' or 'fastrp'")
+        if cfg.input == "learnable" and g.n * cfg.hidden > MAX_LEARNABLE:
+            raise ResourceExhausted(f"a learnable table of {g.n} x {cfg.hidden} exceeds {MAX_LEARNABLE} parameters")
+        for f, default in (("val_frac", 0.1), ("test_frac", 0.2)):
+            v = p.get(f, default)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
+                raise InvalidArgument(f"{f} must be in [0, 1), got {v!r}")
+        if not 0 < p.get("test_frac", 0.2) or p.get("val_frac", 0.1) + p.get("test_frac", 0.2) >= 1:
+            raise InvalidArgument("need test_frac > 0 and val_frac + test_frac < 1")
+        if g.num_edges - g.num_self_loops < 10:
+            raise InvalidArgument(f"graph {graph!r} has {g.num_edges} edges; link prediction needs at least 10")
+        dev = p.get("device") or "auto"
+        if dev not in ("auto", "cpu", "cuda"):
+            raise InvalidArgument(f"device must be auto, cpu or cuda, got {dev!r}")
+        p["device"] = dev
+        p["seed"] = int(p.get("seed") or 0) % (2**63)
+        return p
+
+    def train_body(self, ctx, *, graph: str, model: str = "ncn", preset: str | None = None, config: dict | None = None,
+                   seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2, device: str = "auto") -> dict:
+        """Job body (kind ``link_model_train``); resumable through ``last.pt`` in the work folder."""
+        from retrieval.graph.linkpred import ncn_train_job
+
+        out = ncn_train_job(ctx, store_root=str(self.store.root), graph=graph, model_name=model, preset=preset,
+                            config=config, seed=seed, val_frac=val_frac, test_frac=test_frac,
+                            device=None if device == "auto" else device)
+        with self._scorers_lock:
+            self._scorers.pop((graph, model), None)
+        return out
+
+    def scorer(self, graph: str, model: str):
+        """The cached :class:`LinkScorer` of ``(graph, model)``, reloaded when either changed."""
+        from retrieval.graph.linkpred import LinkScorer
+
+        check_name(model, "model name")
+        mfile = self.store.path(graph) / "models" / model / "model.json"
+        version = self.store.version(graph)
+        try:
+            stamp = (version, os.stat(mfile).st_mtime_ns)
+        except FileNotFoundError:
+            raise NotFound(f"graph {graph!r} has no link model {model!r} (known: {self.store.list_models(graph)})") from None
+        with self._scorers_lock:
+            hit = self._scorers.get((graph, model))
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        sc = LinkScorer.load(self.store, graph, model, device=self.device)
+        with self._scorers_lock:
+            self._scorers[(graph, model)] = (stamp, sc)
+        return sc
+
+    def score_links(self, graph: str, model: str, src, dst) -> np.ndarray:
+        src, dst = np.asarray(src), np.asarray(dst)
+        if src.shape != dst.shape:
+            raise InvalidArgument(f"src and dst must have the same length, got {src.size} and {dst.size}")
+        if src.size == 0:
+            return np.zeros(0, np.float32)
+        return self.scorer(graph, model).score(np.stack([src, dst], 1))
+
+    async def predict_links(self, graph: str, model: str, nodes, k: int, candidates=None, embedding: str = "",
+                            num_candidates: int = 100, include_neighbors: bool = False):
+        """For each node: ``(ids, probabilities)`` of its top-k predicted new neighbours."""
+        import asyncio
+
+        from retrieval.indexes.base import QueryParams
+
+        loop = asyncio.get_running_loop()
+        sc = await loop.run_in_executor(None, self.scorer, graph, model)
+        n = sc.graph.n
+        nodes = _check_nodes(nodes, n)
+        if candidates is not None and len(candidates):
+            cand_lists = [np.asarray(candidates)] * len(nodes)
+        elif embedding:
+            hits = await self.similar_nodes(graph, embedding, nodes, num_candidates,
+                                            QueryParams(ef=max(64, num_candidates)))
+            cand_lists = [h[0] for h in hits]
+        else:
+            if n > MAX_ALL_CANDIDATES:
+                raise InvalidArgument(f"graph {graph!r} has {n} nodes: give candidates or an embedding to draw "
+                                      f"them from (every node is scored only up to {MAX_ALL_CANDIDATES})")
+            cand_lists = [None] * len(nodes)
+
+        def work():
+            return [sc.predict(int(u), c, k, exclude_neighbors=not include_neighbors) for u, c in zip(nodes, cand_lists)]
+
+        return await loop.run_in_executor(None, work)
+
+
+def _check_nodes(nodes, n: int) -> np.ndarray:
+    from retrieval.graph.graph import as_node_ids
+
+    arr = np.asarray(nodes, dtype=np.uint64).astype(np.int64) if np.asarray(nodes).dtype == np.uint64 else np.asarray(nodes)
+    if np.asarray(nodes).dtype == np.uint64 and np.any(np.asarray(nodes) >= np.uint64(2**63)):
+        raise InvalidArgument(f"node ids must be < {n}")
+    return as_node_ids(arr, "nodes", n)
+
+
+def _write_json(path: Path, obj) -> None:
+    from retrieval.graph.store import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+__all__ = ["GraphEngine", "FASTRP_KIND", "TRAIN_KIND"]

@@ -1,0 +1,77 @@
+"""Round trips of every Graphs proto conversion."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from retrieval.errors import InvalidArgument
+from retrieval.graph import convert as gconv
+from retrieval.graph.fastrp import FastRPParams
+from retrieval.graph.graph import Graph
+from retrieval.v1 import graphs_pb2 as pb
+
+
+def test_graph_info_round_trip():
+    g = Graph.from_edges(4, [0, 1], [1, 2], labels=[0, 1, -1, 0])
+    d = dict(g.describe(), name="g", version=3, embeddings=["fastrp"], models=["ncn"])
+    assert gconv.graph_info_from_proto(gconv.graph_info_to_proto(d)) == d
+    msg = gconv.graph_info_to_proto(d)
+    msg.describe_json = ""
+    back = gconv.graph_info_from_proto(msg)
+    assert back["n"] == 4 and back["m"] == 2 and back["labels"]["num_classes"] == 2 and back["models"] == ["ncn"]
+
+
+def test_edges_round_trip_and_checks():
+    s, d, w = gconv.edges_from_proto(gconv.edges_to_proto("g", [0, 5], [1, 2], [0.5, 2.0], "max"))
+    assert s.tolist() == [0, 5] and d.tolist() == [1, 2] and w.tolist() == [0.5, 2.0]
+    s, d, w = gconv.edges_from_proto(gconv.edges_to_proto("g", [0], [1]))
+    assert w is None
+    with pytest.raises(InvalidArgument, match="one per edge"):
+        gconv.edges_from_proto(pb.AppendEdgesRequest(src=[0, 1], dst=[1, 2], weights=[1.0]))
+    with pytest.raises(InvalidArgument, match="same length"):
+        gconv.edges_from_proto(pb.AppendEdgesRequest(src=[0, 1], dst=[1]))
+    with pytest.raises(InvalidArgument, match="not a node id"):
+        gconv.edges_from_proto(pb.AppendEdgesRequest(src=[2**63], dst=[1]))
+    r = {"received": 3, "added": 2, "m": 7, "version": 4}
+    assert gconv.append_result_from_proto(gconv.append_result_to_proto(r)) == r
+
+
+def test_labels_round_trip():
+    y = np.array([2, -1, 0])
+    assert gconv.labels_from_proto(gconv.labels_to_proto("g", y), 3).tolist() == y.tolist()
+    Y = sp.csr_matrix(np.array([[1, 0], [0, 0], [1, 1]], np.int8))
+    back = gconv.labels_from_proto(gconv.labels_to_proto("g", Y), 3)
+    assert (back != Y).nnz == 0 and back.shape == (3, 2)
+    assert gconv.labels_from_proto(gconv.labels_to_proto("g", None), 3) is None
+    with pytest.raises(InvalidArgument, match="outside the graph"):
+        gconv.labels_from_proto(gconv.labels_to_proto("g", Y), 2)
+    with pytest.raises(InvalidArgument, match="single labels, multi labels or clear"):
+        gconv.labels_from_proto(pb.SetLabelsRequest(graph="g"), 3)
+
+
+def test_neighbors_round_trip():
+    lists = [(np.array([1, 2]), np.array([1.0, 0.5], np.float32)), (np.zeros(0, np.int64), np.zeros(0, np.float32)),
+             (np.array([7]), np.array([2.0], np.float32))]
+    back = gconv.neighbors_from_proto(gconv.neighbors_to_proto(lists))
+    assert [(a.tolist(), b.tolist()) for a, b in back] == [(a.tolist(), b.tolist()) for a, b in lists]
+
+
+def test_fastrp_params_round_trip():
+    p = FastRPParams(dim=64, iteration_weights=(0.0, 0.0, 1.0, 6.67), beta=-0.64, s="li", self_influence=0.5,
+                     property_ratio=0.25, normalize=True, propagate_normalized=False, standardize=True, seed=42)
+    d = gconv.fastrp_params_from_proto(gconv.fastrp_params_to_proto(p))
+    assert FastRPParams(**d).as_dict() == p.as_dict()
+    assert FastRPParams(**gconv.fastrp_params_from_proto(gconv.fastrp_params_to_proto({"dim": 8, "s": 3.0}))).s == 3.0
+    only_dim = gconv.fastrp_params_from_proto(pb.FastRPParams(dim=16))
+    assert FastRPParams(**only_dim).as_dict() == FastRPParams(dim=16).as_dict()  # unset fields: defaults
+
+
+def test_hits_and_train_round_trip():
+    res = [(np.array([3, 1]), np.array([0.9, 0.1], np.float32)), (np.zeros(0, np.int64), np.zeros(0, np.float32))]
+    back = gconv.hits_from_proto(gconv.hits_to_proto(res))
+    assert [(a.tolist(), b.tolist()) for a, b in back] == [(a.tolist(), pytest.approx(b.tolist())) for a, b in res]
+    p = {"graph": "g", "model": "m", "preset": "cora", "config": {"predictor": "ncnc"}, "seed": 3, "device": "cpu",
+         "val_frac": 0.15, "test_frac": 0.25}
+    assert gconv.train_request_to_params(gconv.train_params_to_request(p)) == p
+    with pytest.raises(InvalidArgument, match="JSON"):
+        gconv.train_request_to_params(pb.TrainLinkModelRequest(graph="g", config_json="{bad"))
