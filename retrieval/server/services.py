@@ -116,5 +116,26 @@ class CrossEncoderService:
             self.engine.close()
 
 
+class GraphsService:
+    """Graph retrieval (``retrieval.graph``): named graphs under ``<data_dir>/graphs``; FastRP (job kind
+    ``fastrp``, embeddings indexed into a vector collection) and NCN / NCNC link models (job kind
+    ``link_model_train``)."""
+
+    service_names = ("retrieval.v1.Graphs",)
+
+    def __init__(self) -> None:
+        self.engine = None
+
+    async def start(self, server: grpc.aio.Server, ctx: ServerContext) -> None:
+        from retrieval.server.graphs_servicer import register
+
+        self.engine = register(server, ctx)
+        ctx.extras["graphs"] = self.engine
+
+    async def stop(self) -> None:
+        pass
+
+
 #: Factories of every service the server hosts, in start order.
-SERVICES: list[Callable[[], Service]] = [VectorsService, JobsService, DraftsService, CrossEncoderService]
+SERVICES: list[Callable[[], Service]] = [VectorsService, JobsService, DraftsService, CrossEncoderService,
+                                         GraphsService]
