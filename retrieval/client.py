@@ -690,6 +690,178 @@ class Client:
         return cconv.info_from_proto(self._ce_long_call(self._ce_stub().SetAnchorItems, req, None))
 
 
+    # --- graphs (FastRP, NCN / NCNC link prediction) ------------------------------------------------
+    def _graphs_stub(self):
+        stub = getattr(self, "_graphs", None)
+        if stub is None:
+            from retrieval.v1 import graphs_pb2_grpc
+
+            stub = self._graphs = graphs_pb2_grpc.GraphsStub(self._channel)
+        return stub
+
+    def create_graph(self, name: str, num_nodes: int = 0, directed: bool = False, weighted: bool = False) -> dict:
+        """Create an empty graph with ``num_nodes`` isolated nodes; returns its description."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        req = gpb.CreateGraphRequest(graph=name, num_nodes=num_nodes, directed=directed, weighted=weighted)
+        return gconv.graph_info_from_proto(self._call(self._graphs_stub().CreateGraph, req))
+
+    def list_graphs(self) -> list[dict]:
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        resp = self._call(self._graphs_stub().ListGraphs, gpb.ListGraphsRequest())
+        return [gconv.graph_info_from_proto(g) for g in resp.graphs]
+
+    def describe_graph(self, name: str) -> dict:
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        return gconv.graph_info_from_proto(self._call(self._graphs_stub().DescribeGraph, gpb.GraphRef(graph=name)))
+
+    def drop_graph(self, name: str) -> None:
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        self._call(self._graphs_stub().DropGraph, gpb.GraphRef(graph=name))
+
+    def add_nodes(self, graph: str, count: int) -> dict:
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        return gconv.graph_info_from_proto(self._call(self._graphs_stub().AddNodes,
+                                                      gpb.AddNodesRequest(graph=graph, count=count)))
+
+    def append_edges(self, graph: str, src, dst, weights=None, duplicates: str = "", chunk: int = 100_000,
+                     timeout: float | None = None) -> dict:
+        """Stream edges in chunks of ``chunk``; stored in one atomic step at the end (a bad chunk stores
+        nothing). Returns ``{"received", "added", "m", "version"}``."""
+        from retrieval.graph import convert as gconv
+
+        src, dst = np.asarray(src), np.asarray(dst)
+        if src.shape != dst.shape:
+            raise errors.InvalidArgument(f"src and dst must have the same length, got {src.size} and {dst.size}")
+        w = None if weights is None else np.asarray(weights, np.float32)
+
+        def gen():
+            if src.size == 0:
+                yield gconv.edges_to_proto(graph, src, dst, None, duplicates)
+            for s in range(0, src.size, chunk):
+                yield gconv.edges_to_proto(graph if s == 0 else "", src[s:s + chunk], dst[s:s + chunk],
+                                           None if w is None else w[s:s + chunk], duplicates)
+
+        try:
+            resp = self._graphs_stub().AppendEdges(gen(), timeout=timeout if timeout is not None else max(self.timeout, 600.0))
+        except grpc.RpcError as e:
+            _raise(e)
+        return gconv.append_result_from_proto(resp)
+
+    def set_node_features(self, graph: str, features) -> dict:
+        """Attach node features ``[n, f]`` (float32, packed); ``None`` removes them."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        req = gpb.SetFeaturesRequest(graph=graph)
+        if features is not None:
+            x = np.asarray(features, np.float32)
+            if x.ndim != 2:
+                raise errors.InvalidArgument(f"features must be a 2-D array [n, f], got shape {x.shape}")
+            convert.vectors_to_proto(x, req.features)
+        return gconv.graph_info_from_proto(self._call(self._graphs_stub().SetFeatures, req))
+
+    def set_node_labels(self, graph: str, labels) -> dict:
+        """Attach labels: int ``[n]`` (-1 = unlabeled) or a 0/1 matrix ``[n, L]``; ``None`` removes them."""
+        from retrieval.graph import convert as gconv
+
+        return gconv.graph_info_from_proto(self._call(self._graphs_stub().SetLabels,
+                                                      gconv.labels_to_proto(graph, labels)))
+
+    def neighbors(self, graph: str, nodes, direction: str = "out") -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(ids, weights)]`` per node."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        nodes = np.atleast_1d(np.asarray(nodes, np.int64))
+        req = gpb.NeighborsRequest(graph=graph, nodes=nodes.astype(np.uint64).tolist(), direction=direction)
+        return gconv.neighbors_from_proto(self._call(self._graphs_stub().Neighbors, req))
+
+    def run_fastrp(self, graph: str, dim: int, embedding: str = "fastrp", use_features: bool = False, index=None,
+                   metric: str = "", wait: bool = True, **params) -> dict:
+        """FastRP as a job (kind ``fastrp``); ``params``: iteration_weights, beta, s, self_influence,
+        property_ratio, normalize, propagate_normalized, standardize, seed. ``wait``: return the final
+        job record (else the record at once)."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        req = gpb.RunFastRPRequest(graph=graph, embedding=embedding, use_features=use_features, metric=metric,
+                                   params=gconv.fastrp_params_to_proto(dict(params, dim=dim)))
+        if index is not None:
+            req.index.CopyFrom(_index_spec(index))
+        job = convert.job_from_proto(self._call(self._graphs_stub().RunFastRP, req))
+        return self._finish_job(job) if wait else job
+
+    def _finish_job(self, job: dict) -> dict:
+        job = self.wait_job(job["id"])
+        while job["state"] not in ("succeeded", "failed", "cancelled"):  # a watch may end on a stale record
+            time.sleep(0.05)
+            job = self.get_job(job["id"])
+        return job
+
+    def similar_nodes(self, graph: str, nodes, k: int = 10, embedding: str = "fastrp", ef: int = 0,
+                      exact: bool = False, include_self: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(ids, distances)]`` per query node: its nearest nodes by FastRP embedding (cosine: 1 - cos)."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        nodes = np.atleast_1d(np.asarray(nodes, np.int64))
+        req = gpb.SimilarNodesRequest(graph=graph, embedding=embedding, nodes=nodes.astype(np.uint64).tolist(), k=k,
+                                      params=convert.query_params_to_proto(QueryParams(ef=ef, exact=exact)),
+                                      include_self=include_self)
+        return gconv.hits_from_proto(self._call(self._graphs_stub().SimilarNodes, req).results)
+
+    def train_link_model(self, graph: str, model: str = "ncn", preset: str = "", config: dict | None = None,
+                         seed: int = 0, val_frac: float | None = None, test_frac: float | None = None,
+                         device: str = "", wait: bool = True) -> dict:
+        """Train an NCN / NCNC / GCN link model (job kind ``link_model_train``); ``config``: NCNConfig
+        overrides, e.g. ``{"predictor": "ncnc", "input": "learnable", "epochs": 50}``."""
+        from retrieval.graph import convert as gconv
+
+        p = {"graph": graph, "model": model, "preset": preset, "config": config or {}, "seed": seed, "device": device}
+        if val_frac is not None:
+            p["val_frac"] = val_frac
+        if test_frac is not None:
+            p["test_frac"] = test_frac
+        job = convert.job_from_proto(self._call(self._graphs_stub().TrainLinkModel, gconv.train_params_to_request(p)))
+        return self._finish_job(job) if wait else job
+
+    def score_links(self, graph: str, src, dst, model: str = "ncn") -> np.ndarray:
+        """Link probabilities float32 ``[P]`` for the pairs ``(src[i], dst[i])``."""
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        src = np.atleast_1d(np.asarray(src, np.int64))
+        dst = np.atleast_1d(np.asarray(dst, np.int64))
+        req = gpb.ScoreLinksRequest(graph=graph, model=model, src=src.astype(np.uint64).tolist(),
+                                    dst=dst.astype(np.uint64).tolist())
+        resp = self._call(self._graphs_stub().ScoreLinks, req)
+        return np.fromiter(resp.probabilities, dtype=np.float32, count=len(resp.probabilities))
+
+    def predict_links(self, graph: str, nodes, k: int = 10, model: str = "ncn", candidates=None,
+                      embedding: str = "", num_candidates: int = 0,
+                      include_neighbors: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(ids, probabilities)]`` per node: its top-k predicted new neighbours among ``candidates``,
+        or the ``num_candidates`` nearest nodes in ``embedding``'s collection, or every node."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        nodes = np.atleast_1d(np.asarray(nodes, np.int64))
+        req = gpb.PredictLinksRequest(graph=graph, model=model, nodes=nodes.astype(np.uint64).tolist(), k=k,
+                                      embedding=embedding, num_candidates=num_candidates,
+                                      include_neighbors=include_neighbors)
+        if candidates is not None:
+            req.candidates.extend(np.asarray(candidates, np.int64).astype(np.uint64).tolist())
+        return gconv.hits_from_proto(self._call(self._graphs_stub().PredictLinks, req).results)
+
+
 class DraftSession:
     """One generation's draft stream (see :meth:`Client.draft_session`). Not shared between threads."""
 
