@@ -92,6 +92,8 @@ class Delta:
         """The oldest ``max_rows`` alive rows: (row numbers, ids, vectors). Does not remove them."""
         end = min(self.n, self.start + max(4 * max_rows, 1024))
         rows = self.start + np.flatnonzero(self.alive[self.start : end])[:max_rows]
+        if len(rows) < max_rows and end < self.n:  # the window was mostly dead (replaced / dropped) rows
+            rows = self.start + np.flatnonzero(self.alive[self.start : self.n])[:max_rows]
         return rows, self.ids[rows], self.vecs[rows]
 
     def consume(self, rows: np.ndarray) -> None:
