@@ -81,7 +81,8 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
     return [
         f"dataset {ds['name']}: n={ds['n']:,}, d={ds['d']}, nq={ds['nq']:,}, metric {ds['metric']}; source {ds['source']}",
         f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m['platform']}",
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m['platform']}"
+        + (f"; load average {m['load_average_1m']} at the end" if m.get("load_average_1m") is not None else ""),
         f"versions: {vers}",
         f"settings: k={st['k']}, threads={st['threads']}, best of {st['runs']} runs, batch size "
         f"{st['batch_size'] or 'all'}, recall epsilon {st['epsilon']:g}; {doc['started']}"
