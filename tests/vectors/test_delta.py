@@ -123,3 +123,18 @@ def test_growth_keeps_contents():
         delta.put(np.arange(i, min(i + 700, 5000), dtype=np.uint64), x[i : i + 700], i)
     ids, vx, _ = delta.live_arrays()
     assert np.array_equal(ids, np.arange(5000, dtype=np.uint64)) and np.array_equal(vx, x)
+
+
+def test_take_skips_a_long_run_of_dead_rows():
+    """Rows replaced or dropped at the front must not hide the live rows behind them."""
+    delta = Delta(2)
+    delta.put(np.arange(5000, dtype=np.uint64), np.ones((5000, 2), np.float32), 1)
+    delta.drop(np.arange(3000, dtype=np.uint64))                         # 3000 dead rows at the front
+    delta.put(np.arange(3000, 3500, dtype=np.uint64), np.zeros((500, 2), np.float32), 2)  # 500 more replaced
+    rows, ids, _ = delta.take(16)
+    assert len(rows) == 16 and ids.tolist() == list(range(3500, 3516))
+    delta.consume(rows)
+    while len(delta):  # the indexer's loop drains everything
+        rows, ids, _ = delta.take(256)
+        assert len(rows) > 0
+        delta.consume(rows)
