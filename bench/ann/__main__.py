@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "algorithms are kept, rows for the algorithms of this run are replaced")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list algorithms and datasets, then exit")
+    p.add_argument("--render", metavar="JSON", help="only redraw the Markdown and PNG of an earlier result file")
     p.add_argument("-v", "--verbose", action="store_true", help="log each setting's result")
     return p
 
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from bench.ann import adapters, config, datasets, machine, report, runner
 
+    if args.render:
+        import json
+
+        src = Path(args.render)
+        paths = report.write_all(json.loads(src.read_text()), src.parent, src.stem)
+        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+        return 0
     if args.list:
         print("algorithms:", ", ".join(adapters.names()))
         print("datasets:  ", ", ".join(datasets.names()), "| --hdf5 PATH")

@@ -134,6 +134,17 @@ def write_markdown(doc: dict[str, Any], path: Path, plot_name: str | None = None
     _atomic_write(path, "\n".join(lines) + "\n")
 
 
+_SERVICE_FAMILY = {"hnsw": "hnswlib", "ivf-flat": "faiss-ivf-flat", "ivfpq": "faiss-ivfpq", "exact": "exact-numpy"}
+
+
+def _family(algorithm: str) -> str:
+    """The in-process library a ``service-*`` algorithm corresponds to (for plot colours)."""
+    if algorithm.startswith("service-"):
+        rest = algorithm[len("service-"):]
+        return _SERVICE_FAMILY.get(rest, rest)
+    return algorithm
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -143,7 +154,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     series = _series(doc["results"])
     k = doc["settings"]["k"]
     fig, axes = plt.subplots(1, 2, figsize=(15, 7.5), sharex=True)
-    cmap = plt.get_cmap("tab20" if len(series) > 10 else "tab10")
+    # an algorithm and its service counterpart share a colour; the service line is dashed
+    families = sorted({_family(rs[0]["algorithm"]) for rs in series.values()})
+    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    colors = {f: cmap(i % cmap.N) for i, f in enumerate(families)}
     markers = "os^vD<>ph*Xd8"
     all_recalls = [r["recall"] for rs in series.values() for r in rs] + [
         r["recall_batch"] for rs in series.values() for r in rs
@@ -155,10 +169,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         for i, (label, rs) in enumerate(sorted(series.items())):
             pts = [(r[rkey], r[key]) for r in rs]
             front = pareto_frontier(pts)
-            color, marker = cmap(i % cmap.N), markers[i % len(markers)]
+            alg = rs[0]["algorithm"]
+            color, marker = colors[_family(alg)], markers[i % len(markers)]
+            style = "-" if rs[0].get("in_process", not alg.startswith("service-")) else "--"
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.25, s=14, marker=marker)
             ax.plot([p[0] for p in front], [p[1] for p in front], color=color, marker=marker, ms=5, lw=1.5,
-                    label=label)
+                    ls=style, label=label)
         ax.set_yscale("log")
         ax.set_xlabel(f"recall@{k}")
         ax.set_ylabel("queries per second (log)")
