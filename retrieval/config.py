@@ -44,6 +44,9 @@ class LimitsSettings(BaseModel):
     max_inflight_write_bytes: int = Field(256 * 1024 * 1024, ge=0,
                                           description="bytes of write requests being served at once")
     retry_after_ms: int = Field(100, ge=1, description="base retry-after hint when saturated")
+    max_memory_bytes: int = Field(0, ge=0, description="cap on the server's heap (RLIMIT_DATA); a request that "
+                                  "would pass it fails with RESOURCE_EXHAUSTED instead of the kernel killing the "
+                                  "server; 0 = no cap")
     search_chunk: int = Field(1024, ge=1, description="queries per slice of a batch search; the call checks "
                               "its deadline and yields the event loop between slices")
 

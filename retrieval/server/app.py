@@ -55,6 +55,17 @@ def _lock_data_dir(data_dir: Path):
     return f
 
 
+def _cap_memory(nbytes: int) -> None:
+    """RLIMIT_DATA: allocations past ``nbytes`` raise MemoryError (answered RESOURCE_EXHAUSTED) instead of
+    the kernel's OOM killer ending the process."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    logger.info("heap capped at %.1f GiB (limits.max_memory_bytes)", cap / 2**30)
+
+
 def shard_settings(s: Settings) -> ShardSettings:
     return ShardSettings(index_threads=s.indexing.threads, synchronous=s.durability,
                          snapshot_every=s.indexing.snapshot_every, snapshot_interval_s=s.indexing.snapshot_interval_s,
@@ -73,6 +84,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     """Run the server until ``stop`` is set or a SIGTERM / SIGINT arrives."""
     keys = auth.KeyStore.from_settings(settings.security)
     auth.check_startup(settings, keys)
+    if settings.limits.max_memory_bytes:
+        _cap_memory(settings.limits.max_memory_bytes)
     credentials = auth.server_credentials(settings.security)
     data_dir = Path(settings.data_dir).resolve()
     from retrieval.vectors.ray_shards import factory_from_settings

@@ -13,8 +13,9 @@ For each call, in order:
    saturated -> ``RESOURCE_EXHAUSTED`` with trailing metadata ``retry-after-ms``.
 5. **Errors -> statuses**, the one place: :class:`retrieval.errors.RetrievalError` subclasses map to
    their code with their message (plus ``retry-after-ms`` when they carry ``retry_after_ms``); a full
-   disk (``ENOSPC`` / ``EDQUOT``, SQLite's "database or disk is full") -> ``RESOURCE_EXHAUSTED``; anything
-   else is logged with its traceback and answered ``INTERNAL``.
+   disk (``ENOSPC`` / ``EDQUOT``, SQLite's "database or disk is full") and ``MemoryError`` (e.g. past
+   ``limits.max_memory_bytes``) -> ``RESOURCE_EXHAUSTED``; anything else is logged with its traceback
+   and answered ``INTERNAL``.
 6. **Metrics and access log** (:mod:`retrieval.server.metrics`): requests, errors, latency per RPC,
    per-message latency on bidirectional streams; slow calls (> ``SLOW_S``) are always logged.
 
@@ -105,6 +106,8 @@ class TextFormatter(logging.Formatter):
 # Errors -> statuses
 # ------------------------------------------------------------------------------------------------
 DISK_FULL = "the disk holding the data folder is full; the write was not stored (free space and retry)"
+OUT_OF_MEMORY = ("the server does not have the memory this request needs (see limits.max_memory_bytes); "
+                 "make it smaller")
 
 
 def _disk_full(e: BaseException | None) -> bool:
@@ -125,6 +128,8 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str, int | None]:
         return e.code, str(e), retry_after_of(e)
     if _disk_full(e):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, DISK_FULL, None
+    if isinstance(e, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, OUT_OF_MEMORY, None
     return grpc.StatusCode.INTERNAL, "", None
 
 

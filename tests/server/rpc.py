@@ -149,3 +149,20 @@ def make_pki(folder: Path) -> dict[str, Path]:
         p.chmod(0o600)
         out[name] = p
     return out
+
+
+def hosted_services(channel: grpc.Channel, metadata=()) -> set[str]:
+    """Full names of the services a running server hosts (server reflection)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                timeout=30, metadata=tuple(metadata))))
+    return {s.name for s in reply.list_services_response.service}
+
+
+def hosted_rpcs(address: str, metadata=()) -> list[Rpc]:
+    """:func:`all_rpcs` of the services the server at ``address`` hosts."""
+    with grpc.insecure_channel(address) as ch:
+        names = hosted_services(ch, metadata)
+    return [r for r in all_rpcs() if r.service in names]
