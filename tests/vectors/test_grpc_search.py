@@ -216,7 +216,7 @@ def test_filter_matching_nothing_or_fewer_than_k(client, main_col):
     assert len(h.ids) == n  # the client strips padding
 
 
-def test_payloads_and_vectors_in_results(client, main_col):
+def test_payloads_and_vectors_in_results(client, server, main_col):
     name, model, xq = main_col
     h = client.search(name, xq[5], k=7, ef=64, with_payloads=True, with_vectors=True)
     assert len(h.ids) == 7 and len(h.payloads) == 7 and h.vectors.shape == (7, D)
@@ -224,9 +224,25 @@ def test_payloads_and_vectors_in_results(client, main_col):
         assert model.pts[i][1] == p and model.pts[i][0].tobytes() == v.tobytes()
     # k beyond the number of matches: padding rows carry "" payloads and zero vectors on the wire
     fd = {"must": [{"key": "color", "equals": "red"}, {"key": "cat", "equals": 4}, {"key": "flag", "equals": True}]}
-    h = client.search(name, xq[5], k=50, with_payloads=True, with_vectors=True, filter=fd)
+    n_match = sum(ref_eval(to_filter(fd), p) for _, p in model.pts.values())
+    assert n_match > 0
+    h = client.search(name, xq[5], k=n_match + 7, with_payloads=True, with_vectors=True, filter=fd)
     n = len(h.ids)
-    assert 0 < n < 50 and len(h.payloads) == n and h.vectors.shape == (n, D)
+    assert n == n_match and len(h.payloads) == n and h.vectors.shape == (n, D)
+    # on the wire: padding is id 2**64-1, distance inf, payload "" and a zero vector
+    with grpc.insecure_channel(server.address) as ch:
+        req = search_pb2.SearchRequest(collection=name, k=n_match + 7, with_payloads=True, with_vectors=True,
+                                       filter=convert.filter_to_proto(to_filter(fd)))
+        convert.vectors_to_proto(xq[5:7], req.queries)
+        resp = search_pb2_grpc.SearchStub(ch).SearchBatch(req)
+    k = n_match + 7
+    ids_w = np.asarray(resp.ids, np.uint64).reshape(2, k)
+    dist_w = np.asarray(resp.distances).reshape(2, k)
+    vec_w = convert.vectors_from_proto(resp.vectors).reshape(2, k, D)
+    pad = ids_w == np.uint64(2**64 - 1)
+    assert (pad.sum(1) == 7).all() and np.isinf(dist_w[pad]).all() and (vec_w[pad] == 0).all()
+    assert [p for p, m in zip(resp.payloads, pad.ravel()) if m] == [""] * 14
+    assert all(p for p, m in zip(resp.payloads, pad.ravel()) if not m)
     assert all(p["color"] == "red" and p["cat"] == 4 and p["flag"] for p in h.payloads)
 
 
