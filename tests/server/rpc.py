@@ -52,6 +52,7 @@ class Outcome:
     code: grpc.StatusCode
     details: str
     trailing: dict
+    response_bytes: int = 0   # total size of the response messages received
 
 
 def raw_call(channel: grpc.Channel, rpc: Rpc, payloads: list[bytes], metadata=(), timeout: float = 10.0) -> Outcome:
@@ -59,13 +60,16 @@ def raw_call(channel: grpc.Channel, rpc: Rpc, payloads: list[bytes], metadata=()
     streams are read to their end (or error)."""
     ident = lambda b: b  # noqa: E731
     md = tuple(metadata)
+    got = 0
     try:
         if not rpc.client_streaming and not rpc.server_streaming:
-            _, call = channel.unary_unary(rpc.path, request_serializer=ident, response_deserializer=ident).with_call(
+            resp, call = channel.unary_unary(rpc.path, request_serializer=ident, response_deserializer=ident).with_call(
                 payloads[0], timeout=timeout, metadata=md)
+            got = len(resp)
         elif rpc.client_streaming and not rpc.server_streaming:
-            _, call = channel.stream_unary(rpc.path, request_serializer=ident, response_deserializer=ident).with_call(
+            resp, call = channel.stream_unary(rpc.path, request_serializer=ident, response_deserializer=ident).with_call(
                 iter(payloads), timeout=timeout, metadata=md)
+            got = len(resp)
         else:
             if rpc.client_streaming:
                 call = channel.stream_stream(rpc.path, request_serializer=ident, response_deserializer=ident)(
@@ -73,11 +77,11 @@ def raw_call(channel: grpc.Channel, rpc: Rpc, payloads: list[bytes], metadata=()
             else:
                 call = channel.unary_stream(rpc.path, request_serializer=ident, response_deserializer=ident)(
                     payloads[0], timeout=timeout, metadata=md)
-            for _ in call:
-                pass
-        return Outcome(call.code(), call.details() or "", dict(call.trailing_metadata() or ()))
+            for resp in call:
+                got += len(resp)
+        return Outcome(call.code(), call.details() or "", dict(call.trailing_metadata() or ()), got)
     except grpc.RpcError as e:
-        return Outcome(e.code(), e.details() or "", dict(e.trailing_metadata() or ()))
+        return Outcome(e.code(), e.details() or "", dict(e.trailing_metadata() or ()), got)
 
 
 # ------------------------------------------------------------------------------------------------
