@@ -304,6 +304,10 @@ class Collection:
         return res
 
     async def _search_chunk(self, xp: np.ndarray, k: int, params: QueryParams, where):
+        if params.exact and where is None:
+            # Exact means exact: read the original vectors from the point store (a lossy index such
+            # as PQ cannot give them back), through the filtered path with a match-everything filter.
+            where = ("1", [])
         if where is not None:
             parts = await asyncio.gather(*(sh.search_filtered(xp, k, params, where) for sh in self.shards))
         else:
