@@ -65,10 +65,9 @@ READ_METHODS: dict[str, frozenset[str]] = {
     # A draft session only reads the datastores (its output joins the shared history, which is the
     # service's purpose for every decoding client): read-only keys may decode.
     "retrieval.v1.Drafts": frozenset({"Session", "Draft", "DraftBatch", "ListDatastores", "DescribeDatastore"}),
-    "retrieval.v1.Graphs": frozenset({"List", "Describe", "Neighbors", "Similar", "ScoreLinks", "PredictLinks",
-                                      "GetEmbeddings", "ListGraphs", "DescribeGraph"}),
-    "retrieval.v1.CrossEncoder": frozenset({"Search", "SearchBatch", "List", "Describe", "Score",
-                                            "ListIndexes", "DescribeIndex"}),
+    "retrieval.v1.Graphs": frozenset({"ListGraphs", "DescribeGraph", "Neighbors", "SimilarNodes", "ScoreLinks",
+                                      "PredictLinks"}),
+    "retrieval.v1.CrossEncoder": frozenset({"ListIndexes", "Describe", "Search", "SearchBatch"}),
     "grpc.health.v1.Health": frozenset({"Check", "Watch"}),
     "grpc.reflection.v1alpha.ServerReflection": frozenset({"ServerReflectionInfo"}),
     "grpc.reflection.v1.ServerReflection": frozenset({"ServerReflectionInfo"}),
