@@ -21,9 +21,11 @@ _READY = re.compile(r"retrieval: serving on (\S+)")
 
 class ServerProcess:
     def __init__(self, data_dir: Path, args: list[str] | None = None, env: dict | None = None,
-                 host: str = "127.0.0.1", log_path: Path | None = None) -> None:
+                 host: str = "127.0.0.1", log_path: Path | None = None, prefix: list[str] | None = None) -> None:
+        """``prefix``: a command the server runs under (e.g. ``["unshare", "-Urm", "sh", "-c", '... "$@"', "-"]``)."""
         self.data_dir = Path(data_dir)
         self.args = list(args or [])
+        self.prefix = list(prefix or [])
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("OMP_NUM_THREADS", "2")
         self.host = host
@@ -35,7 +37,7 @@ class ServerProcess:
     def start(self, timeout: float = 120.0, port: int | None = None) -> str:
         """Start and wait for the "serving on" line; returns host:port. Reuses the last port if any."""
         port = port if port is not None else (self.port or 0)
-        cmd = [sys.executable, "-m", "retrieval", "serve", "--host", self.host, "--port", str(port),
+        cmd = [*self.prefix, sys.executable, "-m", "retrieval", "serve", "--host", self.host, "--port", str(port),
                "--data-dir", str(self.data_dir), *self.args]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
