@@ -26,6 +26,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -140,10 +141,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--render-only", action="store_true", help="redo the report from the saved JSON")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return {}
+    if args.render_only:
+        from bench.graph.common import RESULTS
+
+        src = Path(args.out) if args.out else RESULTS
+        return render(json.loads((src / "fastrp_speed.json").read_text()), args.out)
 
     paper = {"iteration_weights": [0.0, 0.0, 1.0, 6.67], "beta": -0.64, "s": "li", "normalize": True,
              "propagate_normalized": False, "standardize": True}
@@ -153,7 +160,8 @@ def main(argv=None) -> dict:
             if n >= 1_000_000 and d > args.max_dim_1m:
                 continue
             cases.append((str(n), d))
-    rows, results = [], {"cases": [], "env": environment("cpu"), "params": paper, "repeats": args.repeats}
+    results = {"cases": [], "env": environment("cpu"), "params": paper, "repeats": args.repeats,
+               "command": "python -m bench.graph.fastrp_speed " + " ".join(argv if argv is not None else sys.argv[1:])}
     for graph, d in cases:
         spec = {"graph": graph, "params": dict(paper, dim=d), "repeats": args.repeats}
         ours = run_child(dict(spec, method="ours"), args.timeout)
@@ -161,38 +169,51 @@ def main(argv=None) -> dict:
         peer = run_child(dict(spec, method="peer"), args.timeout) if n_nodes <= args.peer_max_n else {"skipped": True}
         results["cases"].append({"graph": graph, "dim": d, "ours": ours, "peer": peer})
         print(graph, d, json.dumps(ours)[:300], json.dumps(peer)[:300], flush=True)
+    return render(results, args.out)
+
+
+def render(results: dict, out_dir=None) -> dict:
+    """Table, Markdown, JSON and PNG from the measurements (``--render-only`` redoes this from the JSON)."""
+    rows = []
+    for c in results["cases"]:
+        ours, peer = c["ours"], c["peer"]
         if "error" in ours:
-            rows.append([graph, d, "error", "", "", "", "", "", ""])
+            rows.append([c["graph"], c["dim"], "error", "", "", "", "", "", "", ""])
             continue
-        ratio_t = peer["median_seconds"] / ours["median_seconds"] if "median_seconds" in peer else None
-        ratio_m = peer["tracemalloc_peak_bytes"] / ours["tracemalloc_peak_bytes"] if "tracemalloc_peak_bytes" in peer else None
-        rows.append([graph, d, f"{ours['n']:,}", f"{ours['m']:,}",
+        if "median_cpu_seconds" in peer:
+            pc = (f"{peer['median_seconds']:.2f} / {peer['median_cpu_seconds']:.2f} "
+                  f"({peer['median_cpu_seconds'] / ours['median_cpu_seconds']:.2f}x)")
+            pm = f"{peer['tracemalloc_peak_bytes'] / 2**20:.0f} ({peer['tracemalloc_peak_bytes'] / ours['tracemalloc_peak_bytes']:.2f}x)"
+        else:
+            pc = "-" if peer.get("skipped") else str(peer.get("error", "-"))[:40]
+            pm = "-"
+        rows.append([c["graph"], c["dim"], f"{ours['n']:,}", f"{ours['m']:,}",
                      f"{ours['median_seconds']:.3f} / {ours['median_cpu_seconds']:.3f} (load {ours['loadavg_1min']:.1f})",
-                     f"{ours['edges_per_second']:,.0f} / {ours['edges_per_cpu_second']:,.0f}", f"{ours['tracemalloc_peak_bytes'] / 2**20:.0f}",
-                     f"{ours['rss_peak_growth_bytes'] / 2**20:.0f}",
-                     f"{peer['median_seconds']:.3f} ({ratio_t:.2f}x)" if ratio_t else ("-" if peer.get("skipped") else peer.get("error", "-")[:40]),
-                     f"{peer['tracemalloc_peak_bytes'] / 2**20:.0f} ({ratio_m:.2f}x)" if ratio_m else "-"])
+                     f"{ours['edges_per_second']:,.0f} / {ours['edges_per_cpu_second']:,.0f}",
+                     f"{ours['tracemalloc_peak_bytes'] / 2**20:.0f}", f"{ours['rss_peak_growth_bytes'] / 2**20:.0f}", pc, pm])
     table = md_table(["graph", "d", "n", "m", "ours wall / CPU s", "edges/s (wall / CPU)", "ours peak MiB (tracemalloc)",
-                      "ours RSS growth MiB", "peer s (peer/ours)", "peer peak MiB (peer/ours)"], rows)
+                      "ours RSS growth MiB", "peer wall / CPU s (CPU peer/ours)", "peer peak MiB (peer/ours)"], rows)
     print(table)
     env = results["env"]
+    paper = results["params"]
     md = f"""# FastRP speed and memory
 
-Command: `python -m bench.graph.fastrp_speed --sizes {' '.join(map(str, args.sizes))} --dims {' '.join(map(str, args.dims))} --repeats {args.repeats}`
+Command: `{results.get('command', 'python -m bench.graph.fastrp_speed')}`
 
-Wall time is the median wall-clock time, CPU the median process CPU time of the same runs (the machine
-was shared: the 1-minute load average at the start of each case is shown; edges/s is given per wall and
-per CPU second). Peer columns are wall seconds.
-Settings: the paper's BlogCatalog configuration at every size ({paper}); 1 thread
-(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); median of {args.repeats} runs; graph loading not timed.
-Peer = the authors' scikit-learn / scipy pipeline (see the module docstring). The paper reports 1.17 s for
-BlogCatalog at d = 512. Memory: n x d float32 is {10312 * 512 * 4 / 2**20:.0f} MiB for BlogCatalog at d = 512,
-{100_000 * 128 * 4 / 2**20:.0f} MiB for 10^5 x 128, {1_000_000 * 128 * 4 / 2**20:.0f} MiB for 10^6 x 128.
-Machine: {env['cpu']} ({env['cpu_count']} cores shared with other jobs while this ran), numpy {env['numpy']}, scipy {env['scipy']}.
+Wall time is the median wall-clock time, CPU the median process CPU time of the same runs. The machine
+was shared with other jobs (the 1-minute load average at the start of each case is shown; 2 cores), so
+wall times are inflated several-fold; CPU time is the figure to compare. Edges/s = undirected edges per
+wall second and per CPU second. Settings: the paper's BlogCatalog configuration at every size ({paper});
+1 thread; median of {results['repeats']} runs; graph loading not timed. Peer = the authors' scikit-learn /
+scipy pipeline (see the module docstring), ratio on CPU time. The paper reports 1.17 s for BlogCatalog at
+d = 512. Memory: n x d float32 is {10312 * 512 * 4 / 2**20:.0f} MiB for BlogCatalog at d = 512,
+{100_000 * 128 * 4 / 2**20:.0f} MiB for 10^5 x 128, {100_000 * 512 * 4 / 2**20:.0f} MiB for 10^5 x 512,
+{1_000_000 * 128 * 4 / 2**20:.0f} MiB for 10^6 x 128: the peak is about three of those.
+Machine: {env['cpu']}, numpy {env['numpy']}, scipy {env['scipy']}.
 
 {table}
 """
-    out = write_results("fastrp_speed", results, md, args.out)
+    out = write_results("fastrp_speed", results, md, out_dir)
     _plot(results, out / "fastrp_speed.png")
     return results
 
@@ -209,12 +230,12 @@ def _plot(results: dict, path) -> None:
         if "median_seconds" not in c["ours"]:
             continue
         labels.append(f"{c['graph']}\nd={c['dim']}")
-        ours_t.append(c["ours"]["median_seconds"])
-        peer_t.append(c["peer"].get("median_seconds", np.nan))
+        ours_t.append(c["ours"]["median_cpu_seconds"])
+        peer_t.append(c["peer"].get("median_cpu_seconds", np.nan))
         ours_m.append(c["ours"]["tracemalloc_peak_bytes"] / 2**20)
         peer_m.append(c["peer"].get("tracemalloc_peak_bytes", np.nan) / 2**20)
     x = np.arange(len(labels))
-    for ax, a, b, yl in ((axes[0], ours_t, peer_t, "seconds"), (axes[1], ours_m, peer_m, "peak MiB (tracemalloc)")):
+    for ax, a, b, yl in ((axes[0], ours_t, peer_t, "CPU seconds"), (axes[1], ours_m, peer_m, "peak MiB (tracemalloc)")):
         ax.bar(x - 0.2, a, 0.4, label="ours")
         ax.bar(x + 0.2, b, 0.4, label="authors' pipeline (sklearn)")
         ax.set_xticks(x)
