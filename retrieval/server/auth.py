@@ -83,9 +83,13 @@ def split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
+_read_cache: dict[str, bool] = {}
+
+
 def register_read_methods(service: str, methods: Iterable[str]) -> None:
     """Declare ``methods`` of ``service`` (full name) as reads (allowed for read-only keys)."""
     READ_METHODS[service] = READ_METHODS.get(service, frozenset()) | frozenset(methods)
+    _read_cache.clear()
 
 
 def _no_side_effects(service: str, method: str) -> bool:
@@ -100,9 +104,6 @@ def _no_side_effects(service: str, method: str) -> bool:
         return md.GetOptions().idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
     except (KeyError, ImportError):
         return False
-
-
-_read_cache: dict[str, bool] = {}
 
 
 def is_read_method(full_method: str) -> bool:
