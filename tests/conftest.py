@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def server(tmp_path_factory):
     """A server process with a fresh data folder, shared by the tests of one module."""
     from retrieval.server.process import ServerProcess
 
-    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data")
+    # clients may name files under the tests' temporary folders and bench/ (shipped datasets)
+    allowed = json.dumps([str(tmp_path_factory.getbasetemp()), str(ROOT / "bench")])
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data",
+                        env={"RETRIEVAL_SECURITY__CLIENT_FILE_DIRS": allowed})
     srv.start()
     yield srv
     srv.stop()

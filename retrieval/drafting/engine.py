@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 JOB_KIND = "build_datastore"
 
 
+MAX_VOCAB = 1 << 20
+
+
 class DraftsEngine:
     """``template``: the :class:`ManagerConfig` every vocabulary's manager copies (its vocab_size ignored)."""
 
@@ -36,9 +39,10 @@ class DraftsEngine:
         self._lock = threading.Lock()
 
     def manager(self, vocab_size: int) -> SessionManager:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size < 2**31 - 1:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= MAX_VOCAB:
+            # bounded: the recycling matrix is vocab_size x k int32 (2**20 x 8 = 32 MiB at most)
             raise InvalidArgument(f"vocab_size={vocab_size!r} must be the model's vocabulary size, an integer in "
-                                  "[1, 2**31 - 2]")
+                                  f"[1, {MAX_VOCAB}]")
         with self._lock:
             m = self._managers.get(vocab_size)
             if m is None:

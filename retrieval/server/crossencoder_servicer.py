@@ -139,7 +139,30 @@ def register(server, ctx) -> CrossEncoderEngine:
 
     engine = CrossEncoderEngine(ctx.data_dir / "crossencoder")
     crossencoder_pb2_grpc.add_CrossEncoderServicer_to_server(CrossEncoderServicer(engine, ctx.jobs), server)
-    ctx.jobs.register(JobKind(JOB_KIND, body=engine.build_body, validate=engine.validate_build, resumable=True,
+    from pathlib import Path
+
+    from retrieval.server.auth import resolve_client_file
+
+    staging = (engine.root / "staging").resolve()
+
+    def validate(params: dict) -> dict:
+        # Files a client names must lie in the folders clients may read (security.client_file_dirs);
+        # only items the servicer staged itself may come from the engine's staging folder.
+        params = dict(params)
+        for key in ("scorer", "dual_encoder"):
+            spec = params.get(key)
+            if isinstance(spec, dict) and spec.get("model_dir"):
+                params[key] = {**spec, "model_dir": str(resolve_client_file(
+                    spec["model_dir"], ctx.settings, ctx.data_dir, f"{key} model directory"))}
+        path = params.get("items_path")
+        if params.get("staged"):
+            if not isinstance(path, str) or Path(path).resolve().parent != staging:
+                raise InvalidArgument("staged items must come from the server's own staging folder")
+        elif path:
+            params["items_path"] = str(resolve_client_file(path, ctx.settings, ctx.data_dir, "items file"))
+        return engine.validate_build(params)
+
+    ctx.jobs.register(JobKind(JOB_KIND, body=engine.build_body, validate=validate, resumable=True,
                               description="cross-encoder index: score k_q anchor queries x all items (resumable), "
                                           "then CUR factors"))
     return engine

@@ -143,7 +143,19 @@ def register(server, ctx, idle_timeout_s: float | None = None) -> tuple[DraftsEn
     if idle_timeout_s is not None:
         engine.template.idle_timeout_s = float(idle_timeout_s)
     drafts_pb2_grpc.add_DraftsServicer_to_server(DraftsServicer(engine, ctx.jobs), server)
-    ctx.jobs.register(JobKind(JOB_KIND, body=engine.build_body, validate=engine.validate_build, resumable=True,
+    from retrieval.server.auth import resolve_client_file
+
+    def validate(params: dict) -> dict:
+        # Files a client names must lie in the folders clients may read (security.client_file_dirs).
+        params = engine.validate_build(params)
+        params["inputs"] = [str(resolve_client_file(p, ctx.settings, ctx.data_dir, "datastore input"))
+                            for p in params["inputs"]]
+        if params.get("tokenizer"):
+            params["tokenizer"] = str(resolve_client_file(params["tokenizer"], ctx.settings, ctx.data_dir,
+                                                          "tokenizer file"))
+        return params
+
+    ctx.jobs.register(JobKind(JOB_KIND, body=engine.build_body, validate=validate, resumable=True,
                               description="build a corpus draft datastore (suffix array) from text or id files"))
 
     async def sweep():

@@ -121,6 +121,10 @@ def test_bad_builds_are_refused_at_start(built, client, task, tmp_path):
         client.build_ce_index("x1", {"name": "bm25"}, **ok)
     with pytest.raises(errors.NotFound, match="does not exist"):
         client.build_ce_index("x2", {"name": "hf", "model_dir": str(tmp_path / "missing")}, **ok)
+    with pytest.raises(errors.PermissionDenied, match="outside the folders clients may read"):
+        client.build_ce_index("x5", {"name": "hf", "model_dir": "/etc"}, **ok)
+    with pytest.raises(errors.PermissionDenied, match="outside the folders clients may read"):
+        client.build_ce_index("x6", task["scorer"], anchor_queries=task["anchors"], items_path="/etc/passwd")
     with pytest.raises(errors.InvalidArgument, match="index name"):
         client.build_ce_index("../x", task["scorer"], **ok)
     with pytest.raises(errors.InvalidArgument, match="anchor_queries"):

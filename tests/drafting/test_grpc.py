@@ -1,6 +1,7 @@
 """The Drafts service over a real loopback server: sessions, stateless drafts, datastores, statuses."""
 
 import json
+from pathlib import Path
 import threading
 import time
 
@@ -21,7 +22,10 @@ IDLE_S = 3.0
 def server(tmp_path_factory):
     from retrieval.server.process import ServerProcess
 
-    srv = ServerProcess(tmp_path_factory.mktemp("drafts") / "data", env={"DRAFTS_IDLE_TIMEOUT_S": str(IDLE_S)})
+    # clients may name files under the test's temporary folders and the shipped datasets
+    allowed = json.dumps([str(tmp_path_factory.getbasetemp()), str(Path(__file__).resolve().parents[2] / "bench")])
+    srv = ServerProcess(tmp_path_factory.mktemp("drafts") / "data",
+                        env={"DRAFTS_IDLE_TIMEOUT_S": str(IDLE_S), "RETRIEVAL_SECURITY__CLIENT_FILE_DIRS": allowed})
     srv.start()
     yield srv
     srv.stop()
@@ -79,6 +83,12 @@ def test_datastore_management(client, tiny):
         client.build_datastore("bad/name", [str(tiny)], vocab_size=7)
     with pytest.raises(InvalidArgument):
         client.build_datastore("novocab", [str(tiny)])
+    from retrieval.errors import PermissionDenied
+
+    with pytest.raises(PermissionDenied, match="outside the folders clients may read"):
+        client.build_datastore("escape", ["/etc/passwd"], vocab_size=7)
+    with pytest.raises(PermissionDenied, match="outside the folders clients may read"):
+        client.build_datastore("escape", [str(tiny)], tokenizer="/etc/hostname")
     failed = client.build_datastore("small", [str(tiny)], vocab_size=6)  # ids outside the vocabulary
     assert failed["state"] == "failed" and "outside the vocabulary" in failed["error"]
     with pytest.raises(NotFound):
