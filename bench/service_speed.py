@@ -137,10 +137,6 @@ def main() -> None:
                     ref.knn_query(q[None], k=10, num_threads=1)
                     ts.append(time.perf_counter() - t0)
             lib_single = pct(ts, 50)
-            t0 = time.perf_counter()
-            for _ in range(5):
-                I_lib, _ = ref.knn_query(Xb, k=10, num_threads=threads)
-            lib_batch_qps = 5 * len(Xb) / (time.perf_counter() - t0)
             lib_recall = recall_at_10(ref.knn_query(xq, k=10)[0], gt)
 
             # service: stream (client.search), unary single, batch
@@ -163,11 +159,19 @@ def main() -> None:
                     c.search_batch("bigann", q[None], k=10, ef=ef)
                     ts.append(time.perf_counter() - t0)
             unary_p50 = pct(ts, 50)
+            # batch: the two interleaved, best of 9 each (the machine is shared; best-of is the
+            # least noisy estimate of what each can do, as in BASELINES.md)
             c.search_batch("bigann", Xb, k=10, ef=ef)
-            t0 = time.perf_counter()
-            for _ in range(5):
+            lib_t, svc_t = [], []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                ref.knn_query(Xb, k=10, num_threads=threads)
+                lib_t.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
                 c.search_batch("bigann", Xb, k=10, ef=ef)
-            svc_batch_qps = 5 * len(Xb) / (time.perf_counter() - t0)
+                svc_t.append(time.perf_counter() - t0)
+            lib_batch_qps = len(Xb) / min(lib_t)
+            svc_batch_qps = len(Xb) / min(svc_t)
             rows.append({"ef": ef, "recall_service": svc_recall, "recall_hnswlib": lib_recall,
                          "stream_p50_ms": stream_p50 * 1e3, "stream_p99_ms": stream_p99 * 1e3,
                          "unary_p50_ms": unary_p50 * 1e3, "hnswlib_single_ms": lib_single * 1e3,
