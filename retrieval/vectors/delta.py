@@ -103,6 +103,8 @@ class Delta:
         self.alive[rows] = False
         if len(self.pos) == 0:
             self.start = self.n = 0
+            if len(self.ids) > 4096:  # caught up after a bulk load: give the buffer's memory back
+                self._alloc(1024)
             return
         nz = np.flatnonzero(self.alive[self.start : self.n])
         self.start += int(nz[0]) if len(nz) else self.n - self.start
