@@ -86,6 +86,10 @@ class RaySettings(BaseModel):
                                  "ray_address 'local' (default: all)")
 
 
+class DraftsSettings(BaseModel):
+    idle_timeout_s: float = Field(300.0, gt=0, description="draft sessions idle this long are evicted")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RETRIEVAL_", env_nested_delimiter="__", extra="forbid")
 
@@ -106,6 +110,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     indexing: IndexingSettings = IndexingSettings()
     security: SecuritySettings = SecuritySettings()
+    drafts: DraftsSettings = DraftsSettings()
     ray_address: str | None = Field(None, description="place collection shards as actors on this Ray cluster "
                                     "(host:port, ray://host:port, 'auto', or 'local' for a local instance); "
                                     "None = shards live in the server process")

@@ -75,7 +75,7 @@ class JobsService:
 
 class DraftsService:
     """N-gram draft lookups (``retrieval.drafting``): sessions, stateless drafts, datastores under
-    ``<data_dir>/drafting``. The idle timeout of draft sessions is ``DRAFTS_IDLE_TIMEOUT_S`` (default 300)."""
+    ``<data_dir>/drafting``. Draft sessions idle for ``drafts.idle_timeout_s`` (default 300) are evicted."""
 
     service_names = ("retrieval.v1.Drafts",)
 
@@ -83,12 +83,9 @@ class DraftsService:
         self._sweeper = None
 
     async def start(self, server: grpc.aio.Server, ctx: ServerContext) -> None:
-        import os
-
         from retrieval.server.drafts_servicer import register
 
-        idle = os.environ.get("DRAFTS_IDLE_TIMEOUT_S")
-        engine, self._sweeper = register(server, ctx, float(idle) if idle else None)
+        engine, self._sweeper = register(server, ctx, ctx.settings.drafts.idle_timeout_s)
         ctx.extras["drafts"] = engine
 
     async def stop(self) -> None:

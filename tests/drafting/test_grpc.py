@@ -25,7 +25,7 @@ def server(tmp_path_factory):
     # clients may name files under the test's temporary folders and the shipped datasets
     allowed = json.dumps([str(tmp_path_factory.getbasetemp()), str(Path(__file__).resolve().parents[2] / "bench")])
     srv = ServerProcess(tmp_path_factory.mktemp("drafts") / "data",
-                        env={"DRAFTS_IDLE_TIMEOUT_S": str(IDLE_S), "RETRIEVAL_SECURITY__CLIENT_FILE_DIRS": allowed})
+                        env={"RETRIEVAL_DRAFTS__IDLE_TIMEOUT_S": str(IDLE_S), "RETRIEVAL_SECURITY__CLIENT_FILE_DIRS": allowed})
     srv.start()
     yield srv
     srv.stop()

@@ -182,7 +182,7 @@ def _fill(msg, values: dict) -> None:
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("fuzz") / "data",
-                        env={"RETRIEVAL_LIMITS__MAX_MESSAGE_BYTES": str(4 << 20), "DRAFTS_IDLE_TIMEOUT_S": "30",
+                        env={"RETRIEVAL_LIMITS__MAX_MESSAGE_BYTES": str(4 << 20), "RETRIEVAL_DRAFTS__IDLE_TIMEOUT_S": "30",
                              # a request that asks for huge memory must get RESOURCE_EXHAUSTED, not an OOM kill
                              "RETRIEVAL_LIMITS__MAX_MEMORY_BYTES": str(3 << 30)})
     srv.start()
