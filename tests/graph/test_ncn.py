@@ -99,7 +99,8 @@ def test_ncnc_forward_matches_dense_reference(adj_and_dense):
     adj, A = adj_and_dense
     torch.manual_seed(0)
     # an offset below the untrained logits makes the completion probabilities large (about alpha * pt)
-    cfg = make_config("cora", predictor="ncnc", hidden=32, input="learnable", splitsize=97, prob_offset=-5.0)
+    cfg = make_config("cora", predictor="ncnc", hidden=32, input="learnable", splitsize=97, prob_offset=-5.0,
+                      completion="paper")
     model = LinkModel(32, cfg, num_nodes=adj.n).eval()
     pred = model.predictor
     src, dst = _pairs(adj.n, 60, 2)
@@ -263,10 +264,11 @@ def test_cuda_matches_cpu(adj_and_dense):
 
 
 def test_reference_completion_mode_matches_dense(adj_and_dense):
-    """completion='reference': the inner NCN sees h' = h + xlin(h) as its input (the authors' code)."""
+    """completion='reference' (the default): the inner NCN sees h' = h + xlin(h) as its input (the authors' code)."""
     adj, A = adj_and_dense
     torch.manual_seed(0)
-    cfg = make_config("cora", predictor="ncnc", hidden=32, input="learnable", prob_offset=-5.0, completion="reference")
+    cfg = make_config("cora", predictor="ncnc", hidden=32, input="learnable", prob_offset=-5.0)
+    assert cfg.completion == "reference"
     model = LinkModel(32, cfg, num_nodes=adj.n).eval()
     pred = model.predictor
     src, dst = _pairs(adj.n, 40, 5)
