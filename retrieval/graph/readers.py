@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from retrieval.errors import InvalidArgument, NotFound
-from retrieval.graph.graph import Graph, as_labels
+from retrieval.graph.graph import Graph
 
 logger = logging.getLogger(__name__)
 
