@@ -84,7 +84,11 @@ def serve(
                                       "at this address ('local': start a local Ray instance)"),
 ) -> None:
     """Start the server (runs until SIGTERM / Ctrl-C). API keys come from files or the environment only."""
+    import faulthandler
+
     from pydantic import ValidationError
+
+    faulthandler.enable()  # a crash in native code (faiss, hnswlib, SQLite) leaves the Python stacks in the log
 
     from retrieval.config import load_settings
     from retrieval.server.app import run

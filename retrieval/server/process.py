@@ -30,6 +30,7 @@ class ServerProcess:
         self.env.setdefault("OMP_NUM_THREADS", "2")
         self.host = host
         self.log_path = Path(log_path) if log_path else self.data_dir.parent / f"{self.data_dir.name}.server.log"
+        self._killed = False
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.port: int | None = None
@@ -41,6 +42,7 @@ class ServerProcess:
                "--data-dir", str(self.data_dir), *self.args]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        self._killed = False
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=self.env)
         found: list[str] = []
         done = threading.Event()
@@ -81,6 +83,7 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+            self._killed = True
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait for a graceful exit; returns the exit code."""
@@ -93,6 +96,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
                 return -9
+        if self.proc.returncode != 0 and not self._killed:
+            # it died on its own: say so where a test run shows it, with the end of its log
+            print(f"server {self.address} had exited with code {self.proc.returncode}; log {self.log_path}:\n"
+                  f"{self.log_tail()}", file=sys.stderr)
         return self.proc.returncode
 
     def __enter__(self) -> "ServerProcess":

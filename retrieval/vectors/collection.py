@@ -11,6 +11,7 @@ Thread-safety: like the shards, a collection is used from the server's event-loo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -111,6 +112,25 @@ def shard_of(ids: np.ndarray, n: int) -> np.ndarray:
     return (z % np.uint64(n)).astype(np.int64)
 
 
+def _in_use(fn):
+    """Count a call as in flight on its collection, so that :meth:`Collection.close` (drop, a replacing
+    import, shutdown) lets it finish against the version it started on instead of pulling the shards
+    away under it. The servicers look a collection up and call it in one event-loop step, so no call
+    can start on a collection after it left the manager."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        self._users += 1
+        try:
+            return await fn(self, *args, **kwargs)
+        finally:
+            self._users -= 1
+            if self._users == 0 and self._idle is not None:
+                self._idle.set()
+
+    return wrapper
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -129,6 +149,8 @@ class Collection:
         # in-process shards are searched with a plain call (no await, no thread hop); remote ones in parallel
         self._local = all(sh.is_local for sh in self.shards)
         self._reserved = 0  # points of upserts admitted but not yet applied (for max_points)
+        self._users = 0     # calls in flight (see _in_use)
+        self._idle: asyncio.Event | None = None
 
     @property
     def name(self) -> str:
@@ -137,7 +159,15 @@ class Collection:
     async def open(self) -> None:
         await asyncio.gather(*(s.open() for s in self.shards))
 
-    async def close(self, snapshot: bool = True) -> None:
+    async def close(self, snapshot: bool = True, drain_timeout: float = 60.0) -> None:
+        """Wait (up to ``drain_timeout`` s) for the calls in flight, then close every shard."""
+        if self._users:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_timeout)
+            except asyncio.TimeoutError:
+                logger.warning("collection %s: closing with %d calls still in flight after %.0f s",
+                               self.name, self._users, drain_timeout)
         await asyncio.gather(*(s.close(snapshot) for s in self.shards), return_exceptions=True)
 
     # ------------------------------------------------------------------------------------------
@@ -201,6 +231,7 @@ class Collection:
     # ------------------------------------------------------------------------------------------
     # Writes
     # ------------------------------------------------------------------------------------------
+    @_in_use
     async def upsert(self, ids: np.ndarray, vectors: np.ndarray, payloads: list[str] | None) -> tuple[int, int]:
         """Validate and durably upsert; returns (count, seq of the last shard batch)."""
         ids = self.check_ids(ids)
@@ -258,6 +289,7 @@ class Collection:
                                     "(limits.max_points_per_collection)")
         return new
 
+    @_in_use
     async def delete(self, ids: np.ndarray | None = None, filter: flt.Filter | None = None) -> int:
         if (ids is None or len(ids) == 0) == (filter is None or filter.is_empty()):
             raise InvalidArgument("delete needs exactly one of: ids, a non-empty filter")
@@ -275,6 +307,7 @@ class Collection:
     # ------------------------------------------------------------------------------------------
     # Search
     # ------------------------------------------------------------------------------------------
+    @_in_use
     async def search(self, xq: np.ndarray, k: int, params: QueryParams, filter: flt.Filter | None = None,
                      with_payloads: bool = False, with_vectors: bool = False) -> SearchResult:
         self.check_batch(len(xq), "search")
@@ -351,6 +384,7 @@ class Collection:
     # ------------------------------------------------------------------------------------------
     # Reads
     # ------------------------------------------------------------------------------------------
+    @_in_use
     async def get(self, ids: np.ndarray, with_vectors: bool, with_payloads: bool):
         ids = np.unique(np.asarray(ids, np.uint64))
         self.check_batch(len(ids), "get")
@@ -372,11 +406,13 @@ class Collection:
             pls = [allp[i] for i in order.tolist()]
         return ids[order], vecs, pls
 
+    @_in_use
     async def count(self, filter: flt.Filter | None = None) -> int:
         where = flt.to_sql(flt.validate_filter(filter)) if filter is not None and not filter.is_empty() else None
         counts = await asyncio.gather(*(sh.read(lambda st: st.count(where)) for sh in self.shards))
         return int(sum(counts))
 
+    @_in_use
     async def scroll(self, filter: flt.Filter | None, start_id: int, limit: int, with_vectors: bool,
                      with_payloads: bool):
         """Up to ``limit`` points with id >= start_id, in id order, and the next start id (or None)."""
@@ -411,6 +447,7 @@ class Collection:
             "shard_info": shard_infos, "created_at": self.config.created_at,
         }
 
+    @_in_use
     async def describe(self) -> dict:
         counts = await asyncio.gather(*(sh.read(lambda st: st.count(None)) for sh in self.shards))
         infos = await asyncio.gather(*(sh.ainfo() for sh in self.shards))

@@ -386,6 +386,7 @@ class Shard:
     async def _on_reader(self, fn, *args):
         """Run ``fn(*args)`` on the reader thread; if the calling task is cancelled (client gone,
         deadline passed) a job not started yet is skipped and a running SQLite query is interrupted."""
+        self._check_open()  # a call that resumes after close() began must not reach the closed store
         token = threading.Event()
         store = self.store
 
@@ -627,11 +628,13 @@ class Shard:
             except Exception:
                 logger.exception("shard %s: final snapshot failed (the point store is intact)", self.name)
         loop = asyncio.get_running_loop()
+        # Reads already queued finish before the store closes: closing an SQLite connection while
+        # another thread steps a statement on it is not safe.
+        await loop.run_in_executor(None, self._rexec.shutdown, True)
         if self.store is not None:
             await loop.run_in_executor(self._wexec, self.store.checkpoint)
             await loop.run_in_executor(self._wexec, self.store.close)
-        self._wexec.shutdown(wait=True)
-        self._rexec.shutdown(wait=True)
+        await loop.run_in_executor(None, self._wexec.shutdown, True)
 
     def destroy_files(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

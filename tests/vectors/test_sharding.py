@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval.errors import NotFound
 from retrieval.indexes.base import ExactSpec, HnswSpec, QueryParams
 from retrieval.vectors import filters as flt
 from retrieval.vectors.collection import CollectionConfig, CollectionManager, Limits, shard_of
@@ -142,6 +143,42 @@ def test_in_process_search_is_a_plain_call_on_the_loop_thread(tmp_path, sift, mo
 
     loop_thread = asyncio.run(run())
     assert threads and set(threads) == {loop_thread}
+
+
+def test_calls_in_flight_finish_when_the_collection_is_dropped(tmp_path, sift):
+    """Drop (and a replacing import, and shutdown) close a collection while calls on it may still be
+    running on the reader threads: they finish against the version they started on, with right answers,
+    and a call that looks the name up afterwards gets NOT_FOUND."""
+    xb, xq = sift
+    even = flt.from_dict({"must": [{"key": "parity", "equals": "even"}]})
+
+    async def run():
+        m = CollectionManager(tmp_path / "data", ShardSettings(index_threads=1), Limits())
+        await m.open()
+        try:
+            col = await fill(m, "c", ExactSpec(), 2, xb)
+            calls = []
+            for i in range(40):
+                calls.append(asyncio.ensure_future(col.count(even)))
+                calls.append(asyncio.ensure_future(col.search(xq[i : i + 1], 5, QueryParams(), even)))
+                calls.append(asyncio.ensure_future(col.scroll(None, 0, 50, True, True)))
+            await asyncio.sleep(0)  # every call has started and is waiting on a reader thread
+            await m.drop("c")
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            with pytest.raises(NotFound):
+                m.get("c")
+            return results
+        finally:
+            await m.close()
+
+    results = asyncio.run(run())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == []
+    counts, searches, scrolls = results[0::3], results[1::3], results[2::3]
+    assert set(counts) == {(len(xb) + 1) // 2}
+    assert all((r.ids.astype(np.int64) % 2 == 0).all() and (r.ids != NO_ID).all() for r in searches)
+    assert all(s[0].tolist() == list(range(50)) for s in scrolls)
+    assert not (tmp_path / "data" / "collections" / "c").exists()
 
 
 def test_unreachable_ray_address_stops_the_server_with_a_clear_error(tmp_path):
