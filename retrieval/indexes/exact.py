@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,6 +15,17 @@ import torch
 
 from retrieval.device import torch_device
 from retrieval.indexes.base import Capabilities, ExactSpec, IndexStats, QueryParams, pad_results
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A float32 CPU tensor over ``a`` without a copy where possible. Read-only arrays (memory maps,
+    snapshot labels) are shared too: the tensors made here are only ever read."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 def knn(xq: np.ndarray, xb: np.ndarray | torch.Tensor, k: int, metric: str,
@@ -27,8 +39,8 @@ def knn(xq: np.ndarray, xb: np.ndarray | torch.Tensor, k: int, metric: str,
     n = xb.shape[0]
     if n == 0 or k == 0:
         return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-    B = xb if isinstance(xb, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
-    Q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(B.device)
+    B = xb if isinstance(xb, torch.Tensor) else _tensor(xb)
+    Q = _tensor(xq).to(B.device)
     with torch.no_grad():
         dots = Q @ B.T
         if metric == "l2":

@@ -293,6 +293,10 @@ def test_corrupt_snapshots_are_detected_and_rebuilt(tmp_path):
     srv.start()
     truth = {d: _fill(srv, d, 2000 + 100 * k, index={"type": "hnsw", "m": 8, "ef_construction": 64})
              for k, d in enumerate(DAMAGES)}
+    with Client(srv.address, timeout=60) as c:  # a snapshot holds only writes the index has taken in
+        t_end = time.monotonic() + 300
+        while any(c.describe_collection(d)["pending"] for d in DAMAGES) and time.monotonic() < t_end:
+            time.sleep(0.05)
     srv.stop()  # graceful: the final snapshots include every write
     damaged = {}
     for damage in DAMAGES:
