@@ -7,7 +7,8 @@ Measures, on BIGANN-10k (L2, d=128, HNSW M=16 / ef_construction=200) and a seede
 * single-query latency over gRPC (the client's search stream, and a unary call), p50 / p99, with
   recall@10, next to hnswlib's own single-query time, and a breakdown of where the time goes:
   hnswlib search / our engine (validation, merge, id mapping) / servicer (proto parse + build) /
-  gRPC + asyncio + client (the rest);
+  the gRPC transport floor (the same client stream against a server that does nothing, see
+  ``bench.grpc_floor``) / interceptor, asyncio tasks and client (the rest);
 * batch search (1,000 queries per request) QPS next to hnswlib's ``knn_query`` with the same threads;
 * durable ingest (batches of 1,000, unary calls and one stream) and how fast the index then catches
   up, next to hnswlib's ``add_items`` with the same threads.
@@ -215,6 +216,9 @@ def main() -> None:
         srv.stop()
 
     res["breakdown_ef10"] = in_process_breakdown(xb, xq, 10, threads)
+    from bench.grpc_floor import measure
+
+    res["grpc_floor"] = measure()  # the same client stream against a server that does nothing
 
     # --- report ---------------------------------------------------------------------------------
     args.out.mkdir(parents=True, exist_ok=True)
@@ -233,9 +237,15 @@ def main() -> None:
     total = rows[0]["stream_p50_ms"] * 1e3 if rows and rows[0]["ef"] == 10 else float("nan")
     parts = {"hnswlib search": b["hnswlib_us"], "engine (validation, id map, merge)": b["engine_us"] - b["hnswlib_us"],
              "servicer (proto parse + build)": b["servicer_us"] - b["engine_us"],
-             "gRPC + asyncio + client (rest)": total - b["servicer_us"]}
+             "gRPC transport floor (empty server)": res["grpc_floor"]["stream_p50_us"],
+             "interceptor, asyncio tasks, client (rest)": total - b["servicer_us"] - res["grpc_floor"]["stream_p50_us"]}
+    fl = res["grpc_floor"]
     lines += ["", f"Single-query time at ef=10, stream p50 {total:.0f} us, where it goes:", "",
               "| part | us |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in parts.items()]
+    lines += ["", f"The floor is the same client stream against a grpc.aio server in another process that answers "
+              f"an empty response (`python -m bench.grpc_floor`): stream p50 {fl['stream_p50_us']:.0f} us "
+              f"(p99 {fl['stream_p99_us']:.0f}), unary p50 {fl['unary_p50_us']:.0f} us "
+              f"(p99 {fl['unary_p99_us']:.0f}). No Python gRPC service can answer below it on this machine."]
     ing = res["ingest"]
     lines += ["", f"Ingest of {ing['n']:,} x 128 float32 in batches of 1,000 (durable when acknowledged):", "",
               "| what | vectors/s |", "|---|---:|",
@@ -255,7 +265,7 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     ax = axes[0]
-    ax.barh(list(parts), list(parts.values()), color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"])
+    ax.barh(list(parts), list(parts.values()), color=["#4c72b0", "#55a868", "#c44e52", "#999999", "#8172b2"])
     ax.set_xlabel("microseconds per query (p50 path)")
     ax.set_title("single query at ef=10: where the time goes")
     ax = axes[1]

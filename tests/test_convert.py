@@ -37,6 +37,25 @@ def test_vectors_round_trip_bit_exact():
     assert convert.vectors_to_proto(x, out) is out and out.n == 7
 
 
+@pytest.mark.parametrize("n", [0, 1, 10, 127, 128, 20_000])
+def test_append_floats_equals_extend(n):
+    """Distances are appended as packed wire bytes: the same message, bit for bit, as extend(list)."""
+    from retrieval.v1 import search_pb2
+
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    if n:
+        x[0] = np.inf
+        x[-1] = -0.0
+    a = search_pb2.SearchResponse(nq=1, k=n, ids=list(range(n)))
+    b = search_pb2.SearchResponse(nq=1, k=n, ids=list(range(n)))
+    convert.append_floats(a, search_pb2.SearchResponse.DISTANCES_FIELD_NUMBER, x)
+    b.distances.extend(x.tolist())
+    assert a.SerializeToString() == b.SerializeToString()
+    assert np.asarray(a.distances, np.float32).tobytes() == x.tobytes()
+    convert.append_floats(a, search_pb2.SearchResponse.DISTANCES_FIELD_NUMBER, x[:3])  # appends
+    assert len(a.distances) == n + min(3, n)
+
+
 @pytest.mark.parametrize("n,d,nbytes,words", [
     (2, 3, 20, "20 bytes of data for n=2 x d=3 float32 \\(expected 24\\)"),
     (2, 0, 0, "d \\(the dimension\\) must be > 0"),

@@ -160,7 +160,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         res = await col.search(xq, request.k, params, flt, request.with_payloads, request.with_vectors)
         out = search_pb2.SearchResponse(nq=len(xq), k=request.k)
         out.ids.extend(res.ids.ravel().tolist())
-        out.distances.extend(res.distances.ravel().tolist())
+        convert.append_floats(out, search_pb2.SearchResponse.DISTANCES_FIELD_NUMBER, res.distances)
         if res.payloads is not None:
             out.payloads.extend(res.payloads)
         if res.vectors is not None:
