@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.drafts.common import RESULTS, corpus_inputs, make_manager
-from bench.drafts.data import TOKENIZER_MODEL, VOCAB_SIZE, load_turns
+from bench.drafts.data import CORPUS_DIR, TOKENIZER_MODEL, VOCAB_SIZE, load_turns
 from retrieval.drafting import DatastoreCatalog, DraftBudget
 
 logger = logging.getLogger("bench.drafts.grpc_latency")
@@ -134,7 +134,9 @@ def main(argv=None) -> dict:
     warm, test = turns[:140:4], turns[140::(8 if args.quick else 3)]
     res = {"machine": f"{platform.machine()} ({platform.node()})", "date": time.strftime("%Y-%m-%d"), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as d:
-        srv = ServerProcess(Path(d) / "data")
+        # the server reads the corpus and tokenizer from bench/datasets: let clients name files there
+        srv = ServerProcess(Path(d) / "data", env={
+            "RETRIEVAL_SECURITY__CLIENT_FILE_DIRS": json.dumps([str(CORPUS_DIR), str(TOKENIZER_MODEL.parent)])})
         srv.start()
         try:
             with Client(srv.address, timeout=120) as c:
