@@ -1,7 +1,8 @@
 """Proto <-> domain conversions of the CrossEncoder service, one function per message and direction.
 
 Zero / empty proto fields mean "default" (proto3 scalars cannot be absent); ``optional`` fields are
-used where zero is a meaningful value (ridge, seed_fraction, seed).
+used where zero is a meaningful value (ridge, seed_fraction, seed) or must be told from "unset"
+(the search budget: unset is the default, an explicit 0 is refused).
 """
 
 from __future__ import annotations
@@ -67,10 +68,9 @@ def dual_encoder_spec_to_proto(spec: dict[str, Any] | None) -> pb.DualEncoderSpe
 def _payload_from_json(text: str, where: str) -> dict | None:
     if not text:
         return None
-    try:
-        pl = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"{where}.payload_json is not valid JSON: {e}") from None
+    from retrieval.jsonlimits import loads_client_json
+
+    pl = loads_client_json(text, f"{where}.payload_json")
     if pl is not None and not isinstance(pl, dict):
         raise InvalidArgument(f"{where}.payload_json must be a JSON object, got {type(pl).__name__}")
     return pl
@@ -146,10 +146,22 @@ def build_request_to_proto(name: str, scorer: dict[str, Any], items: list[dict[s
 
 # --- search -----------------------------------------------------------------------------------------
 def search_params_from_proto(msg: pb.CrossEncoderSearchParams) -> SearchParams:
+    """Unset fields take the defaults. ``budget`` unset: the default (100 calls); set to 0:
+    :class:`InvalidArgument` (a search needs at least ``k`` calls). Budgets below what the mode needs
+    (``< k``, ``< k_i``) are refused by the index with the same status."""
     d = SearchParams()
+    if msg.HasField("budget"):
+        if msg.budget == 0:
+            raise InvalidArgument(
+                "params.budget is 0: a search spends at least k cross-encoder calls (and k_i in cur mode); "
+                f"set a positive budget, or leave budget unset for the default ({d.budget} calls)"
+            )
+        budget = int(msg.budget)
+    else:
+        budget = d.budget
     return SearchParams(
         mode=msg.mode or d.mode,
-        budget=int(msg.budget) or d.budget,
+        budget=budget,
         k_i=int(msg.k_i) or None,
         rounds=int(msg.rounds) or d.rounds,
         seed_fraction=float(msg.seed_fraction) if msg.HasField("seed_fraction") else d.seed_fraction,

@@ -19,8 +19,13 @@ Folder layout (``FORMAT``; every array is float32 little-endian, row-major)::
 Appends (``add_items``) truncate each append-only file to the size ``meta.json`` records, append,
 fsync, then rewrite ``meta.json``: a crash before the meta write leaves the old index intact.
 ``set_anchor_items`` writes a new generation, switches ``meta.json`` to it, then deletes the old one.
-Deleted rows stay in the files (tombstones in ``alive.u8``); a deleted anchor item keeps serving the
-query embedding (its text and scores are kept) but is never returned.
+Deleted rows stay in the files (tombstones in ``alive.u8``) and are never scored or returned. A
+deleted *anchor* item no longer serves the query embedding either: a ``cur`` search with the stored
+anchors uses the alive ones only, with ``U``, ``mu`` and ``E`` re-solved from the stored ``R`` over
+them (no cross-encoder call; O(k_q k_i^2 + N k_q k_i) time and N x k_i floats once per index
+mutation, cached), so a dead anchor costs no call, ``k_i`` shrinks by the dead anchors and their
+calls go to the rerank step (``k_r``), and a budget >= the alive items is exhaustive. The stored
+generation (``describe()["anchor_item_ids"]``) is kept until ``set_anchor_items`` re-picks.
 
 Thread-safety: searches may run concurrently with each other and with mutations. Mutations
 (``add_items``, ``delete_items``, ``set_anchor_items``) are serialised by a lock and publish a new
@@ -278,6 +283,7 @@ class _Plan:
     budget: int
     k_i: int
     k_r: int
+    cur: CurFactors | None = None  # ``cur`` mode: the factors of the (alive) anchor items searched
 
 
 MODES: dict[str, Callable[..., kernels.KernelOutput]] = {}
@@ -469,9 +475,25 @@ class CrossEncoderIndex:
         )
 
     def _cur_for(self, st: _State, k_i: int) -> CurFactors:
-        if k_i == st.cur.anchors.size:
-            return st.cur
+        """CUR factors for ``k_i`` anchor items, all alive. ``k_i`` = the stored count: the stored
+        anchors, less the deleted ones (factors re-solved from ``R`` over the alive ones, no call,
+        cached per state; fewer than ``k_i`` anchors then); any other ``k_i`` (or every stored anchor
+        deleted): ``k_i`` anchors picked among the alive items by the index's anchor method."""
+        stored = st.cur
         bp = self.build_params
+        if k_i == stored.anchors.size:
+            live = stored.anchors[st.alive[stored.anchors]]
+            if live.size == stored.anchors.size:
+                return stored
+            if live.size:
+                def make_live() -> CurFactors:
+                    t0 = time.perf_counter()
+                    f = solve_cur(st.RT, live, bp.solver, bp.ridge, bp.rank)
+                    logger.info("re-solved CUR factors over the %d alive of %d stored anchor items in %.3fs (cached)",
+                                live.size, stored.anchors.size, time.perf_counter() - t0)
+                    return f
+
+                return self._cached(("cur-live", st.gen), make_live)
 
         def make() -> CurFactors:
             t0 = time.perf_counter()
@@ -522,8 +544,12 @@ class CrossEncoderIndex:
                 if p.k_i > st.n_alive:
                     raise InvalidArgument(f"k_i = {p.k_i} exceeds the {st.n_alive} items in the index")
                 k_i = int(p.k_i)
+            # Dead stored anchors are dropped (see _cur_for): k_i is what the anchors cost, and the
+            # rerank step may take every other alive item, so budget >= alive items is exhaustive.
+            cur = self._cur_for(st, k_i)
+            k_i = int(cur.anchors.size)
             k_r = max(0, min(p.budget - k_i, st.n_alive - k_i))
-            budget = k_i + k_r
+            return _Plan(p.mode, k_i + k_r, k_i, k_r, cur)
         return _Plan(p.mode, budget, k_i, k_r)
 
     def search(self, query: str, k: int = 10, params: SearchParams | dict[str, Any] | None = None) -> SearchResult:
@@ -732,7 +758,7 @@ def _save_cur(path: Path, gen: int, cur: CurFactors) -> None:
 # ------------------------------------------------------------------------------------------------
 @_register_mode("cur")
 def _mode_cur(index: CrossEncoderIndex, st: _State, queries, k, p: SearchParams, plan: _Plan, score):
-    cur = index._cur_for(st, plan.k_i)
+    cur = plan.cur if plan.cur is not None else index._cur_for(st, plan.k_i)
     return kernels.cur_search(score, len(queries), cur.E, cur.anchors, st.alive, k, plan.k_r)
 
 

@@ -41,6 +41,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -158,7 +159,7 @@ def validate_texts(texts: Sequence[str], name: str) -> list[str]:
     for j, t in enumerate(out):
         if not isinstance(t, str):
             raise InvalidArgument(f"{name}[{j}] must be a string, got {type(t).__name__}")
-        if not t.strip():
+        if not t or t.isspace():  # isspace stops at the first other character: no copy of a long text
             raise InvalidArgument(f"{name}[{j}] is empty (or only whitespace); expected a non-empty text")
     return out
 
@@ -471,31 +472,119 @@ class TableScorer(BaseScorer):
 
 
 class _TokenCache:
-    """Word-piece ids of texts (no special tokens), tokenised once per call for repeated texts."""
+    """The first word-pieces of texts (no special tokens), each text tokenised once while it is cached.
 
-    def __init__(self, tokenizer: Any, split_special_tokens: bool) -> None:
+    A scorer needs at most ``keep`` pieces of a text, and whether it has more: :meth:`ids` returns
+    the first ``keep + 1`` pieces (fewer = the whole text). Two things keep long texts cheap:
+
+    * *prefix tokenisation*: only a character prefix of a long text is tokenised (``16 * (keep + 1)``
+      characters, four times more while too short), and only the pieces that end before the prefix's
+      last whitespace run are trusted: the words before a whitespace are tokenised the same whatever
+      follows (WordPiece, byte-level BPE and SentencePiece pre-tokenise on whitespace), so the
+      pieces are exactly those of the whole text. A text with no whitespace in reach is tokenised
+      whole. A 1 MB query thus costs a few KB of tokenisation, not 1 MB.
+    * *an LRU cache* keyed by the text (``max_entries`` texts, ``max_chars`` characters of keys; a text
+      over a quarter of that is not kept): an adaptive search scores its query in every round and
+      every batch, and items recur across searches; each is tokenised once, not once per batch.
+
+    Thread-safe (the cache is locked; tokenisation runs outside the lock).
+    """
+
+    def __init__(self, tokenizer: Any, split_special_tokens: bool, keep: int, max_entries: int = 8192,
+                 max_chars: int = 1 << 25) -> None:
+        if keep < 1:
+            raise InvalidArgument(f"keep must be >= 1 word-piece, got {keep}")
         self.tok = tokenizer
         self.split = split_special_tokens
+        self.keep = int(keep)
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._lru: OrderedDict[str, tuple[tuple[int, ...], tuple[int, ...]]] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
 
-    def ids(self, texts: list[str]) -> list[list[int]]:
-        uniq = list(dict.fromkeys(texts))
-        enc = self.tok(uniq, add_special_tokens=False, truncation=False, verbose=False,
-                       split_special_tokens=self.split)["input_ids"]
-        m = dict(zip(uniq, enc, strict=True))
-        return [m[t] for t in texts]
+    def _tokenise(self, texts: list[str], offsets: bool) -> tuple[list[list[int]], list[list[int]] | None]:
+        enc = self.tok(texts, add_special_tokens=False, truncation=False, verbose=False,
+                       split_special_tokens=self.split, return_offsets_mapping=offsets)
+        ends = [[e for _, e in o] for o in enc["offset_mapping"]] if offsets else None
+        return enc["input_ids"], ends
 
-    def lengths_and_prefixes(self, texts: list[str], keep: int) -> tuple[np.ndarray, list[str]]:
-        """Word-piece counts of ``texts`` and each text cut after its first ``keep`` word-pieces
-        (by character offsets). Tokenising the cut text gives the same first ``keep`` pieces (exactly
-        for WordPiece; BPE can differ only at the cut), so pair encoding need not walk long texts."""
+    def _encode(self, texts: list[str]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """``{text: (first keep+1 ids, their end offsets)}`` for the distinct ``texts`` not cached."""
+        need = self.keep + 1
+        out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        if not getattr(self.tok, "is_fast", False):  # no offsets: whole texts (still cached)
+            ids, _ = self._tokenise(texts, offsets=False)
+            return {t: (tuple(i[:need]), ()) for t, i in zip(texts, ids, strict=True)}
+        width = 16 * need
+        todo = texts
+        while todo:
+            chunks = [t if len(t) <= width else t[:width] for t in todo]
+            ids, ends = self._tokenise(chunks, offsets=True)
+            later = []
+            for t, c, i, e in zip(todo, chunks, ids, ends, strict=True):
+                if len(c) == len(t):
+                    out[t] = (tuple(i[:need]), tuple(e[:need]))
+                    continue
+                body = c.rstrip()
+                if len(body) < len(c):  # the prefix ends inside a whitespace run
+                    bound = len(body)
+                else:
+                    head = body.rsplit(None, 1)
+                    bound = len(head[0]) if len(head) == 2 else 0
+                safe = int(np.searchsorted(np.asarray(e, dtype=np.int64), bound, side="right"))
+                if safe >= need:
+                    out[t] = (tuple(i[:need]), tuple(e[:need]))
+                else:
+                    later.append(t)
+            todo = later
+            width *= 4
+        return out
+
+    def _lookup(self, texts: list[str]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         uniq = list(dict.fromkeys(texts))
-        enc = self.tok(uniq, add_special_tokens=False, truncation=False, verbose=False,
-                       split_special_tokens=self.split, return_offsets_mapping=True)
-        lens, cut = {}, {}
-        for t, ids, offs in zip(uniq, enc["input_ids"], enc["offset_mapping"], strict=True):
-            lens[t] = len(ids)
-            cut[t] = t if len(ids) <= keep else t[: offs[keep - 1][1]]
-        return np.array([lens[t] for t in texts]), [cut[t] for t in texts]
+        found: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        with self._lock:
+            for t in uniq:
+                v = self._lru.get(t)
+                if v is not None:
+                    self._lru.move_to_end(t)
+                    found[t] = v
+            self.hits += len(found)
+            self.misses += len(uniq) - len(found)
+        miss = [t for t in uniq if t not in found]
+        if miss:
+            new = self._encode(miss)
+            found.update(new)
+            with self._lock:
+                for t, v in new.items():
+                    if len(t) > self.max_chars // 4 or t in self._lru:
+                        continue
+                    self._lru[t] = v
+                    self._chars += len(t)
+                while self._lru and (len(self._lru) > self.max_entries or self._chars > self.max_chars):
+                    old, _ = self._lru.popitem(last=False)
+                    self._chars -= len(old)
+        return [found[t] for t in texts]
+
+    def ids(self, texts: list[str]) -> list[tuple[int, ...]]:
+        """The first ``keep + 1`` word-pieces of each text (all of them when it has fewer)."""
+        return [v[0] for v in self._lookup(texts)]
+
+    def lengths_and_prefixes(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Word-piece counts of ``texts`` capped at ``keep + 1``, and each text cut after its first
+        ``keep`` word-pieces (by character offsets). Tokenising the cut text gives the same first
+        ``keep`` pieces (exactly for WordPiece; BPE can differ only at the cut), so pair encoding need
+        not walk long texts."""
+        if not getattr(self.tok, "is_fast", False):
+            raise FailedPrecondition("this scorer needs a fast (Rust) tokenizer: character offsets are used")
+        lens, cut = [], []
+        for t, (i, e) in zip(texts, self._lookup(texts), strict=True):
+            lens.append(len(i))
+            cut.append(t if len(i) <= self.keep else t[: e[self.keep - 1]])
+        return np.array(lens, dtype=np.int64), cut
 
 
 @register_scorer("hf")
@@ -547,8 +636,10 @@ class HFCrossEncoderScorer(BaseScorer):
         self.precision = precision
         self._path = str(p.resolve())
         self._hash = hash_model_dir(p)
-        self._cache = _TokenCache(self._tok, split_special_tokens=False)
         self._n_special = int(self._tok.num_special_tokens_to_add(pair=True))
+        # Pair encoding needs a few word-pieces past the room of a pair (the flags below need only
+        # the lengths capped above the room, which is what the cache keeps).
+        self._cache = _TokenCache(self._tok, split_special_tokens=False, keep=self.max_length - self._n_special + 8)
         self._lock = threading.Lock()
         self._torch = torch
 
@@ -563,8 +654,8 @@ class HFCrossEncoderScorer(BaseScorer):
         # Truncation flags of the longest_first policy, from the untruncated lengths; the texts are
         # cut a few word-pieces past the limit first (same encoding, no walk over long texts).
         room = self.max_length - self._n_special
-        lq, qcut = self._cache.lengths_and_prefixes(queries, room + 8)
-        li, icut = self._cache.lengths_and_prefixes(items, room + 8)
+        lq, qcut = self._cache.lengths_and_prefixes(queries)
+        li, icut = self._cache.lengths_and_prefixes(items)
         over = lq + li > room
         tq = over & ((lq > li) | (2 * lq > room))
         ti = over & ((li >= lq) | (2 * li > room))
@@ -634,7 +725,8 @@ class JointEncoderScorer(BaseScorer):
         self.precision = precision
         self._path = str(p.resolve())
         self._hash = hash_model_dir(p)
-        self._cache = _TokenCache(self._tok, split_special_tokens=True)
+        # A pair holds at most max_length - 3 word-pieces of either text.
+        self._cache = _TokenCache(self._tok, split_special_tokens=True, keep=max_length - 3)
         self._lock = threading.Lock()
         self._torch = torch
 

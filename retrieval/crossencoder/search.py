@@ -12,6 +12,7 @@ Common rule: results are ranked by *exact* cross-encoder scores only; every item
 ANNCUR (Yadav et al., EMNLP 2022; equations in :mod:`retrieval.crossencoder.cur`)
     ``k_i`` calls for ``C_q`` (the anchor items), ``M_hat[q] = centre(C_q) E^T``, then the top
     ``k_r`` non-anchor items by ``M_hat[q]`` are scored; top-``k`` of the ``k_i + k_r`` exact scores.
+    The anchors are alive rows: after deletes the index re-solves ``E`` over its alive anchors.
 
 Adaptive retrieval (N. Yadav, N. Monath, M. Zaheer, R. Fergus, A. McCallum, "Adaptive Retrieval
 and Scalable Indexing for k-NN Search with Cross-Encoders", ICLR 2024; the test-time part, "AXN")
@@ -45,6 +46,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from retrieval.crossencoder.cur import query_embedding, ridge_with_intercept
+from retrieval.errors import InvalidArgument
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -129,11 +131,14 @@ def cur_search(score: ScoreFn, nq: int, E: np.ndarray, anchors: np.ndarray, aliv
                k_r: int, block: int = 64) -> KernelOutput:
     """ANNCUR for a batch of ``nq`` queries.
 
-    ``E``: (N x k_i) item embeddings for the anchor set ``anchors`` (k_i,); ``alive``: (N,) bool;
-    ``k_r``: rerank calls per query (capped by the alive non-anchor items). Calls per query:
-    ``k_i + k_r``. Dead anchor items are scored (they carry the query embedding) but not returned.
+    ``E``: (N x k_i) item embeddings for the anchor set ``anchors`` (k_i,), alive rows only (the index
+    re-solves its factors without the deleted anchors); ``alive``: (N,) bool; ``k_r``: rerank calls
+    per query (capped by the alive non-anchor items). Calls per query: ``k_i + k_r`` exactly, so
+    ``k_r = alive - k_i`` scores every alive item.
     """
     anchors = np.asarray(anchors, dtype=np.int64)
+    if anchors.size and not bool(alive[anchors].all()):
+        raise InvalidArgument("cur_search: every anchor row must be alive (a deleted anchor would cost calls)")
     C = np.stack(_score_sets(score, [anchors] * nq)) if nq else np.empty((0, anchors.size), np.float32)
     Q = query_embedding(C)  # nq x k_i
     excl = ~alive.copy()

@@ -51,6 +51,18 @@ def test_search_params():
     assert cconv.search_params_from_proto(cconv.search_params_to_proto(p)) == p
 
 
+def test_search_budget_unset_is_the_default_and_an_explicit_zero_is_refused():
+    assert cconv.search_params_from_proto(pb.CrossEncoderSearchParams(mode="cur")).budget == SearchParams().budget
+    with pytest.raises(InvalidArgument, match=r"budget is 0.*leave budget unset for the default \(100 calls\)"):
+        cconv.search_params_from_proto(pb.CrossEncoderSearchParams(budget=0))
+    assert cconv.search_params_from_proto(pb.CrossEncoderSearchParams(budget=1)).budget == 1
+    # The wire of clients built before the field was optional: a 0 was never sent (unset, the
+    # default); any other value arrives as field 2 (varint) and is kept.
+    assert cconv.search_params_from_proto(pb.CrossEncoderSearchParams.FromString(b"")).budget == 100
+    assert cconv.search_params_from_proto(pb.CrossEncoderSearchParams.FromString(b"\x10\x10")).budget == 16
+    assert pb.CrossEncoderSearchParams(budget=0).SerializeToString() == b"\x10\x00"  # explicit 0 is sent
+
+
 def test_hits():
     r = SearchResult(ids=np.array([5, 2**62, -1]), scores=np.array([0.9, 0.5, -np.inf], dtype=np.float32), calls=40,
                      scorer_seconds=0.25, other_seconds=0.01, mode="adaptive", k_i=0, k_r=0, rounds=4,

@@ -87,12 +87,25 @@ def test_exhaustive_budget_is_exact(built, client, local_index, task):
     np.testing.assert_allclose(r["scores"], np.sort(brute)[::-1], atol=1e-5)
 
 
+def test_budget_unset_means_the_default_and_zero_is_refused(built, client, task):
+    q = task["queries"][0]
+    r = client.ce_search("docs", q, k=5, mode="adaptive")  # budget unset: the default, 100 calls
+    assert r["calls"] == min(100, N_ITEMS)
+    with pytest.raises(errors.InvalidArgument, match="budget is 0"):
+        client.ce_search("docs", q, k=5, mode="adaptive", budget=0)
+    with pytest.raises(errors.InvalidArgument, match="exceed the budget"):
+        client.ce_search("docs", q, k=2, mode="cur", budget=4, k_i=5)
+
+
 @pytest.mark.parametrize(
     "call,exc",
     [
         (lambda c: c.ce_search("nope", "q"), errors.NotFound),
         (lambda c: c.ce_search("docs", "q", k=10, budget=5), errors.InvalidArgument),
         (lambda c: c.ce_search("docs", "q", k=1, mode="cur", budget=1), errors.InvalidArgument),
+        (lambda c: c.ce_search("docs", "q", k=1, budget=0), errors.InvalidArgument),
+        (lambda c: c.ce_search_batch("docs", ["q"], k=1, budget=0), errors.InvalidArgument),
+        (lambda c: c.ce_search("docs", "q", k=2, mode="cur", budget=4, k_i=5), errors.InvalidArgument),
         (lambda c: c.ce_search("docs", "q", mode="exhaustive"), errors.InvalidArgument),
         (lambda c: c.ce_search("docs", "   "), errors.InvalidArgument),
         (lambda c: c.ce_search("docs", "q", k=5000, budget=6000), errors.ResourceExhausted),

@@ -175,3 +175,52 @@ def test_joint_scorer_on_cuda_matches_cpu_and_fixture(fx):
     qi, ii = r.integers(0, 400, 256), r.integers(0, 1000, 256)
     s = gpu.score([fx.queries[a] for a in qi], [fx.items[b] for b in ii])
     assert np.abs(s - fx.S[qi, ii]).max() < 4e-3
+
+
+def _hard_texts(fx) -> list[str]:
+    """Texts where a prefix cut could go wrong: whitespace runs of every kind at any offset, accents,
+    punctuation glued to words, CJK without spaces, a long word, a text with no whitespace at all."""
+    r = np.random.default_rng(3)
+    words = ["what", "is", "the", "Answer", "naïve", "café", "don't", "e-mail", "x" * 150, "3.14", "[SEP]",
+             "日本語のテキスト", "über", "?!", "(a)"]
+    seps = [" ", "  ", "\t", "\n", " \n\t ", "\u00a0", "\u3000", " " * 40]
+    out = list(fx.items[:20]) + list(fx.queries[:10])
+    for n in (30, 200, 2000, 20000):
+        out.append("".join(str(r.choice(words)) + str(r.choice(seps)) for _ in range(n)))
+    out += ["word" * 5000, "a" + " " * 50000 + "b c d", "字" * 3000, "x, " * 3000]
+    return out
+
+
+@pytest.mark.parametrize("keep", [1, 7, 31, 125])
+def test_token_cache_prefix_tokenisation_equals_whole_text(fx, minilm, tiny_hf_dir, keep):
+    """The cache tokenises only a prefix of a long text; its pieces (and the hf cut) must be exactly
+    those of the whole text, for the tokenizers of both model backends."""
+    from transformers import AutoTokenizer
+
+    from retrieval.crossencoder.scorers import _TokenCache
+
+    texts = _hard_texts(fx)
+    for tok, split in ((minilm._tok, True), (AutoTokenizer.from_pretrained(tiny_hf_dir), False)):
+        cache = _TokenCache(tok, split_special_tokens=split, keep=keep)
+        full = tok(texts, add_special_tokens=False, truncation=False, verbose=False, split_special_tokens=split,
+                   return_offsets_mapping=True)
+        got = cache.ids(texts)
+        lens, cuts = cache.lengths_and_prefixes(texts)
+        for j, t in enumerate(texts):
+            ids, offs = full["input_ids"][j], full["offset_mapping"][j]
+            assert list(got[j]) == ids[: keep + 1], (keep, j)
+            assert lens[j] == min(len(ids), keep + 1)
+            assert cuts[j] == (t if len(ids) <= keep else t[: offs[keep - 1][1]])
+        assert cache.misses == len(dict.fromkeys(texts)) and cache.hits > 0  # second lookup hit
+
+
+def test_token_cache_is_bounded(minilm):
+    from retrieval.crossencoder.scorers import _TokenCache
+
+    cache = _TokenCache(minilm._tok, split_special_tokens=True, keep=4, max_entries=3, max_chars=400)
+    cache.ids(["what is the answer to it", "bb", "cc", "dd"])
+    assert list(cache._lru) == ["bb", "cc", "dd"]  # the oldest entry went first
+    cache.ids(["word " * 30])  # over a quarter of max_chars: not kept
+    assert "word " * 30 not in cache._lru and cache._chars == sum(len(t) for t in cache._lru)
+    assert cache.ids(["what is the answer to it"]) == [tuple(minilm._tok("what is the answer to it",
+                                                                         add_special_tokens=False)["input_ids"][:5])]
