@@ -4,6 +4,7 @@
                     [--api-keys-file F] [--tls-cert F --tls-key F [--tls-client-ca F]] [--metrics-port P]
     retrieval [CONNECTION OPTIONS] status [--address HOST:PORT] [--metrics-url URL] [--json]
     retrieval [CONNECTION OPTIONS] collections list|describe NAME|create NAME --dimension D ...|drop NAME
+    retrieval [CONNECTION OPTIONS] collections repair NAME [--index SPEC]   (a quarantined / unavailable one)
     retrieval build --input F --collection NAME [--index SPEC] [--shards N] [--ray [ADDRESS]]
                     (--data-dir DIR | --push HOST:PORT)        (see index_builder.cli)
     retrieval serve ... --ray ADDRESS                           (shards as Ray actors)
@@ -62,7 +63,8 @@ def main_options(
 @app.command()
 def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML settings file"),
-    host: Optional[str] = typer.Option(None, help="address to listen on (default 127.0.0.1)"),
+    host: Optional[str] = typer.Option(None, help="address to listen on (default 127.0.0.1; IPv6 "
+                                       "literals as ::1 or [::1])"),
     port: Optional[int] = typer.Option(None, help="port (default 50051; 0 picks a free one)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where collections are stored (default ./data)"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING, ERROR"),
@@ -207,7 +209,8 @@ def server_status(c, metrics_url: str | None = None) -> dict:
     out["services"] = services
     try:
         out["collections"] = [{k: col[k] for k in ("name", "dimension", "metric", "shards", "points", "indexed",
-                                                   "pending", "memory_bytes", "state")} | {"index": col["index"].kind}
+                                                   "pending", "memory_bytes", "state", "reason")}
+                              | {"index": col["index"].kind if col["index"] is not None else "?"}
                               for col in c.list_collections()]
     except RetrievalError as e:
         out["collections_error"] = str(e)
@@ -248,6 +251,8 @@ def _print_status(st: dict) -> None:
                 typer.echo(f"  {col['name']:<24} {col['dimension']:>5} {col['metric']:<6} {col['index']:<6} "
                            f"{col['points']:>10} {col['pending']:>8} {col['memory_bytes'] / 2**20:>8.1f}Mi "
                            f"{col['state']}")
+                if col.get("reason"):
+                    typer.echo(f"    {col['state']}: {col['reason']}")
     elif "collections_error" in st:
         typer.echo(f"collections: {st['collections_error']}")
     if "jobs" in st:
@@ -306,8 +311,12 @@ def collections_list(address: str = ADDRESS) -> None:
     if not cols:
         typer.echo("no collections")
     for col in cols:
-        typer.echo(f"{col['name']}\tdim={col['dimension']}\tmetric={col['metric']}\tindex={col['index'].kind}\t"
-                   f"points={col['points']}\tpending={col['pending']}\tstate={col['state']}")
+        kind = col["index"].kind if col["index"] is not None else "?"
+        line = (f"{col['name']}\tdim={col['dimension']}\tmetric={col['metric']}\tindex={kind}\t"
+                f"points={col['points']}\tpending={col['pending']}\tstate={col['state']}")
+        if col.get("reason"):
+            line += f"\treason={col['reason']}"
+        typer.echo(line)
 
 
 @collections_app.command("describe")
@@ -341,10 +350,31 @@ def collections_create(
         _fail(e)
 
 
+@collections_app.command("repair")
+def collections_repair(
+    name: str,
+    index: Optional[str] = typer.Option(None, help="a corrected index spec (as for create): the index is rebuilt "
+                                        "from the stored points with it"),
+    address: str = ADDRESS,
+) -> None:
+    """Open a quarantined or unavailable collection again (see its state and reason in describe)."""
+    spec = None
+    if index is not None:
+        try:
+            spec = json.loads(index) if index.strip().startswith("{") else index
+        except json.JSONDecodeError as e:
+            _fail(InvalidArgument(f"--index {index!r} is not valid JSON: {e}"))
+    try:
+        with _client(address, timeout=600) as c:
+            _print(c.repair_collection(name, spec))
+    except RetrievalError as e:
+        _fail(e)
+
+
 @collections_app.command("drop")
 def collections_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
                      address: str = ADDRESS) -> None:
-    """Drop a collection and all its points."""
+    """Drop a collection and all its points (a quarantined or unavailable one too)."""
     if not yes and not typer.confirm(f"drop collection {name!r} and all its points?"):
         raise typer.Exit(1)
     try:

@@ -318,6 +318,16 @@ class Client:
     def drop_collection(self, name: str) -> None:
         self._call(self._collections.Drop, collections_pb2.DropCollectionRequest(name=name))
 
+    def repair_collection(self, name: str, index=None) -> dict:
+        """Open a quarantined or unavailable collection again (its ``state`` / ``reason`` in
+        :meth:`describe_collection` say why it is not served); with ``index`` (as in
+        :meth:`create_collection`) its index is rebuilt from the stored points with that spec.
+        Returns its description."""
+        req = collections_pb2.RepairCollectionRequest(name=name)
+        if index is not None:
+            req.index.CopyFrom(_index_spec(index))
+        return convert.collection_info_from_proto(self._call(self._collections.Repair, req))
+
     def import_collection(self, name: str, path: str, replace: bool = False, timeout: float | None = None) -> dict:
         """Attach a collection folder built offline (``index_builder build``) that the server can read
         at ``path`` (inside its allowed folders) as ``name``; with ``replace`` the old collection serves
@@ -627,17 +637,21 @@ class Client:
     def _ce_params(mode, budget, k_i, rounds, seed_fraction, ridge):
         from retrieval.v1 import crossencoder_pb2 as cpb
 
-        p = cpb.CrossEncoderSearchParams(mode=mode, budget=budget, k_i=k_i, rounds=rounds)
+        p = cpb.CrossEncoderSearchParams(mode=mode, k_i=k_i, rounds=rounds)
+        if budget is not None:  # None: unset, the server's default; 0 is sent and refused
+            p.budget = budget
         if seed_fraction is not None:
             p.seed_fraction = seed_fraction
         if ridge is not None:
             p.ridge = ridge
         return p
 
-    def ce_search(self, index: str, query: str, k: int = 10, mode: str = "", budget: int = 0, k_i: int = 0,
-                  rounds: int = 0, seed_fraction: float | None = None, ridge: float | None = None,
+    def ce_search(self, index: str, query: str, k: int = 10, mode: str = "", budget: int | None = None,
+                  k_i: int = 0, rounds: int = 0, seed_fraction: float | None = None, ridge: float | None = None,
                   with_payloads: bool = False, timeout: float | None = None) -> dict:
-        """Top-``k`` items for ``query`` within ``budget`` cross-encoder calls (0 / "": server defaults).
+        """Top-``k`` items for ``query`` within ``budget`` cross-encoder calls (``budget`` None, other
+        fields 0 / "": server defaults; an explicit ``budget`` below what the mode needs, 0 included,
+        raises InvalidArgument).
         Returns ``ids`` int64 (<= k,), ``scores`` float32 exact CE scores, ``calls``, the server's
         ``scorer_seconds`` / ``other_seconds``, and ``latency_seconds`` measured here (the wire and
         the server's gRPC layer are ``latency - scorer - other``)."""
@@ -652,7 +666,7 @@ class Client:
         out["latency_seconds"] = time.perf_counter() - t0
         return out
 
-    def ce_search_batch(self, index: str, queries: list[str], k: int = 10, mode: str = "", budget: int = 0,
+    def ce_search_batch(self, index: str, queries: list[str], k: int = 10, mode: str = "", budget: int | None = None,
                         k_i: int = 0, rounds: int = 0, seed_fraction: float | None = None, ridge: float | None = None,
                         with_payloads: bool = False, timeout: float | None = None) -> list[dict]:
         """:meth:`ce_search` for several queries in one call (each round is one scorer batch)."""

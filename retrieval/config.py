@@ -47,6 +47,9 @@ class LimitsSettings(BaseModel):
     max_memory_bytes: int = Field(0, ge=0, description="cap on the server's heap (RLIMIT_DATA); a request that "
                                   "would pass it fails with RESOURCE_EXHAUSTED instead of the kernel killing the "
                                   "server; 0 = no cap")
+    max_json_depth: int = Field(64, ge=1, le=10_000, description="deepest nesting of arrays / objects in "
+                                "JSON a client sends (params_json, config_json, payload_json, ...); deeper "
+                                "is INVALID_ARGUMENT")
     search_chunk: int = Field(1024, ge=1, description="queries per slice of a batch search; the call checks "
                               "its deadline and yields the event loop between slices")
 

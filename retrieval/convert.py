@@ -172,9 +172,9 @@ def optional_filter(msg, field: str = "filter") -> flt.Filter | None:
 def collection_info_to_proto(info: dict) -> collections_pb2.CollectionInfo:
     msg = collections_pb2.CollectionInfo(
         name=info["name"], dimension=info["dimension"], metric=info["metric"],
-        index=index_spec_to_proto(info["index"]), shards=info["shards"], points=info["points"],
-        indexed=info["indexed"], pending=info["pending"], memory_bytes=info["memory_bytes"],
-        state=info["state"], device=info["device"], created_at=info["created_at"])
+        index=index_spec_to_proto(info["index"]) if info["index"] is not None else None, shards=info["shards"],
+        points=info["points"], indexed=info["indexed"], pending=info["pending"], memory_bytes=info["memory_bytes"],
+        state=info["state"], device=info["device"], created_at=info["created_at"], reason=info.get("reason", ""))
     for s in info["shard_info"]:
         msg.shard_info.add(**{k: s[k] for k in ("shard", "indexed", "pending", "deleted_in_index", "last_seq",
                                                  "snapshot_seq", "memory_bytes", "state", "location")},
@@ -186,7 +186,8 @@ def collection_info_from_proto(msg: collections_pb2.CollectionInfo) -> dict:
     from google.protobuf.json_format import MessageToDict
 
     out = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    out["index"] = index_spec_from_proto(msg.index)
+    out["index"] = index_spec_from_proto(msg.index) if msg.HasField("index") else None  # None: settings unreadable
+    out.setdefault("reason", "")
     for key in ("points", "indexed", "pending", "memory_bytes"):
         out[key] = int(out.get(key, 0))
     for s in out.get("shard_info", []):

@@ -184,12 +184,9 @@ def hits_from_proto(msgs) -> list[tuple[np.ndarray, np.ndarray]]:
 
 # ---- training ----------------------------------------------------------------------------------------
 def train_request_to_params(msg: pb.TrainLinkModelRequest) -> dict:
-    try:
-        config = json.loads(msg.config_json) if msg.config_json else {}
-    except ValueError as e:
-        raise InvalidArgument(f"config_json is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise InvalidArgument("config_json must be a JSON object")
+    from retrieval.jsonlimits import loads_client_json
+
+    config = loads_client_json(msg.config_json, "config_json", default={}, expect=dict)
     p = {"graph": msg.graph, "model": msg.model or "ncn", "preset": msg.preset or None, "config": config,
          "seed": int(msg.seed), "device": msg.device or "auto"}
     if msg.HasField("val_frac"):

@@ -11,7 +11,10 @@ folder ``<data_dir>/jobs/<id>/`` for resumable state.
 
 States: queued -> running -> succeeded | failed | cancelled. On start-up, jobs a previous server left
 queued or running are re-queued when their kind is resumable (the body resumes from its work folder)
-and marked failed ("interrupted by a server restart") otherwise: never lost silently.
+and marked failed ("interrupted by a server restart") otherwise: never lost silently. A resumed job
+cannot make start-up a crash loop: one that was running when the server died of a fatal error in the
+job's own thread (a native abort; :mod:`retrieval.crashes`), or that died on two resumes in a row
+without making progress, is marked failed with the reason instead of being resumed again.
 
 Thread-safety: the public methods are called from the event-loop thread; bodies report progress from
 their worker thread through :class:`ServerJobContext`, which hands updates to the loop.
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from retrieval import crashes
 from retrieval.errors import Cancelled, InvalidArgument, NotFound, RetrievalError
 from retrieval.jobs.context import JobContext
 
@@ -63,9 +67,22 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float = 0.0
     finished_at: float = 0.0
+    resumes: int = 0                      # times resumed after a server restart
+    resumed_done: float | None = None     # progress when last resumed
+    stalled_resumes: int = 0              # resumes in a row after which the server died before any progress
 
     def public(self) -> dict:
+        """What clients see (the resume bookkeeping stays on the server)."""
+        d = asdict(self)
+        for key in _BOOKKEEPING:
+            del d[key]
+        return d
+
+    def stored(self) -> dict:
         return asdict(self)
+
+
+_BOOKKEEPING = ("resumes", "resumed_done", "stalled_resumes")
 
 
 class ServerJobContext(JobContext):
@@ -120,13 +137,29 @@ class JobManager:
         for (text,) in self._db.execute("SELECT record FROM jobs").fetchall():
             rec = JobRecord(**json.loads(text))
             self._jobs[rec.id] = rec
+        crash = crashes.last_crash(self.root.parent)
         for rec in sorted(self._jobs.values(), key=lambda r: r.created_at):
             if rec.state in FINAL:
                 continue
             kind = self.kinds.get(rec.kind)
             if kind is not None and kind.resumable:
+                if rec.state == "running" and rec.resumed_done is not None:  # died after a resume: progress since?
+                    rec.stalled_resumes = rec.stalled_resumes + 1 if rec.done <= rec.resumed_done else 0
+                why = ""
+                if crash is not None and crash.in_job and rec.state == "running":
+                    why = (f"the server died of a fatal error ({crash.error}) in this job's thread (a native "
+                           "library abort or crash); it is not resumed again (the stacks are in the server log)")
+                elif rec.stalled_resumes >= 2:
+                    why = (f"the server stopped on {rec.stalled_resumes} resumes of this job in a row before it made "
+                           "any progress; it is not resumed again")
+                if why:
+                    logger.error("job %s (%s): marked failed: %s", rec.id, rec.kind, why)
+                    rec.state, rec.error, rec.finished_at = "failed", why, time.time()
+                    self._save(rec)
+                    continue
                 logger.info("job %s (%s) was %s when the server stopped; resuming", rec.id, rec.kind, rec.state)
                 rec.state, rec.message = "queued", "resuming after a server restart"
+                rec.resumes, rec.resumed_done = rec.resumes + 1, rec.done
                 self._save(rec)
                 self._tasks[rec.id] = asyncio.create_task(self._run(rec))
             else:
@@ -146,7 +179,7 @@ class JobManager:
             self._db.close()
 
     def _save(self, rec: JobRecord) -> None:
-        self._db.execute("INSERT OR REPLACE INTO jobs(id, record) VALUES (?, ?)", (rec.id, json.dumps(rec.public())))
+        self._db.execute("INSERT OR REPLACE INTO jobs(id, record) VALUES (?, ?)", (rec.id, json.dumps(rec.stored())))
 
     # ------------------------------------------------------------------------------------------
     async def start(self, kind: str, params: dict) -> JobRecord:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
 import logging
 import os
 import signal
@@ -24,6 +25,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from retrieval import crashes
+from retrieval import jsonlimits
 from retrieval.config import Settings
 from retrieval.errors import FailedPrecondition
 from retrieval.jobs.manager import JobManager
@@ -66,6 +69,46 @@ def _cap_memory(nbytes: int) -> None:
     logger.info("heap capped at %.1f GiB (limits.max_memory_bytes)", cap / 2**30)
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer (Check, Watch) plus ``List``, which grpcio-health-checking leaves
+    unimplemented: the status of every service this server reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._final = False
+
+    async def set(self, service: str, status) -> None:
+        if not self._final:
+            self._statuses[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        if not self._final:
+            self._final = True
+            self._statuses = {name: health_pb2.HealthCheckResponse.NOT_SERVING for name in self._statuses}
+        await super().enter_graceful_shutdown()
+
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in sorted(self._statuses.items())})
+
+
+def bind_address(host: str, port: int) -> str:
+    """``host:port`` for gRPC and for people: an IPv6 literal is bracketed (``[::1]:50051``)."""
+    h = _unbracket(host)
+    try:
+        v6 = ipaddress.ip_address(h).version == 6
+    except ValueError:
+        v6 = False
+    return f"[{h}]:{port}" if v6 else f"{h}:{port}"
+
+
+def _unbracket(host: str) -> str:
+    h = host.strip()
+    return h[1:-1] if h.startswith("[") and h.endswith("]") else h
+
+
 def shard_settings(s: Settings) -> ShardSettings:
     return ShardSettings(index_threads=s.indexing.threads, synchronous=s.durability,
                          snapshot_every=s.indexing.snapshot_every, snapshot_interval_s=s.indexing.snapshot_interval_s,
@@ -87,11 +130,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     if settings.limits.max_memory_bytes:
         _cap_memory(settings.limits.max_memory_bytes)
     credentials = auth.server_credentials(settings.security)
+    jsonlimits.set_max_depth(settings.limits.max_json_depth)
     data_dir = Path(settings.data_dir).resolve()
     from retrieval.vectors.ray_shards import factory_from_settings
 
     shard_factory = factory_from_settings(settings)  # None: shards in process; else Ray actors (--ray)
     lock = _lock_data_dir(data_dir)
+    crashes.arm(data_dir)  # record a native abort; keep the last run's (quarantine, see vectors.collection)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,7 +165,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
         await svc.start(server, ctx)
         names.extend(svc.service_names)
     await ctx.jobs.open()  # after every service registered its job kinds: resumes interrupted jobs
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for svc in services:  # services declare their read-only methods (for read-only API keys)
@@ -128,7 +173,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
             reads = getattr(svc, "read_methods", None)
             if reads:
                 auth.register_read_methods(sname, reads)
-    address = f"{settings.host}:{settings.port}"
+    address = bind_address(settings.host, settings.port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as e:
@@ -139,22 +184,24 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     httpd = None
     if settings.metrics_port is not None:
         try:
-            httpd, mport = metrics.start_http(settings.metrics_port, settings.metrics_host, settings.security)
+            httpd, mport = metrics.start_http(settings.metrics_port, _unbracket(settings.metrics_host),
+                                              settings.security)
         except OSError as e:
             await ctx.jobs.close()
             await ctx.collections.close()
             lock.close()
-            raise FailedPrecondition(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {e}") from None
+            raise FailedPrecondition(f"cannot serve metrics on "
+                                     f"{bind_address(settings.metrics_host, settings.metrics_port)}: {e}") from None
         scheme = "https" if settings.security.tls_cert_file else "http"
         if not auth.is_loopback(settings.metrics_host):
             logger.warning("metrics are served on %s, reachable from other machines (no API key protects them)",
                            settings.metrics_host)
-        print(f"retrieval: metrics on {scheme}://{settings.metrics_host}:{mport}/metrics", flush=True)
+        print(f"retrieval: metrics on {scheme}://{bind_address(settings.metrics_host, mport)}/metrics", flush=True)
     refresher = asyncio.create_task(metrics.refresh_forever(ctx.collections, ctx.jobs, admission))
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    bound = f"{settings.host}:{port}"
+    bound = bind_address(settings.host, port)
     logger.info("serving on %s (%s, %s), data folder %s", bound, "TLS" if credentials else "plaintext",
                 f"{len(keys)} API keys" if keys.enabled else "no API keys", data_dir)
     print(f"retrieval: serving on {bound} (data folder {data_dir})", flush=True)
@@ -164,8 +211,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
         await stop.wait()
     finally:
         logger.info("shutting down (grace %.1f s)", settings.grace_s)
-        for name in ("", *names):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING to every Check, Watch and List
         await server.stop(settings.grace_s)
         refresher.cancel()
         if httpd is not None:

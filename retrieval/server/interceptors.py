@@ -19,6 +19,12 @@ For each call, in order:
 6. **Metrics and access log** (:mod:`retrieval.server.metrics`): requests, errors, latency per RPC,
    per-message latency on bidirectional streams; slow calls (> ``SLOW_S``) are always logged.
 
+Every kind of handler grpc.aio accepts is served: unary-unary, unary-stream, stream-unary and
+stream-stream, each as a coroutine, an async generator, a coroutine writing through ``context.write``
+(grpc's health ``Watch``), a plain function or a sync generator (sync handlers reading a request stream
+run on a worker thread). A handler that set a status with ``context.set_code`` and then raised keeps
+that status (grpc's generated base classes answer UNIMPLEMENTED this way).
+
 Cancelled calls and calls past their deadline: grpc.aio cancels the handler's task, so the work stops
 at its next ``await`` (engines yield between chunks of long work, see ``limits.search_chunk``).
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import inspect
 import itertools
 import json
 import logging
@@ -191,6 +198,14 @@ class _Call:
             code, msg, retry = e.code, e.message, e.retry_after_ms
         else:
             code, msg, retry = status_of(e)
+            if code == grpc.StatusCode.INTERNAL and not isinstance(e, RetrievalError):
+                # a handler that set its status and then raised (grpc's generated base classes do so for
+                # methods a servicer does not implement: UNIMPLEMENTED, then NotImplementedError)
+                set_code = self._servicer_code()
+                if set_code is not None:
+                    code, msg = set_code, self._servicer_details() or str(e)
+                elif isinstance(e, NotImplementedError):
+                    code, msg = grpc.StatusCode.UNIMPLEMENTED, f"{self.method} is not implemented by this server"
         md = [("x-request-id", self.rid)]
         if retry is not None:
             md.append((RETRY_AFTER_KEY, str(retry)))
@@ -205,6 +220,23 @@ class _Call:
         if len(msg) > MAX_DETAILS:  # messages may quote client input; gRPC caps metadata at 8 KiB
             msg = msg[: MAX_DETAILS - 30] + f"... ({len(msg)} characters)"
         await self.context.abort(code, msg, trailing_metadata=tuple(md))
+
+    def _servicer_code(self) -> grpc.StatusCode | None:
+        """The non-OK code the handler set with ``context.set_code``, else None."""
+        try:
+            c = self.context.code()
+        except Exception:
+            return None
+        if isinstance(c, int) and not isinstance(c, grpc.StatusCode):
+            c = next((s for s in grpc.StatusCode if s.value[0] == c), None)
+        return c if isinstance(c, grpc.StatusCode) and c != grpc.StatusCode.OK else None
+
+    def _servicer_details(self) -> str:
+        try:
+            d = self.context.details()
+        except Exception:
+            return ""
+        return d.decode(errors="replace") if isinstance(d, bytes) else str(d or "")
 
     def aborted_by_servicer(self) -> None:
         try:
@@ -302,7 +334,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                             wb = request.ByteSize() if write else 0
                             admission.enter_unary(wb)
                             admitted = True
-                    return await inner(request, context)
+                    return await _unary_result(inner, request, context, streaming_in)
                 except asyncio.CancelledError:
                     call.cancelled()
                     raise
@@ -332,7 +364,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         hist = metrics.STREAM_MESSAGE_LATENCY.labels(service, name) if streaming_in else None
         open_gauge = metrics.OPEN_STREAMS.labels(service, name)
 
-        async def stream_response(request, context):
+        # A coroutine writing through ``context.write``: it serves every kind of streaming handler (async
+        # generators, coroutines that write themselves such as grpc's health Watch, sync generators).
+        async def stream_response(request, context) -> None:
             call = _Call(method, service, name, context, True)
             admitted = False
             charge = None
@@ -342,25 +376,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 if admission is not None:
                     admission.enter_stream(session)
                     admitted = True
+                arrivals: list[float] | None = None
                 if streaming_in:
                     if write and admission is not None:
                         charge = StreamCharge(admission)
-                    arrivals: list[float] = []
+                    arrivals = []
                     request = _requests(request, method, charge, context, arrivals)
-                    async for resp in inner(request, context):
-                        if arrivals:
-                            hist.observe(time.perf_counter() - arrivals.pop(0))
-                        yield resp
-                else:
-                    if isinstance(request, _Malformed):
-                        raise _malformed(method)
-                    async for resp in inner(request, context):
-                        yield resp
+                elif isinstance(request, _Malformed):
+                    raise _malformed(method)
+                async for resp in _responses(inner, request, context, streaming_in):
+                    if arrivals:
+                        hist.observe(time.perf_counter() - arrivals.pop(0))
+                    await context.write(resp)
             except asyncio.CancelledError:
                 call.cancelled()
-                raise
-            except GeneratorExit:
-                call.code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 if call.code == grpc.StatusCode.OK:
@@ -378,6 +407,68 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
         return make(stream_response, request_deserializer=deser, response_serializer=h.response_serializer)
+
+
+# ------------------------------------------------------------------------------------------------
+# Calling the wrapped handler, whatever its kind
+# ------------------------------------------------------------------------------------------------
+# grpc.aio accepts, for each of the four kinds, a coroutine function / async generator function or a
+# plain function / generator; the wrappers above are always async, so they call the handler the way
+# grpc.aio would have: async handlers on the event loop, sync unary-request handlers on the event loop
+# too (grpc.aio's default without a thread pool), sync stream-request handlers on a worker thread (they
+# read the requests with a blocking iterator, which the event loop feeds).
+_END = object()
+
+
+def _is_async(fn) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+
+async def _anext(it):
+    return await it.__anext__()
+
+
+def _blocking_requests(requests, loop: asyncio.AbstractEventLoop):
+    """The async request stream as a blocking iterator, for a sync handler on a worker thread."""
+    while True:
+        try:
+            yield asyncio.run_coroutine_threadsafe(_anext(requests), loop).result()
+        except StopAsyncIteration:
+            return
+
+
+async def _in_thread(fn, *args):
+    ctx = contextvars.copy_context()  # the request id follows the call onto the thread
+    return await asyncio.get_running_loop().run_in_executor(None, ctx.run, fn, *args)
+
+
+async def _unary_result(inner, request, context, streaming_in: bool):
+    if streaming_in and not _is_async(inner):
+        return await _in_thread(inner, _blocking_requests(request, asyncio.get_running_loop()), context)
+    result = inner(request, context)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _responses(inner, request, context, streaming_in: bool):
+    """The handler's responses as an async iterator (nothing for a handler that writes them itself)."""
+    if streaming_in and not _is_async(inner):
+        blocking = _blocking_requests(request, asyncio.get_running_loop())
+        it = await _in_thread(lambda: iter(inner(blocking, context) or ()))
+        while (resp := await _in_thread(next, it, _END)) is not _END:
+            yield resp
+        return
+    result = inner(request, context)
+    if inspect.isawaitable(result):  # reader/writer API: the handler wrote its responses itself
+        await result
+        return
+    if hasattr(result, "__aiter__"):
+        async for resp in result:
+            yield resp
+    elif result is not None:  # a sync generator or any iterable, iterated on the event loop like grpc.aio
+        for resp in result:
+            yield resp
 
 
 async def _requests(it, method: str, charge: StreamCharge | None, context, arrivals: list | None = None):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
-from retrieval.errors import InvalidArgument
 from retrieval.convert import job_to_proto
 from retrieval.jobs.manager import JobManager
+from retrieval.jsonlimits import loads_client_json
 from retrieval.v1 import jobs_pb2, jobs_pb2_grpc
 
 
@@ -15,10 +13,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self.jobs = jobs
 
     async def Start(self, request, context):
-        try:
-            params = json.loads(request.params_json or "{}")
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(f"params_json is not valid JSON: {e}") from None
+        params = loads_client_json(request.params_json, "params_json", default={}, expect=dict)
         return job_to_proto(await self.jobs.start(request.kind, params))
 
     async def Get(self, request, context):

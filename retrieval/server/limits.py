@@ -178,3 +178,72 @@ class StreamCharge:
     def close(self) -> None:
         while self.window:
             self.admission.release_write(self.window.popleft())
+
+
+# --- replies too large to send ----------------------------------------------------------------------
+#: bytes each result takes in a SearchResponse at least / at most: an id (a packed varint, 1 to 10
+#: bytes) and a distance (a packed float32); payloads add at least a tag and a length
+ID_MIN_BYTES, ID_MAX_BYTES = 1, 10
+PAYLOAD_MIN_BYTES = 2
+REPLY_OVERHEAD = 64  # nq, k, field headers
+
+
+def search_reply_lower_bound(nq: int, k: int, d: int, with_vectors: bool, with_payloads: bool) -> int:
+    """The fewest bytes a SearchResponse of ``nq`` x ``k`` results can take, computable before the search."""
+    per_result = ID_MIN_BYTES + 4 + (4 * d if with_vectors else 0) + (PAYLOAD_MIN_BYTES if with_payloads else 0)
+    return REPLY_OVERHEAD + nq * k * per_result
+
+
+def check_search_reply_estimate(max_message_bytes: int, nq: int, k: int, d: int, with_vectors: bool,
+                                with_payloads: bool) -> None:
+    """Before searching: refuse (:class:`ResourceExhausted`, permanent) a search whose reply cannot fit
+    in one message even at its smallest, saying how to split it."""
+    nbytes = search_reply_lower_bound(nq, k, d, with_vectors, with_payloads)
+    if not max_message_bytes or nbytes <= max_message_bytes:
+        return
+    # the suggestion assumes the largest ids, so that following it works (payloads aside)
+    result_max = ID_MAX_BYTES + 4 + (4 * d if with_vectors else 0) + (PAYLOAD_MIN_BYTES if with_payloads else 0)
+    _refuse(nbytes, max_message_bytes, nq, k, with_vectors, with_payloads, k * result_max, result_max, True)
+
+
+def check_search_reply(max_message_bytes: int, ids, payloads, d: int, with_vectors: bool) -> None:
+    """After searching, before building the reply: refuse one that would not fit in one message (ids
+    and payload texts are known now), saying how to split it."""
+    import numpy as np
+
+    ids = np.asarray(ids, np.uint64)
+    nq = ids.shape[0] if ids.ndim == 2 else 1
+    ids = ids.reshape(nq, -1)
+    k = ids.shape[1]
+    # varint length of each id: 1 byte, plus one for each 7 bits past the first 7
+    per_result = np.ones(ids.shape, np.int64)
+    for i in range(1, 10):
+        per_result += ids >= np.uint64(1 << (7 * i))
+    per_result += 4 + (4 * d if with_vectors else 0)
+    if payloads is not None:
+        lens = np.fromiter((len(p.encode("utf-8")) if p else 0 for p in payloads), np.int64, count=len(payloads))
+        per_result += lens.reshape(nq, k) + PAYLOAD_MIN_BYTES
+    per_query = per_result.sum(axis=1)
+    nbytes = REPLY_OVERHEAD + int(per_query.sum())
+    if not max_message_bytes or nbytes <= max_message_bytes:
+        return
+    _refuse(nbytes, max_message_bytes, nq, k, with_vectors, payloads is not None, int(per_query.max()),
+            int(per_result.max()), False)
+
+
+def _refuse(nbytes: int, max_message_bytes: int, nq: int, k: int, with_vectors: bool, with_payloads: bool,
+            query_bytes: int, result_bytes: int, before: bool) -> None:
+    room = max(1, max_message_bytes - REPLY_OVERHEAD)
+    fit = room // max(1, query_bytes)
+    extras = [w for w, on in (("vectors", with_vectors), ("payloads", with_payloads)) if on]
+    if fit >= 1:
+        hint = f"split it into calls of at most {fit} {'query' if fit == 1 else 'queries'} (or lower k)"
+    else:
+        hint = f"lower k to at most {max(1, room // max(1, result_bytes))} (one query's results do not fit)"
+    if extras:
+        hint += f", or leave out {' and '.join(extras)}"
+    what = f"{nq} queries x k = {k}" + (f", with {' and '.join(extras)}" if extras else "")
+    raise ResourceExhausted(
+        f"the reply to this search would take {'at least ' if before else ''}{nbytes} bytes ({what}), more "
+        f"than the largest message of {max_message_bytes} bytes (limits.max_message_bytes); {hint}"
+        + ("; nothing was searched" if before else ""))

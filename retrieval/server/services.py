@@ -48,7 +48,8 @@ class VectorsService:
         collections_pb2_grpc.add_CollectionsServicer_to_server(
             CollectionsServicer(ctx.collections, ctx.settings, ctx.data_dir), server)
         points_pb2_grpc.add_PointsServicer_to_server(PointsServicer(ctx.collections), server)
-        search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(ctx.collections), server)
+        search_pb2_grpc.add_SearchServicer_to_server(
+            SearchServicer(ctx.collections, ctx.settings.limits.max_message_bytes), server)
         from index_builder.jobs import build_index_kind  # offline builds as a job: `build_index`
 
         ctx.jobs.register(build_index_kind(ctx.collections, ctx.settings, ctx.data_dir))

@@ -11,6 +11,7 @@ import numpy as np
 from retrieval import convert
 from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound
 from retrieval.indexes.base import QueryParams
+from retrieval.server import limits
 from retrieval.v1 import (collections_pb2, collections_pb2_grpc, points_pb2, points_pb2_grpc,
                           search_pb2, search_pb2_grpc)
 from retrieval.vectors.collection import CollectionConfig, CollectionManager
@@ -32,13 +33,19 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         return convert.collection_info_to_proto(await col.describe())
 
     async def List(self, request, context):
+        # served collections and the ones held but not served (quarantined, unavailable), with a state
         out = collections_pb2.ListCollectionsResponse()
-        for col in self.manager.list():
+        for col in self.manager.all():
             out.collections.append(convert.collection_info_to_proto(await col.describe()))
         return out
 
     async def Describe(self, request, context):
-        return convert.collection_info_to_proto(await self.manager.get(request.name).describe())
+        return convert.collection_info_to_proto(await self.manager.lookup(request.name).describe())
+
+    async def Repair(self, request, context):
+        index = convert.index_spec_from_proto(request.index) if request.HasField("index") else None
+        col = await self.manager.repair(request.name, index)
+        return convert.collection_info_to_proto(await col.describe())
 
     async def Drop(self, request, context):
         await self.manager.drop(request.name)
@@ -104,8 +111,18 @@ class PointsServicer(points_pb2_grpc.PointsServicer):
         # every batch before it committed.
         inflight: list[asyncio.Task] = []
         total, seq = 0, 0
+        first: str | None = None
+        nmsg = 0
         try:
             async for request in request_iterator:
+                nmsg += 1
+                if first is None:
+                    first = request.collection
+                elif request.collection != first:  # refused before anything of this message is written
+                    raise InvalidArgument(
+                        f"an UpsertStream writes to one collection: it started with {first[:200]!r} and message "
+                        f"{nmsg} names {request.collection[:200]!r}; open one stream per "
+                        "collection")
                 inflight.append(asyncio.ensure_future(self._upsert(request)))
                 await asyncio.sleep(0)  # let it validate and reach its shard's writer queue in order
                 if inflight[0].done() or len(inflight) >= 4:
@@ -144,8 +161,15 @@ class PointsServicer(points_pb2_grpc.PointsServicer):
 
 
 class SearchServicer(search_pb2_grpc.SearchServicer):
-    def __init__(self, manager: CollectionManager) -> None:
+    def __init__(self, manager: CollectionManager, max_message_bytes: int | None = None) -> None:
+        """``max_message_bytes``: the server's ``limits.max_message_bytes``; a search whose reply could
+        not be sent is refused before it runs (default: the setting's default)."""
         self.manager = manager
+        if max_message_bytes is None:
+            from retrieval.config import LimitsSettings
+
+            max_message_bytes = LimitsSettings().max_message_bytes
+        self.max_message_bytes = max_message_bytes
 
     async def _search(self, request, single: bool) -> search_pb2.SearchResponse:
         col = self.manager.get(request.collection)
@@ -157,7 +181,12 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         p = request.params
         params = QueryParams(ef=p.ef, nprobe=p.nprobe, exact=p.exact)
         flt = convert.optional_filter(request) if request.HasField("filter") else None
+        col.check_batch(len(xq), "search")  # request limits first, then the reply's size, then the work
+        col.check_k(request.k)
+        limits.check_search_reply_estimate(self.max_message_bytes, len(xq), request.k, col.d, request.with_vectors,
+                                           request.with_payloads)  # before the work
         res = await col.search(xq, request.k, params, flt, request.with_payloads, request.with_vectors)
+        limits.check_search_reply(self.max_message_bytes, res.ids, res.payloads, col.d, request.with_vectors)
         out = search_pb2.SearchResponse(nq=len(xq), k=request.k)
         out.ids.extend(res.ids.ravel().tolist())
         convert.append_floats(out, search_pb2.SearchResponse.DISTANCES_FIELD_NUMBER, res.distances)

@@ -58,6 +58,14 @@ class ImportCollectionRequest(_message.Message):
     replace: bool
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
 
+class RepairCollectionRequest(_message.Message):
+    __slots__ = ("name", "index")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: _common_pb2.IndexSpec
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ...) -> None: ...
+
 class ShardInfo(_message.Message):
     __slots__ = ("shard", "points", "indexed", "pending", "deleted_in_index", "last_seq", "snapshot_seq", "memory_bytes", "state", "location")
     SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -83,7 +91,7 @@ class ShardInfo(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., points: _Optional[int] = ..., indexed: _Optional[int] = ..., pending: _Optional[int] = ..., deleted_in_index: _Optional[int] = ..., last_seq: _Optional[int] = ..., snapshot_seq: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., state: _Optional[str] = ..., location: _Optional[str] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index", "shards", "points", "indexed", "pending", "memory_bytes", "state", "device", "shard_info", "created_at")
+    __slots__ = ("name", "dimension", "metric", "index", "shards", "points", "indexed", "pending", "memory_bytes", "state", "device", "shard_info", "created_at", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +105,7 @@ class CollectionInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SHARD_INFO_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: str
@@ -110,4 +119,5 @@ class CollectionInfo(_message.Message):
     device: str
     shard_info: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     created_at: float
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., shards: _Optional[int] = ..., points: _Optional[int] = ..., indexed: _Optional[int] = ..., pending: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., shard_info: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[float] = ...) -> None: ...
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., shards: _Optional[int] = ..., points: _Optional[int] = ..., indexed: _Optional[int] = ..., pending: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., shard_info: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...

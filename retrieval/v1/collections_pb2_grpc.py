@@ -61,6 +61,11 @@ class CollectionsStub:
                 request_serializer=retrieval_dot_v1_dot_collections__pb2.ImportCollectionRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
                 _registered_method=True)
+        self.Repair = channel.unary_unary(
+                '/retrieval.v1.Collections/Repair',
+                request_serializer=retrieval_dot_v1_dot_collections__pb2.RepairCollectionRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
+                _registered_method=True)
 
 
 class CollectionsServicer:
@@ -103,6 +108,17 @@ class CollectionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Repair(self, request, context):
+        """Open a collection that is not served (state "quarantined" or "unavailable", see CollectionInfo)
+        again, now; with `index`, first replace its index spec and rebuild the index from the stored points
+        (nothing stored is lost). A served collection is returned as is. FAILED_PRECONDITION with the
+        reason when it still cannot be opened; INVALID_ARGUMENT for a bad spec; NOT_FOUND for an unknown
+        name. A quarantined collection can also be dropped (Drop).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +145,11 @@ def add_CollectionsServicer_to_server(servicer, server):
             'Import': grpc.unary_unary_rpc_method_handler(
                     servicer.Import,
                     request_deserializer=retrieval_dot_v1_dot_collections__pb2.ImportCollectionRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.SerializeToString,
+            ),
+            'Repair': grpc.unary_unary_rpc_method_handler(
+                    servicer.Repair,
+                    request_deserializer=retrieval_dot_v1_dot_collections__pb2.RepairCollectionRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.SerializeToString,
             ),
     }
@@ -267,6 +288,33 @@ class Collections:
             target,
             '/retrieval.v1.Collections/Import',
             retrieval_dot_v1_dot_collections__pb2.ImportCollectionRequest.SerializeToString,
+            retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Repair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Collections/Repair',
+            retrieval_dot_v1_dot_collections__pb2.RepairCollectionRequest.SerializeToString,
             retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
             options,
             channel_credentials,

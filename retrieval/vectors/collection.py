@@ -5,12 +5,24 @@ once, atomically) and one folder per shard (``shard-0/``...) holding that shard'
 index snapshots. Ids are routed to shards by a fixed hash (splitmix64), so a point always lives in
 the same shard.
 
+Start-up survives what a bad collection does (:class:`CollectionManager`): while a collection is
+opened and its replayed writes are indexed, a marker ``<collection>/.opening`` is on disk. A marker
+found at the next start means that process died in there: after a fatal error (a native abort, see
+:mod:`retrieval.crashes`), or the second death in a row without one, the collection is *quarantined*
+(not served; FAILED_PRECONDITION with the reason; ``retrieval collections repair|drop``). A
+collection that cannot be opened (e.g. the disk is full) is *unavailable* (UNAVAILABLE with the
+reason) and opened again in the background, with backoff, until it works. Both are listed with their
+state and reason; the other collections serve meanwhile.
+
 Thread-safety: like the shards, a collection is used from the server's event-loop thread only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -23,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval import crashes
 from retrieval.device import torch_device
-from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from retrieval.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                              RetrievalError, Unavailable)
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec, QueryParams
 from retrieval.storage.names import validate_name
@@ -189,6 +203,16 @@ class Collection:
         if not np.isfinite(x).all():
             bad = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
             raise InvalidArgument(f"{what} row {bad} contains NaN or infinity")
+        # Distances are float32: |q - x|^2 <= 2 (|q|^2 + |x|^2) stays finite when every squared length is
+        # at most float32 max / 4, i.e. a length of at most ~9.2e18 (3e38 components overflow l2 to inf).
+        max_norm = float(np.sqrt(np.finfo(np.float32).max / 4.0))
+        if x.size and max(abs(float(x.max())), abs(float(x.min()))) * np.sqrt(x.shape[1]) > max_norm:
+            norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))  # float64: no overflow here
+            if (norms > max_norm).any():
+                bad = int(np.flatnonzero(norms > max_norm)[0])
+                raise InvalidArgument(f"{what} row {bad} has length {norms[bad]:.3g}; the largest allowed is "
+                                      f"{max_norm:.3g} (distances between longer vectors overflow float32); "
+                                      "scale the vectors down")
         if self.config.metric == "cosine":
             norms = np.linalg.norm(x, axis=1)
             if (norms == 0).any():
@@ -471,20 +495,125 @@ class Collection:
         return all(await asyncio.gather(*(s.wait_indexed(timeout) for s in self.shards)))
 
 
+MARKER = ".opening"          # in a collection folder while it is opened and its replay is indexed
+CATCH_UP_TIMEOUT_S = 600.0   # the marker goes after this long even if the replay is not indexed yet
+SETTLE_S = 2.0               # start-up waits up to this long for each collection's replay to be indexed,
+SETTLE_TOTAL_S = 10.0        # and this long in all
+QUARANTINED, UNAVAILABLE, OPENING = "quarantined", "unavailable", "opening"
+
+
+def _read_marker(folder: Path) -> dict | None:
+    """The marker's content; None without one ({} for an unreadable one: still a marker)."""
+    try:
+        text = (folder / MARKER).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        d = json.loads(text)
+        return d if isinstance(d, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_marker(folder: Path, deaths: int) -> None:
+    """Durably note that ``folder`` is being opened (``deaths``: earlier starts that died doing it).
+    Best effort: where it cannot be written (a full disk) the collection opens without it."""
+    try:
+        fd = os.open(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, json.dumps({"deaths": deaths, "pid": os.getpid(), "at": time.time()}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(folder)
+    except OSError as e:
+        logger.warning("cannot write %s (%s); opening without it", folder / MARKER, e)
+        with contextlib.suppress(OSError):
+            (folder / MARKER).unlink()
+
+
+def _clear_marker(folder: Path) -> None:
+    try:
+        (folder / MARKER).unlink()
+        _fsync_dir(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("cannot remove %s: %s", folder / MARKER, e)
+
+
+def _why(e: BaseException) -> str:
+    """A failed open, for a person."""
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "disk is full" in str(e) \
+            or (e.__cause__ is not None and _why(e.__cause__).startswith("the disk")):
+        return "the disk holding the data folder is full"
+    return f"{type(e).__name__}: {e}" if not isinstance(e, RetrievalError) else str(e)
+
+
+@dataclass
+class Unserved:
+    """A collection folder the manager holds but does not serve: ``state`` is "quarantined" (its open
+    killed the server; waits for repair or drop), "unavailable" (it could not be opened; retried in
+    the background) or "opening" (a retry is under way)."""
+
+    name: str
+    folder: Path
+    config: CollectionConfig | None
+    state: str
+    reason: str
+    since: float = field(default_factory=time.time)
+    attempts: int = 0
+
+    def error(self) -> RetrievalError:
+        if self.state == QUARANTINED:
+            return FailedPrecondition(
+                f"collection {self.name!r} is quarantined: {self.reason}. `retrieval collections repair "
+                f"{self.name}` opens it again (--index SPEC rebuilds its index from the stored points with a "
+                f"corrected spec), `retrieval collections drop {self.name}` deletes it")
+        if self.state == OPENING:
+            return Unavailable(f"collection {self.name!r} is being opened ({self.reason}); retry shortly")
+        return Unavailable(f"collection {self.name!r} is unavailable: {self.reason}")
+
+    async def describe(self) -> dict:
+        c = self.config
+        return {"name": self.name, "dimension": c.dimension if c else 0, "metric": c.metric if c else "",
+                "index": c.index if c else None, "shards": c.shards if c else 0, "points": 0, "indexed": 0,
+                "pending": 0, "memory_bytes": 0, "state": self.state, "reason": self.reason, "device": "",
+                "shard_info": [], "created_at": c.created_at if c else 0.0}
+
+
 class CollectionManager:
     """All collections of a data folder. Create and drop are atomic: a crash leaves a collection
-    either fully there or absent."""
+    either fully there or absent. Collections that are not served (quarantined, unavailable) are
+    held as :class:`Unserved`: listed and described with their reason; every other call on them is
+    FAILED_PRECONDITION (quarantined) or UNAVAILABLE."""
 
     def __init__(self, data_dir: Path, settings: ShardSettings, limits: Limits,
-                 shard_factory: ShardFactory | None = None) -> None:
-        """``shard_factory``: where shards live (default in process; see :mod:`retrieval.vectors.handles`)."""
+                 shard_factory: ShardFactory | None = None, retry_s: tuple[float, float] = (1.0, 30.0)) -> None:
+        """``shard_factory``: where shards live (default in process; see :mod:`retrieval.vectors.handles`).
+        ``retry_s``: first and longest wait between attempts to open an unavailable collection."""
         self.root = Path(data_dir) / "collections"
         self.settings = settings
         self.limits = limits
         self.shard_factory = shard_factory
+        self.retry_s = retry_s
         self._collections: dict[str, Collection] = {}
+        self._unserved: dict[str, Unserved] = {}
+        self._retries: dict[str, asyncio.Task] = {}
+        self._catching_up: dict[Path, asyncio.Task] = {}
         self._lock = asyncio.Lock()
         self._importing: set[str] = set()
+        self._closed = False
 
     def _new(self, folder: Path, config: CollectionConfig) -> Collection:
         return Collection(folder, config, self.settings, self.limits, self.shard_factory)
@@ -492,32 +621,233 @@ class CollectionManager:
     async def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         importing.resolve_duplicates(self.root)  # a crash during a replacing import: the newest install wins
-        for p in sorted(self.root.iterdir()):
+        crash = crashes.last_crash(self.root.parent)
+        # a fatal error in a job's own thread is the job's doing (see JobManager), not an open's
+        native = crash is not None and not crash.in_job
+        folders = sorted(self.root.iterdir())
+        marked = sum(1 for p in folders if not p.name.startswith(".") and (p / MARKER).exists())
+        settle_left = SETTLE_TOTAL_S
+        for p in folders:
             if p.name.startswith("."):  # leftovers of an interrupted create or drop
                 shutil.rmtree(p, ignore_errors=True)
                 continue
+            if not p.is_dir():
+                logger.warning("%s is not a collection folder; it is left untouched", p)
+                continue
+            name = p.name.split("@", 1)[0]
             try:
                 config = CollectionConfig.from_json(json.loads((p / "collection.json").read_text())).validate()
-                col = self._new(p, config)
-                await col.open()
-                self._collections[config.name] = col
-                logger.info("opened collection %s", config.name)
-            except Exception:
-                logger.exception("could not open collection folder %s; it is left untouched", p)
+                name = config.name
+            except Exception as e:
+                logger.exception("collection folder %s: cannot read its settings", p)
+                self._unavailable(Unserved(name, p, None, UNAVAILABLE,
+                                           f"its settings file collection.json cannot be read ({_why(e)})"))
+                continue
+            marker = _read_marker(p)
+            deaths = 0
+            if marker is not None:
+                prev = marker.get("deaths", 0)
+                deaths = (prev if isinstance(prev, int) and prev >= 0 else 0) + 1
+                if native or deaths >= 2:
+                    how = (f"a fatal error ({crash.error})" if native else
+                           f"an unexplained stop (killed?) on {deaths} starts in a row")
+                    reason = (f"the server died while opening this collection on its last start ({how}: a native "
+                              "library abort or crash while loading its index or indexing its replayed writes); "
+                              "it is not opened again by itself, so that it cannot keep the others offline")
+                    if native and marked > 1:
+                        reason += (f" ({marked} collections were being opened then and all are quarantined; "
+                                   "repair them one at a time)")
+                    logger.error("collection %s: quarantined: %s", name, reason)
+                    self._unserved[name] = Unserved(name, p, config, QUARANTINED, reason)
+                    continue
+                logger.warning("collection %s: the server stopped while opening it on its last start (no fatal "
+                               "error recorded: killed?); opening it again", name)
+            try:
+                col = await self._open_folder(p, config, deaths)
+            except Exception as e:
+                logger.exception("could not open collection %s (folder %s)", name, p)
+                self._unavailable(Unserved(name, p, config, UNAVAILABLE, f"it could not be opened: {_why(e)}"))
+                continue
+            self._collections[name] = col
+            logger.info("opened collection %s", name)
+            # Give its replayed writes a moment to be indexed before the next collection opens: a native
+            # abort there then happens while its marker is the only one, and is pinned on it alone.
+            settle = self._catching_up.get(p)
+            if settle is not None and settle_left > 0:
+                t0 = time.monotonic()
+                await asyncio.wait({settle}, timeout=min(SETTLE_S, settle_left))
+                settle_left -= time.monotonic() - t0
+
+    async def _open_folder(self, folder: Path, config: CollectionConfig, deaths: int = 0) -> Collection:
+        """Open a collection under the marker: it stays on disk until the writes replayed at open are
+        indexed (a native abort there kills the process; the next start then finds the marker)."""
+        _write_marker(folder, deaths)
+        col = self._new(folder, config)
+        try:
+            await col.open()
+        except BaseException:
+            await col.close(snapshot=False)
+            _clear_marker(folder)  # an exception is not a death: the retry decides what happens next
+            raise
+        self._catching_up[folder] = asyncio.create_task(self._clear_when_caught_up(col), name=f"catch-up-{config.name}")
+        return col
+
+    async def _clear_when_caught_up(self, col: Collection) -> None:
+        try:
+            if not await col.wait_indexed(CATCH_UP_TIMEOUT_S):
+                logger.warning("collection %s: the writes replayed at open are not indexed after %.0f s; "
+                               "no longer treating a crash as its open's", col.name, CATCH_UP_TIMEOUT_S)
+        except Exception:
+            logger.exception("collection %s: waiting for the replayed writes failed", col.name)
+        finally:
+            self._catching_up.pop(col.folder, None)
+        _clear_marker(col.folder)
+
+    def _unavailable(self, u: Unserved) -> None:
+        """Hold ``u`` as unavailable and retry opening it in the background, with backoff."""
+        self._unserved[u.name] = u
+        old = self._retries.pop(u.name, None)
+        if old is not None:
+            old.cancel()
+        if not self._closed:
+            self._retries[u.name] = asyncio.create_task(self._retry(u), name=f"reopen-{u.name}")
+
+    async def _retry(self, u: Unserved) -> None:
+        first, longest = self.retry_s
+        base = u.reason
+        try:
+            while True:
+                u.attempts += 1
+                delay = min(longest, first * 2 ** min(u.attempts - 1, 30))
+                u.state, u.reason = UNAVAILABLE, f"{base}; opened again by itself, next attempt in {delay:.0f} s"
+                await asyncio.sleep(delay)
+                async with self._lock:
+                    if self._unserved.get(u.name) is not u:
+                        return  # dropped or repaired meanwhile
+                    u.state = OPENING
+                    try:
+                        config = u.config or CollectionConfig.from_json(
+                            json.loads((u.folder / "collection.json").read_text())).validate()
+                        col = await self._open_folder(u.folder, config)
+                    except Exception as e:
+                        why = _why(e)
+                        base = (f"it could not be opened: {why}" if u.config else
+                                f"its settings file collection.json cannot be read ({why})")
+                        logger.warning("collection %s: still cannot be opened (attempt %d): %s", u.name,
+                                       u.attempts, why)
+                        continue
+                    del self._unserved[u.name]
+                    self._collections[config.name] = col
+                    logger.info("collection %s: opened after %d attempts; serving again", u.name, u.attempts)
+                    return
+        finally:
+            if self._retries.get(u.name) is asyncio.current_task():
+                del self._retries[u.name]
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self._collections.values()), return_exceptions=True)
+        self._closed = True
+        tasks = [*self._retries.values(), *self._catching_up.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        cols = list(self._collections.values())
+        await asyncio.gather(*(c.close() for c in cols), return_exceptions=True)
+        for c in cols:  # a clean stop: nothing died while opening
+            _clear_marker(c.folder)
         self._collections.clear()
 
     def get(self, name: str) -> Collection:
         col = self._collections.get(name)
         if col is None:
+            u = self._unserved.get(name)
+            if u is not None:
+                raise u.error()
             validate_name(name, "collection name")
             raise NotFound(f"collection {name!r} does not exist")
         return col
 
     def list(self) -> list[Collection]:
+        """The collections being served."""
         return [self._collections[n] for n in sorted(self._collections)]
+
+    def unserved(self) -> list[Unserved]:
+        """The collections held but not served (quarantined, unavailable, opening)."""
+        return [self._unserved[n] for n in sorted(self._unserved)]
+
+    def lookup(self, name: str) -> Collection | Unserved:
+        """A collection, served or not (both have ``describe()``); NOT_FOUND for an unknown name."""
+        u = self._unserved.get(name)
+        return u if u is not None and name not in self._collections else self.get(name)
+
+    def all(self) -> list[Collection | Unserved]:
+        """Every collection, served or not, by name."""
+        both: dict[str, Collection | Unserved] = {**self._unserved, **self._collections}
+        return [both[n] for n in sorted(both)]
+
+    async def repair(self, name: str, index: IndexSpec | None = None) -> Collection:
+        """Open a quarantined or unavailable collection again, now. With ``index``, first replace its
+        index spec and delete its index snapshots: the index is rebuilt from the point store (the
+        system of record), so no point is lost. A served collection is returned as is (with ``index``:
+        FAILED_PRECONDITION). If the open kills the server again, the next start quarantines it again."""
+        async with self._lock:
+            col = self._collections.get(name)
+            if col is not None:
+                if index is not None:
+                    raise FailedPrecondition(f"collection {name!r} is being served; repair replaces the index spec "
+                                             "of a quarantined or unavailable collection only")
+                return col
+            u = self._unserved.get(name)
+            if u is None:
+                validate_name(name, "collection name")
+                raise NotFound(f"collection {name!r} does not exist")
+            config = u.config
+            if config is None:
+                try:
+                    config = CollectionConfig.from_json(json.loads((u.folder / "collection.json").read_text())).validate()
+                except Exception as e:
+                    raise FailedPrecondition(f"collection {name!r}: its settings file collection.json cannot be read "
+                                             f"({_why(e)}); drop it") from None
+            if index is not None:
+                config = dataclasses.replace(config, index=index).validate()
+                registry.create(config.index, min(config.dimension, 8) if config.index.kind != "faiss"
+                                else config.dimension, "l2")  # fail fast on a bad spec, as create does
+                await asyncio.get_running_loop().run_in_executor(None, self._respec, u.folder, config)
+                u.config = config
+            retry = self._retries.pop(name, None)
+            if retry is not None:
+                retry.cancel()
+            logger.info("collection %s: repair: opening it again%s", name,
+                        f" with index {registry.spec_to_dict(index)}" if index is not None else "")
+            try:
+                col = await self._open_folder(u.folder, config)
+            except Exception as e:
+                why = _why(e)
+                u.reason = f"a repair failed to open it: {why}"
+                if u.state != QUARANTINED:
+                    self._unavailable(u)
+                raise FailedPrecondition(f"collection {name!r} could not be opened: {why}") from None
+            del self._unserved[name]
+            self._collections[name] = col
+            logger.info("collection %s: repaired; serving", name)
+            return col
+
+    @staticmethod
+    def _respec(folder: Path, config: CollectionConfig) -> None:
+        """Write ``config`` as the folder's collection.json and delete the shards' index snapshots."""
+        tmp = folder / f".collection.json.{uuid.uuid4().hex}"
+        with open(tmp, "w") as f:
+            json.dump(config.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / "collection.json")
+        _fsync_dir(folder)
+        for shard in sorted(folder.glob("shard-*")):
+            snaps = shard / "snapshots"
+            if snaps.exists():
+                aside = shard / f".snapshots-old-{uuid.uuid4().hex}"
+                os.rename(snaps, aside)
+                _fsync_dir(shard)
+                shutil.rmtree(aside, ignore_errors=True)
 
     async def create(self, config: CollectionConfig) -> Collection:
         config.validate()
@@ -526,6 +856,10 @@ class CollectionManager:
         async with self._lock:
             if config.name in self._collections:
                 raise AlreadyExists(f"collection {config.name!r} already exists")
+            if config.name in self._unserved:
+                u = self._unserved[config.name]
+                raise AlreadyExists(f"collection {config.name!r} already exists ({u.state}: {u.reason}); "
+                                    "drop it first to create a new one")
             final = self.root / config.name
             if final.exists():
                 raise FailedPrecondition(f"folder for collection {config.name!r} exists but is not loaded; "
@@ -547,10 +881,35 @@ class CollectionManager:
             self._collections[config.name] = col
             return col
 
+    def _stop_catch_up(self, folder: Path) -> None:
+        task = self._catching_up.pop(folder, None)
+        if task is not None:
+            task.cancel()
+
+    async def _drop_unserved(self, u: Unserved) -> None:
+        """Delete an unserved collection's files (nothing of it is opened)."""
+        retry = self._retries.pop(u.name, None)
+        if retry is not None:
+            retry.cancel()
+        if self._unserved.get(u.name) is u:
+            del self._unserved[u.name]
+        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        try:
+            os.rename(u.folder, trash)
+        except FileNotFoundError:  # its folder was removed by hand meanwhile
+            pass
+        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
+        logger.info("dropped collection %s (%s)", u.name, u.state)
+
     async def drop(self, name: str) -> None:
         async with self._lock:
+            u = self._unserved.get(name) if name not in self._collections else None
+            if u is not None:  # quarantined or unavailable
+                await self._drop_unserved(u)
+                return
             col = self.get(name)
             del self._collections[name]
+            self._stop_catch_up(col.folder)
             trash = self.root / f".trash-{uuid.uuid4().hex}"
             await col.close(snapshot=False)
             os.rename(col.folder, trash)
@@ -569,7 +928,7 @@ class CollectionManager:
         validate_name(name, "collection name")
         if name in self._importing:
             raise FailedPrecondition(f"collection {name!r} is being imported already")
-        if name in self._collections and not replace:
+        if (name in self._collections or name in self._unserved) and not replace:
             raise AlreadyExists(f"collection {name!r} already exists; pass replace to replace it")
         loop = asyncio.get_running_loop()
         source = Path(source)
@@ -581,25 +940,33 @@ class CollectionManager:
             expected = await loop.run_in_executor(None, importing.snapshot_seqs, staging)
             target = importing.target_folder(self.root, name)
             os.rename(staging, target)
-            col = self._new(target, config)
+            # under the marker: a native abort loading a foreign snapshot quarantines it at the next start
+            col = await self._open_folder(target, config)
             try:
-                await col.open()
                 infos = await asyncio.gather(*(sh.ainfo() for sh in col.shards))
                 for i, (info, seq) in enumerate(zip(infos, expected)):
                     if seq and info["snapshot_seq"] != seq:
                         raise InvalidArgument(f"shard {i} of the imported collection did not load its index "
                                               f"snapshot (seq {seq}); see the server log")
             except BaseException:
+                self._stop_catch_up(target)
                 await col.close(snapshot=False)
+                _clear_marker(target)
                 raise
             async with self._lock:
                 old = self._collections.get(name)
                 if old is not None and not replace:
+                    self._stop_catch_up(target)
                     await col.close(snapshot=False)
+                    _clear_marker(target)
                     raise AlreadyExists(f"collection {name!r} was created while it was being imported")
+                stale = self._unserved.get(name)
+                if stale is not None:  # replaces a quarantined or unavailable collection
+                    await self._drop_unserved(stale)
                 self._collections[name] = col
                 target = None  # installed: from here on it is the collection
             if old is not None:
+                self._stop_catch_up(old.folder)
                 await old.close(snapshot=False)
                 await loop.run_in_executor(None, importing.trash, old.folder)
             logger.info("imported collection %s from %s (%s)", name, source, "replacing" if old else "new")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from retrieval import errors
+from retrieval.cli import server_status
 from retrieval.client import Client
 from retrieval.server.process import ServerProcess
 
@@ -126,3 +127,79 @@ def test_full_disk_refuses_writes_keeps_reads_and_recovers(small_disk, tmp_path)
     log = (tmp_path / "server.log").read_text()
     assert "RESOURCE_EXHAUSTED: the disk holding the data folder is full" in log
     assert " -> INTERNAL" not in log, "a full disk must never be an internal error"
+
+
+def _fill(c: Client, name: str, root: Path, rng, acked: dict, leave_mb: int = 6) -> Path:
+    """Fill the disk with ballast and then with acknowledged upserts into ``name`` until refused."""
+    st = os.statvfs(root)
+    ballast = root / "ballast"
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave_mb * 2**20))
+    next_id = max(acked, default=-1) + 1
+    for _ in range(400):
+        ids = np.arange(next_id, next_id + 500)
+        x = rng.random((500, D), dtype=np.float32)
+        try:
+            c.upsert(name, ids, x, [{"i": int(i)} for i in ids])
+        except errors.ResourceExhausted:
+            return ballast
+        acked.update(zip(ids.tolist(), x))
+        next_id += 500
+    raise AssertionError("the disk never filled up")
+
+
+def test_restart_on_a_full_disk_reports_unavailable_then_reopens_by_itself(small_disk, tmp_path):
+    """Disk full, kill -9, restart while still full: the collection that cannot be opened is listed
+    and described as unavailable with the reason (calls get UNAVAILABLE, not NOT_FOUND); once space
+    is freed it is opened again by itself, with nothing lost."""
+    prefix, mnt, seen = small_disk
+    if prefix:
+        pytest.skip("a restart on the same size-limited disk needs a tmpfs mounted by root (the namespace of "
+                    "`unshare` goes with the process)")
+    log = tmp_path / "server.log"
+    srv = ServerProcess(mnt / "data", log_path=log, env={"RETRIEVAL_INDEXING__SNAPSHOT_EVERY": "2000"})
+    srv.start()
+    rng = np.random.default_rng(1)
+    acked: dict[int, np.ndarray] = {}
+    with Client(srv.address, timeout=60, max_busy_retries=0) as c:
+        c.create_collection("full", D, index="exact")
+        ballast = _fill(c, "full", mnt, rng, acked)
+    srv.kill()  # with the disk full: no final snapshot, the WAL is left as it was
+
+    srv.start()  # still full
+    with Client(srv.address, timeout=60, max_busy_retries=0) as c:
+        info = c.describe_collection("full")
+        assert info["state"] == "unavailable", info
+        assert "disk holding the data folder is full" in info["reason"] and "opened again by itself" in info["reason"]
+        assert info["dimension"] == D and info["index"].kind == "exact"
+        assert [(col["name"], col["state"]) for col in c.list_collections()] == [("full", "unavailable")]
+        for call in (lambda: c.count("full"), lambda: c.search("full", np.zeros(D, np.float32), k=1),
+                     lambda: c.get("full", [0]), lambda: c.upsert("full", [1], np.zeros((1, D), np.float32))):
+            with pytest.raises(errors.Unavailable, match="'full' is unavailable: .*disk .* full"):
+                call()
+        with pytest.raises(errors.AlreadyExists, match="unavailable"):
+            c.create_collection("full", D)
+        st = server_status(c)
+        assert [(col["name"], col["state"]) for col in st["collections"]] == [("full", "unavailable")]
+        assert "full" in st["collections"][0]["reason"]
+
+        ballast.unlink()  # space is back: the collection comes back by itself, nothing lost
+        t_end = time.monotonic() + 120
+        while c.describe_collection("full")["state"] in ("unavailable", "opening"):
+            assert time.monotonic() < t_end, c.describe_collection("full")
+            time.sleep(0.2)
+        assert c.describe_collection("full")["reason"] == ""
+        assert c.count("full") == len(acked)
+        ids = np.array(sorted(acked))
+        xb = np.stack([acked[i] for i in ids])
+        for j in range(0, len(ids), 5000):
+            got = c.get("full", ids[j:j + 5000], with_vectors=True, with_payloads=True)
+            assert got.ids.tolist() == ids[j:j + 5000].tolist() and np.array_equal(got.vectors, xb[j:j + 5000])
+            assert [p["i"] for p in got.payloads] == ids[j:j + 5000].tolist()
+        assert c.search("full", xb[len(ids) // 2], k=1).ids.tolist() == [ids[len(ids) // 2]]
+        c.upsert("full", [10**7], rng.random((1, D), dtype=np.float32))  # and it takes writes again
+        assert c.count("full") == len(acked) + 1
+    assert srv.stop() == 0
+    text = log.read_text()
+    assert "collection full: opened after" in text
+    assert " -> INTERNAL" not in text, "a full disk must never be an internal error"

@@ -391,11 +391,11 @@ def test_oversize_messages(tmp_path):
                 c.upsert("small", np.arange(100, 300), np.ones((200, 128), np.float32))
             with expect(EXHAUSTED, "larger than max"):
                 c.search_batch("small", np.ones((200, 128), np.float32), k=1)
-            # a response above the limit: 2 queries x 100 hits x 512-byte vectors
+            # a response above the limit: 2 queries x 100 hits x 512-byte vectors, refused before searching
             with grpc.insecure_channel(srv.address) as ch:
                 req = search_pb2.SearchRequest(collection="small", k=100, with_vectors=True)
                 convert.vectors_to_proto(x[:2], req.queries)
-                with expect(EXHAUSTED, "larger than max"):
+                with expect(EXHAUSTED, "limits.max_message_bytes", "65536", "at most 1 query"):
                     search_pb2_grpc.SearchStub(ch).SearchBatch(req, timeout=30)
             assert c.count("small") == 100
             got = c.get("small", np.arange(100))
