@@ -47,6 +47,7 @@ import numpy as np
 from index_builder.readers import DEFAULT_BLOCK_SIZE, VectorReader, open_reader
 from retrieval.errors import InvalidArgument
 from retrieval.jobs import JobContext
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +270,7 @@ def write_ground_truth(
     if ext == ".npy":
         dpath = path.with_name(path.stem + ".distances.npy")
         for p, arr in ((path, I), (dpath, np.asarray(D, dtype=np.float64))):
-            tmp = p.with_name(p.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, p)
+            atomic.save_npy(p, arr)
         return [path, dpath]
     if ext in (".hdf5", ".h5"):
         import h5py
@@ -292,7 +290,7 @@ def write_ground_truth(
                 ds = f.create_dataset("train", shape=(n, d), dtype=np.float32)
                 for first, blk in blocks:
                     ds[first : first + len(blk)] = blk
-        os.replace(tmp, path)
+        atomic.install_file(tmp, path)
         return [path]
     raise InvalidArgument(f"ground-truth output {str(path)!r} must end in .npy, .hdf5 or .h5")
 
@@ -366,9 +364,7 @@ def ground_truth_job(
         ctx.progress(start, reader.count, "exact k-NN")
 
         def on_block(done: int, D: np.ndarray, I: np.ndarray) -> None:
-            tmp = state.with_name(state.name + ".tmp.npz")
-            np.savez(tmp, key=np.array(key), next_row=np.array(done), D=D, I=I)
-            os.replace(tmp, state)
+            atomic.save_npz(state, key=np.array(key), next_row=np.array(done), D=D, I=I)
             ctx.progress(done, reader.count, "exact k-NN")
             ctx.check_cancelled()
 

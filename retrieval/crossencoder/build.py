@@ -37,11 +37,11 @@ from retrieval.crossencoder.index import (
     BuildParams,
     CrossEncoderIndex,
     _save_cur,
-    _write_json_atomic,
 )
 from retrieval.crossencoder.scorers import CallStats, Scorer, scorer_from_spec, validate_texts
 from retrieval.errors import AlreadyExists, InvalidArgument, NotFound
 from retrieval.jobs import JobContext, LocalJobContext
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def build_index(ctx: JobContext, *, index_dir: str | os.PathLike[str], items: li
                  "truncated_queries": 0, "calls": 0, "scorer_seconds": 0.0}
         RT = np.memmap(r_path, dtype="<f4", mode="w+", shape=(N, kq))
         del RT
-        _write_json_atomic(state_p, state)
+        atomic.write_json(state_p, state)
     RT = np.memmap(r_path, dtype="<f4", mode="r+", shape=(N, kq))
     done = set(state["done"])
     resumed = len(done)
@@ -187,7 +187,7 @@ def build_index(ctx: JobContext, *, index_dir: str | os.PathLike[str], items: li
         state["scorer_seconds"] += st.seconds
         state["truncated_items"] += int(ti.reshape(e - s, kq).any(axis=1).sum())
         state["truncated_queries"] = max(state["truncated_queries"], int(tq.reshape(e - s, kq).any(axis=0).sum()))
-        _write_json_atomic(state_p, state)
+        atomic.write_json(state_p, state)
         ctx.progress(min(N, len(done) * C), N, "scoring anchor queries x items")
     ctx.check_cancelled()
 
@@ -257,7 +257,8 @@ def build_index(ctx: JobContext, *, index_dir: str | os.PathLike[str], items: li
         },
         "created_unix": time.time(),
     }
-    _write_json_atomic(out_dir / "meta.json", meta)
+    atomic.fsync_tree(out_dir)  # the data files are durable before the meta that names them
+    atomic.write_json(out_dir / "meta.json", meta)
     for f in (r_path, state_p):
         f.unlink(missing_ok=True)
     logger.info("built cross-encoder index %s: %d items, k_q=%d, k_i=%d, %d calls this run (%.1fs)",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from retrieval.crossencoder.dual import DualEncoder, dual_encoder_from_spec
 from retrieval.crossencoder.index import BuildParams, CrossEncoderIndex, read_meta
 from retrieval.crossencoder.scorers import Scorer, scorer_from_spec
 from retrieval.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class CrossEncoderEngine:
             sc = self.scorer(scorer)
             de = self.dual_encoder(dual_encoder)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "service.json").write_text(json.dumps({"scorer": scorer, "dual_encoder": dual_encoder}))
+            atomic.write_json(out / "service.json", {"scorer": scorer, "dual_encoder": dual_encoder}, indent=None)
             stats = build_index(ctx, index_dir=out, items=items_path, scorer=sc, anchor_queries=anchor_queries,
                                 query_log=query_log, k_q=k_q, dual_encoder=de, params=params or {},
                                 query_seed=query_seed)
@@ -144,9 +144,8 @@ class CrossEncoderEngine:
     def stage_items(self, job_hint: str, items: list[dict[str, Any]]) -> str:
         """Write inline items to a staging JSONL file the job reads; returns its path."""
         p = self.root / "staging" / f"{job_hint}.jsonl"
-        with open(p, "w") as f:
-            for it in items:
-                f.write(json.dumps(it, ensure_ascii=False) + "\n")
+        atomic.write_with(p, lambda f: f.writelines((json.dumps(it, ensure_ascii=False) + "\n").encode()
+                                                    for it in items))
         return str(p)
 
     # --- open indexes -------------------------------------------------------------------------------
@@ -173,7 +172,8 @@ class CrossEncoderEngine:
         return json.loads(p.read_text())
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "indexes").iterdir() if (p / "meta.json").is_file())
+        return sorted(p.name for p in (self.root / "indexes").iterdir()
+                      if not p.name.startswith(".") and (p / "meta.json").is_file())
 
     def describe(self, name: str) -> dict[str, Any]:
         return self.get(name).describe()
@@ -186,7 +186,7 @@ class CrossEncoderEngine:
             if not p.exists():
                 raise NotFound(f"cross-encoder index {name!r} does not exist")
             self._open.pop(name, None)
-            shutil.rmtree(p)
+            atomic.remove_dir(p)
 
     def close(self) -> None:
         with self._lock:

@@ -67,6 +67,7 @@ from retrieval.crossencoder.scorers import (
     validate_texts,
 )
 from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -217,15 +218,6 @@ class AddResult:
 # ------------------------------------------------------------------------------------------------
 # Persistence helpers
 # ------------------------------------------------------------------------------------------------
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _append_bytes(path: Path, at: int, data: bytes) -> int:
     """Truncate ``path`` to ``at`` bytes, append ``data``, fsync; returns the new size."""
     mode = "r+b" if path.exists() else "w+b"
@@ -672,7 +664,7 @@ class CrossEncoderIndex:
             sizes["de"] = _append_bytes(p / "de.f32", sizes["de"], np.ascontiguousarray(new_de, dtype="<f4").tobytes())
         m["sizes"] = sizes
         m["n_rows"] = st.n_rows + len(ids)
-        _write_json_atomic(p / "meta.json", m)
+        atomic.write_json(p / "meta.json", m)
         self._meta = m
         n = m["n_rows"]
         RT = _open_f32(p / "R.f32", n, self.k_q)
@@ -734,7 +726,7 @@ class CrossEncoderIndex:
             m["cur_gen"] = gen
             m["build"] = dataclasses.asdict(bp)
             m["sizes"] = dict(m["sizes"], E=int(cur.E.nbytes))
-            _write_json_atomic(self.path / "meta.json", m)
+            atomic.write_json(self.path / "meta.json", m)
             self._meta = m
             for f in (self.path / f"cur-{old_gen}.npz", self.path / f"E-{old_gen}.f32"):
                 f.unlink(missing_ok=True)
@@ -743,14 +735,8 @@ class CrossEncoderIndex:
 
 
 def _save_cur(path: Path, gen: int, cur: CurFactors) -> None:
-    tmp = path / f"cur-{gen}.tmp.npz"
-    np.savez(tmp, anchors=cur.anchors, U=cur.U, mu=cur.mu)
-    os.replace(tmp, path / f"cur-{gen}.npz")
-    e = path / f"E-{gen}.f32"
-    with open(e, "wb") as f:
-        f.write(np.ascontiguousarray(cur.E, dtype="<f4").tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    atomic.save_npz(path / f"cur-{gen}.npz", anchors=cur.anchors, U=cur.U, mu=cur.mu)
+    atomic.write_with(path / f"E-{gen}.f32", lambda f: f.write(np.ascontiguousarray(cur.E, dtype="<f4").tobytes()))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from retrieval.errors import FailedPrecondition, InvalidArgument
 from retrieval.graph.graph import Graph, as_node_ids
 from retrieval.graph.ncn import Adj, LinkModel, NCNConfig, make_config
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -459,8 +460,9 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
                 best = {"epoch": epoch, "valid": val, "test": test}
                 rec["test"] = test
                 if wd is not None:
-                    torch.save({"model": model.state_dict(), "config": json.dumps(cfg.as_dict()),
-                                "best": json.dumps(best)}, wd / "best.pt")
+                    best_state = {"model": model.state_dict(), "config": json.dumps(cfg.as_dict()),
+                                  "best": json.dumps(best)}
+                    atomic.write_with(wd / "best.pt", lambda f: torch.save(best_state, f))
             else:
                 since_best += 1
             rec["eval_seconds"] = time.perf_counter() - t1
@@ -468,11 +470,12 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
         logger.info("epoch %d loss %.4f val %s (%.2fs)", epoch, rec["loss"],
                     rec.get("valid", {}).get(f"hits@{cfg.hits_k}"), secs)
         if wd is not None:
-            torch.save({"tag": tag, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
-                        "history": json.dumps(history),
-                        "epoch_seconds": json.dumps(epoch_seconds), "best": json.dumps(best) if best else "",
-                        "best_val": best_val, "since_best": since_best}, wd / "last.pt")
+            ckpt = {"tag": tag, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
+                    "history": json.dumps(history),
+                    "epoch_seconds": json.dumps(epoch_seconds), "best": json.dumps(best) if best else "",
+                    "best_val": best_val, "since_best": since_best}
+            atomic.write_with(wd / "last.pt", lambda f: torch.save(ckpt, f))  # a kill mid-save keeps the previous
         if ctx is not None:
             ctx.progress(epoch, cfg.epochs, "link-model epochs")
         if log is not None:
@@ -508,7 +511,7 @@ def ncn_train_job(ctx, *, store_root: str, graph: str, model_name: str = "ncn", 
     as ``<graph>/models/<model_name>/model.pt`` with ``model.json`` (config, metrics, graph version) and,
     for FastRP input, the input features. Progress: one unit per epoch. Returns the metrics.
     """
-    from retrieval.graph.store import GraphStore, atomic_write_json
+    from retrieval.graph.store import GraphStore
 
     store = GraphStore(store_root)
     g = store.load(graph)
@@ -520,16 +523,12 @@ def ncn_train_job(ctx, *, store_root: str, graph: str, model_name: str = "ncn", 
     res = train_link_model(split, g.features, cfg, seed=seed, device=device, ctx=ctx, work_dir=ctx.work_dir)
     mdir = store.models_dir(graph, model_name)
     state = {k: v.detach().cpu() for k, v in res.model.state_dict().items()}
-    tmp = mdir / "model.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(mdir / "model.pt")
+    atomic.write_with(mdir / "model.pt", lambda f: torch.save(state, f))
     if res.input_features is not None:
-        from retrieval.graph.store import atomic_save_npy
-
-        atomic_save_npy(mdir / "input_features.npy", res.input_features.astype(np.float32))
+        atomic.save_npy(mdir / "input_features.npy", res.input_features.astype(np.float32))
     meta = {"config": cfg.as_dict(), "graph_version": version, "seed": seed, "split": split.describe(),
             "metrics": res.best, "summary": res.summary(), "in_dim": _in_dim(cfg, g, res), "n": g.n}
-    atomic_write_json(mdir / "model.json", meta)
+    atomic.write_json(mdir / "model.json", meta, sort_keys=True)
     return {"graph": graph, "model": model_name, "metrics": res.best, "summary": res.summary(),
             "graph_version": version}
 

@@ -22,7 +22,6 @@ Several *processes* must not write the same store at once.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import scipy.sparse as sp
 
 from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from retrieval.graph.graph import Graph, Labels, as_features, as_labels, as_node_ids, as_weights
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -66,59 +66,15 @@ def check_name(name, what: str = "graph name") -> str:
 # --------------------------------------------------------------------------------------------------
 # atomic file helpers
 # --------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def atomic_save_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    """Stream ``arr`` into a temp ``.npy`` (no second in-memory copy), fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+# The store's names for the package's one set of crash-safe writers (:mod:`retrieval.storage.atomic`).
+_fsync_dir = atomic.fsync_dir
+atomic_write_bytes = atomic.write_bytes
+atomic_save_npz = atomic.save_npz
+atomic_save_npy = atomic.save_npy
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+    atomic.write_json(path, obj, indent=1, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from retrieval.storage import snapshots
+from retrieval.storage import atomic, snapshots
 from retrieval.storage.names import validate_name
 
 logger = logging.getLogger(__name__)
@@ -156,14 +156,8 @@ def validate_folder(folder: Path):
 
 
 def write_config(folder: Path, config, **extra) -> None:
-    """Write ``collection.json`` atomically (temporary file, fsync, rename)."""
-    data = {**config.to_json(), **extra}
-    tmp = Path(folder) / f".{CONFIG_FILE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(folder) / CONFIG_FILE)
+    """Write ``collection.json`` atomically (temporary file, fsync, rename, fsync the folder)."""
+    atomic.write_json(Path(folder) / CONFIG_FILE, {**config.to_json(), **extra})
 
 
 def stage(source: Path, staging: Path, name: str, move: bool = False):
@@ -187,6 +181,7 @@ def stage(source: Path, staging: Path, name: str, move: bool = False):
         config = _config_cls()(name=name, dimension=config.dimension, metric=config.metric, index=config.index,
                                shards=config.shards, created_at=config.created_at)
         write_config(staging, config, installed_at=time.time())
+        atomic.fsync_tree(staging)  # whole on disk before it is renamed into place
     except BaseException:
         if move and staging.exists() and not source.exists():
             with contextlib.suppress(OSError):
@@ -224,6 +219,7 @@ def trash(folder: Path) -> None:
     """Rename a folder to a ``.trash-`` name (atomic), then delete it."""
     t = folder.parent / f".trash-{uuid.uuid4().hex}"
     os.rename(folder, t)
+    atomic.fsync_dir(folder.parent)
     shutil.rmtree(t, ignore_errors=True)
 
 
@@ -284,6 +280,7 @@ def install_offline(data_dir: Path, built: Path, name: str, replace: bool = Fals
             stage(built, staging, name, move=False)
         target = target_folder(root, name)
         os.rename(staging, target)
+        atomic.fsync_dir(root)
         for old in existing:
             trash(old)
     return target

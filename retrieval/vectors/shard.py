@@ -15,6 +15,11 @@ indexes whose hidden slots are not reused (faiss) once they are a quarter of the
 Recovery (``open``): load the newest intact snapshot (seq S), then replay the point store's changes
 after S. No snapshot: every point is replayed into the delta and indexed in the background.
 
+Snapshots are serialised per shard: one write in flight at a time (an asyncio lock, plus a thread
+lock around the file writes, which a cancelled caller cannot release early); a request that finds
+one in flight waits for it and returns at once if that one covered every write applied when it was
+asked, else it writes a fresh one. While a snapshot is saved the indexer adds nothing to the index.
+
 Thread-safety: all methods must be called from the event-loop thread that opened the shard; SQLite
 work runs on the shard's own writer and reader threads, snapshot saves and rebuilds on worker threads.
 """
@@ -144,6 +149,8 @@ class Shard:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._snapshot_write: asyncio.Future | None = None  # the snapshot write in progress
+        self._snapshot_lock = asyncio.Lock()   # one snapshot() at a time (the event-loop side)
+        self._snapshot_files = threading.Lock()  # one write_snapshot() at a time (the worker-thread side)
         self._written_since_snapshot = 0
         self._last_snapshot_t = time.monotonic()
         self._chunk = 256
@@ -170,6 +177,7 @@ class Shard:
 
     def _load_snapshot(self):
         root = self.folder / "snapshots"
+        snapshots.recover(root)
         for folder in snapshots.candidates(root):
             try:
                 manifest = snapshots.verify(folder)
@@ -449,6 +457,10 @@ class Shard:
                 await loop.run_in_executor(None, self.index.train, xt)
                 logger.info("shard %s: trained %s on %d points", self.name, self.spec.kind, len(xt))
             self.state = "indexing"
+            if self._snapshot_lock.locked():  # an explicit snapshot is saving the index: add nothing meanwhile
+                async with self._snapshot_lock:
+                    pass
+                continue
             # Writes first: acknowledged ingest must not wait behind index builds (both need the CPU).
             # The delta is searched exactly meanwhile; past write_priority_rows the indexer stops yielding.
             if (WRITES.in_flight or time.monotonic() - WRITES.last < 0.05) \
@@ -498,28 +510,35 @@ class Shard:
             await self.snapshot()
 
     async def snapshot(self) -> int:
-        """Write a snapshot of the index now (the indexer is paused while it saves)."""
-        seq = self._snapshot_seq_now()
-        if seq <= self.snapshot_seq or not self.index.is_trained():
-            return self.snapshot_seq
-        labels = self.ext_of_lab[: self.next_label].copy()
-        root = self.folder / "snapshots"
-        index = self.index
+        """Write a snapshot of the index now, or wait for the one in flight if it covers every write
+        applied now; returns the seq of the newest snapshot (the indexer is paused while it saves)."""
+        want = self._snapshot_seq_now()
+        async with self._snapshot_lock:
+            if self.snapshot_seq >= want:  # the snapshot we waited for (or an earlier one) covers us
+                return self.snapshot_seq
+            seq = self._snapshot_seq_now()
+            if seq <= self.snapshot_seq or not self.index.is_trained():
+                return self.snapshot_seq
+            labels = self.ext_of_lab[: self.next_label].copy()
+            root = self.folder / "snapshots"
+            index = self.index
 
-        def write():
-            return write_snapshot(root, index, labels, seq, self.spec, self.d, self.index_metric)
+            def write():
+                with self._snapshot_files:
+                    return write_snapshot(root, index, labels, seq, self.spec, self.d, self.index_metric)
 
-        t0 = time.perf_counter()
-        # shielded: if the indexer is cancelled (close), the write goes on in its thread; close waits for
-        # it, so two snapshot writes never race (one's cleanup would delete the other's folders)
-        self._snapshot_write = asyncio.get_running_loop().run_in_executor(None, write)
-        await asyncio.shield(self._snapshot_write)
-        await asyncio.get_running_loop().run_in_executor(self._wexec, self.store.purge_tombstones, seq)
-        self.snapshot_seq = seq
-        self._written_since_snapshot = 0
-        self._last_snapshot_t = time.monotonic()
-        logger.info("shard %s: snapshot at seq %d in %.2f s", self.name, seq, time.perf_counter() - t0)
-        return seq
+            t0 = time.perf_counter()
+            # shielded: if the caller is cancelled (close), the write goes on in its thread; close waits
+            # for it, and the thread lock keeps a later write from starting before this one ends
+            self._snapshot_write = asyncio.get_running_loop().run_in_executor(None, write)
+            await asyncio.shield(self._snapshot_write)
+            await asyncio.get_running_loop().run_in_executor(self._wexec, self.store.purge_tombstones, seq)
+            if self.index is index:  # a rebuild swapped the index meanwhile: its snapshot is still due
+                self.snapshot_seq = seq
+            self._written_since_snapshot = 0
+            self._last_snapshot_t = time.monotonic()
+            logger.info("shard %s: snapshot at seq %d in %.2f s", self.name, seq, time.perf_counter() - t0)
+            return seq
 
     # ------------------------------------------------------------------------------------------
     # Rebuilds (reclaim hidden slots of backends without native delete)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,11 +35,45 @@ def test_candidates_newest_first_and_cleanup(tmp_path):
     a = _write(root, 3)
     b = _write(root, 12)
     c = _write(root, 100)
-    leftover = snapshots.begin(root)  # an interrupted write
+    leftover = root / f"{snapshots.TMP_PREFIX}{_dead_pid()}-0123456789ab-{'0' * 32}"  # an interrupted write
+    leftover.mkdir()
     assert snapshots.candidates(root) == [c, b, a]  # numeric, not lexical, order; temp folders excluded
     snapshots.cleanup(root, c)
     assert [p.name for p in root.iterdir()] == [c.name] and not leftover.exists()
     assert snapshots.candidates(tmp_path / "absent") == []
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_cleanup_keeps_the_temp_folder_of_a_live_writer(tmp_path):
+    """Issue 11 item 4: one writer's cleanup deleted the folder another writer was filling."""
+    root = tmp_path / "snaps"
+    other = snapshots.begin(root)  # a write in flight (this process)
+    (other / "index.bin").write_bytes(b"x")
+    c = _write(root, 3)
+    snapshots.cleanup(root, c)
+    assert other.exists() and snapshots.is_stale_temp(other) is False
+    assert snapshots.is_stale_temp(root / f"{snapshots.TMP_PREFIX}{_dead_pid()}-0123456789ab-{'0' * 32}")
+    (other / "labels.bin").write_bytes(b"y")
+    d = snapshots.commit(root, other, 4, {"kind": "hnsw", "d": 4, "metric": "l2"}, ["index.bin", "labels.bin"])
+    snapshots.cleanup(root, d)
+    assert snapshots.candidates(root) == [d]
+
+
+def test_recover_restores_a_snapshot_whose_replacement_crashed(tmp_path):
+    """A same-seq replacement killed between its renames: recover() puts the old snapshot back."""
+    root = tmp_path / "snaps"
+    final = _write(root, 5, b"old")
+    aside = root / f".{final.name}.old-{'1' * 32}"
+    os.rename(final, aside)  # the state right after replace_dir's first rename
+    assert snapshots.candidates(root) == []
+    snapshots.recover(root)
+    assert snapshots.candidates(root) == [final] and (final / "index.bin").read_bytes() == b"old"
+    snapshots.verify(final)
 
 
 def test_same_seq_replaces(tmp_path):
@@ -45,6 +82,7 @@ def test_same_seq_replaces(tmp_path):
     final = _write(root, 5, b"newer")
     assert (final / "index.bin").read_bytes() == b"newer"
     snapshots.verify(final)
+    assert [p.name for p in root.iterdir()] == [final.name]  # the aside copy of the old one is gone
 
 
 def test_truncated_file_detected(tmp_path):
