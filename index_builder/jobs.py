@@ -8,7 +8,12 @@ the folders clients may name, ``security.client_file_dirs`` (default ``<data_dir
 existing collection without ``replace`` is refused at once), then runs :func:`index_builder.build.build_folder`
 in its work folder ``<data_dir>/jobs/<id>/build`` with progress in points, and imports the result
 with :meth:`retrieval.vectors.collection.CollectionManager.import_folder` (the folder is moved, not
-copied). It is resumable: a server restarted during the build resumes it from its last finished
+copied). The input is read through :mod:`retrieval.server.sandbox` at start (the check) and again by
+the build, shard tasks included: every file is opened once, without following a symlink, and its real
+path checked against the allowed folders (recomputed from the settings when the job runs, so a resumed
+job obeys the current ones); symlinks in a folder input and hard-linked files are refused. A file
+replaced by a link after the start makes the job fail with PermissionDenied, reading nothing. It is
+resumable: a server restarted during the build resumes it from its last finished
 shard / checkpoint. Cancelling stops it between blocks. When the server runs on Ray (``--ray``), the
 shard builds are Ray tasks.
 
@@ -40,12 +45,24 @@ logger = logging.getLogger(__name__)
 KIND = "build_index"
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(BuildSpec)}
 _EXTRA = {"replace", "threads", "checkpoint_s"}
+_READER_OPTIONS = {"dataset", "require", "vector_column", "id_column", "payload_columns"}
 
 
 def build_index_kind(collections, settings, data_dir: Path) -> JobKind:
     """The job kind, bound to the server's collection manager and settings."""
-    from retrieval.server.auth import resolve_client_file
+    from retrieval.server.auth import allowed_client_dirs, resolve_client_file
     from retrieval.storage.names import validate_name
+
+    def confine(params: dict) -> None:
+        """Make the readers open the input through the sandbox (``reader_options.allowed_dirs``), with the
+        folders the settings allow now; a client's own ``allowed_dirs`` is overwritten."""
+        opts = params.get("reader_options") or {}
+        if not isinstance(opts, dict):
+            raise InvalidArgument(f"reader_options must be an object, got {type(opts).__name__}")
+        unknown = sorted(set(opts) - _READER_OPTIONS - {"allowed_dirs"})
+        if unknown:
+            raise InvalidArgument(f"unknown reader_options {unknown}; valid: {', '.join(sorted(_READER_OPTIONS))}")
+        params["reader_options"] = {**opts, "allowed_dirs": [str(d) for d in allowed_client_dirs(settings, data_dir)]}
 
     def validate(params: dict) -> dict:
         unknown = sorted(set(params) - _SPEC_FIELDS - _EXTRA)
@@ -60,6 +77,7 @@ def build_index_kind(collections, settings, data_dir: Path) -> JobKind:
         if not path.exists():
             raise NotFound(f"input file {str(path)!r} does not exist on the server")
         params["input"] = str(path)
+        confine(params)
         params["index"] = registry.spec_to_dict(parse_index_spec(params.get("index", "hnsw")))
         params["replace"] = bool(params.get("replace", False))
         try:
@@ -80,6 +98,7 @@ def build_index_kind(collections, settings, data_dir: Path) -> JobKind:
         replace = bool(params.pop("replace", False))
         threads = int(params.pop("threads", 0))
         checkpoint_s = float(params.pop("checkpoint_s", 300.0))
+        confine(params)
         spec = BuildSpec(**params)
         ray = sys.modules.get("ray")
         use_ray = bool(ray is not None and ray.is_initialized())  # the server runs on Ray (--ray)

@@ -30,6 +30,12 @@ from the first one, mixed dtypes across the files of a folder or inside a Parque
 truncated ``.fvecs`` file, rows holding NaN or infinity, null vectors, negative or duplicate ids, and an
 HDF5 file without the expected datasets.
 
+Client files (the server's jobs): ``open_reader(..., allowed_dirs=[...])`` opens the file, or the folder
+and each of its files, through :mod:`retrieval.server.sandbox` (``O_NOFOLLOW``, the real path of the
+*opened* file checked against the allowed folders, no hard links, no symlinks in folder listings) and the
+readers read from those open files, so what was checked is what is read. Without ``allowed_dirs`` (local
+command lines) paths are opened as given.
+
 Duplicate ids are found while streaming with sorted runs merged like a binary counter (a log-structured
 set): memory is 16 bytes per id (the id and its row), time ``O(n log^2 n)`` for ``n`` ids.
 
@@ -44,7 +50,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -82,6 +88,36 @@ def _check_file(path: Path) -> Path:
     if path.is_file() and not os.access(path, os.R_OK):
         raise InvalidArgument(f"input file {str(path)!r} is not readable (permission denied)")
     return path
+
+
+def _close_file(f: BinaryIO | None) -> None:
+    if f is not None:
+        try:
+            f.close()
+        except Exception:  # already closed, or a memory map still holds it
+            pass
+
+
+def _file_size(f: BinaryIO) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+def _npy_memmap(f: BinaryIO, path: Path) -> np.ndarray:
+    """A read-only memory map of the ``.npy`` array in the open file ``f`` (as ``np.load(mmap_mode="r")``,
+    which only takes names)."""
+    from numpy.lib import format as npf
+
+    f.seek(0)
+    version = npf.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = npf.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = npf.read_array_header_2_0(f)
+    else:
+        shape, fortran, dtype = npf._read_array_header(f, version)
+    if dtype.hasobject:
+        raise ValueError("the array holds Python objects (it needs pickle)")
+    return np.memmap(f, dtype=dtype, shape=shape, order="F" if fortran else "C", mode="r", offset=f.tell())
 
 
 def _check_block_size(block_size: int) -> int:
@@ -271,10 +307,21 @@ class NpyReader(VectorReader):
     format = "npy"
     extensions = (".npy",)
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = _check_file(Path(path))
+    def __init__(self, path: str | os.PathLike[str], *, file: BinaryIO | None = None) -> None:
+        """``file``: the open file to read (e.g. from :mod:`retrieval.server.sandbox`); the reader owns it.
+        Default: ``path`` is opened."""
+        self.path = Path(path) if file is not None else _check_file(Path(path))
+        self._file = file if file is not None else open(self.path, "rb")
         try:
-            arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            self._init(self._file)
+        except BaseException:
+            self._arr = None  # type: ignore[assignment]
+            _close_file(self._file)
+            raise
+
+    def _init(self, file: BinaryIO) -> None:
+        try:
+            arr = _npy_memmap(file, self.path)
         except ValueError as e:  # object arrays need pickle: not a vector file
             raise InvalidArgument(
                 f"{str(self.path)!r} is not a numeric .npy array ({e}); expected a 2-D array of ints or floats"
@@ -302,13 +349,15 @@ class NpyReader(VectorReader):
         return Block(None, _to_float32_finite(self._arr[start:stop], self.path, start), None)
 
     def close(self) -> None:
-        mm = getattr(self._arr, "_mmap", None)
+        mm = getattr(getattr(self, "_arr", None), "_mmap", None)
         self._arr = None  # type: ignore[assignment]
         if mm is not None:
             try:
                 mm.close()
             except Exception:  # a view may still hold it; the GC frees it
                 pass
+        _close_file(getattr(self, "_file", None))
+        self._file = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,15 +370,25 @@ class _VecsReader(VectorReader):
 
     value_dtype: ClassVar[np.dtype]
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = _check_file(Path(path))
-        size = self.path.stat().st_size
+    def __init__(self, path: str | os.PathLike[str], *, file: BinaryIO | None = None) -> None:
+        """``file``: the open file to read (the reader owns it); default: ``path`` is opened."""
+        self.path = Path(path) if file is not None else _check_file(Path(path))
+        self._mm = None
+        self._file = file if file is not None else open(self.path, "rb")
+        try:
+            self._init(self._file)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, file: BinaryIO) -> None:
+        size = _file_size(file)
         if size < 4:
             raise InvalidArgument(
                 f"{str(self.path)!r} is truncated: {size} bytes, shorter than one record header (4 bytes)"
             )
         try:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._mm = np.memmap(file, dtype=np.uint8, mode="r")
         except OSError as e:
             raise InvalidArgument(f"{str(self.path)!r} cannot be read: {e}") from e
         d = int(np.frombuffer(self._mm[:4].tobytes(), dtype="<i4")[0])
@@ -397,6 +456,8 @@ class _VecsReader(VectorReader):
                 mm._mmap.close()
             except Exception:  # a view may still hold it; the GC frees it
                 pass
+        _close_file(getattr(self, "_file", None))
+        self._file = None
 
 
 class FvecsReader(_VecsReader):
@@ -425,11 +486,11 @@ ANN_HDF5_DATASETS = ("train", "test", "neighbors")
 """Datasets an ann-benchmarks HDF5 file must hold (``distances`` is optional)."""
 
 
-def _open_h5(path: Path):
+def _open_h5(path: Path, file: BinaryIO | None = None):
     import h5py
 
     try:
-        return h5py.File(path, "r")
+        return h5py.File(file if file is not None else path, "r")
     except OSError as e:
         raise InvalidArgument(f"{str(path)!r} cannot be read as HDF5: {e}") from e
 
@@ -459,9 +520,17 @@ class Hdf5Reader(VectorReader):
         path: str | os.PathLike[str],
         dataset: str = "train",
         require: Sequence[str] = ANN_HDF5_DATASETS,
+        *,
+        file: BinaryIO | None = None,
     ) -> None:
-        self.path = _check_file(Path(path))
-        self._f = _open_h5(self.path)
+        """``file``: the open file to read (the reader owns it); default: ``path`` is opened by HDF5."""
+        self._file = file
+        try:
+            self.path = Path(path) if file is not None else _check_file(Path(path))
+            self._f = _open_h5(self.path, file)
+        except BaseException:
+            _close_file(file)
+            raise
         try:
             _h5_missing(self.path, self._f, list(require) + [dataset])
             ds = self._f[dataset]
@@ -476,6 +545,7 @@ class Hdf5Reader(VectorReader):
                 )
         except Exception:
             self._f.close()
+            _close_file(file)
             raise
         self._ds = ds
         self.dataset = dataset
@@ -497,6 +567,8 @@ class Hdf5Reader(VectorReader):
         if f is not None:
             f.close()
             self._f = None
+        _close_file(getattr(self, "_file", None))
+        self._file = None
 
 
 _ANN_METRICS = {"euclidean": "l2", "l2": "l2", "angular": "cosine", "cosine": "cosine", "ip": "ip", "dot": "ip"}
@@ -602,13 +674,25 @@ class ParquetReader(VectorReader):
         vector_column: str | None = None,
         id_column: str | None | Any = _AUTO,
         payload_columns: Sequence[str] | None = None,
+        *,
+        file: BinaryIO | None = None,
     ) -> None:
+        """``file``: the open file to read (the reader owns it); default: ``path`` is opened by pyarrow."""
+        self._file = file
+        self._pf = None
+        try:
+            self.path = Path(path) if file is not None else _check_file(Path(path))
+            self._init(vector_column, id_column, payload_columns)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, vector_column, id_column, payload_columns) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.path = _check_file(Path(path))
         try:
-            self._pf = pq.ParquetFile(self.path)
+            self._pf = pq.ParquetFile(self._file if self._file is not None else self.path)
         except Exception as e:  # ArrowInvalid for a non-parquet / corrupt footer, OSError
             raise InvalidArgument(f"{str(self.path)!r} cannot be read as Parquet: {e}") from e
         schema = self._pf.schema_arrow
@@ -789,6 +873,8 @@ class ParquetReader(VectorReader):
             except Exception:  # older pyarrow: no close(); the GC closes the handle
                 pass
             self._pf = None
+        _close_file(getattr(self, "_file", None))
+        self._file = None
 
 
 def _temporal_to_json(a: Any) -> Any:
@@ -944,14 +1030,22 @@ def format_for_path(path: str | os.PathLike[str]) -> str:
     return fmt
 
 
-def open_reader(path: str | os.PathLike[str], format: str | None = None, **options: Any) -> VectorReader:
+def open_reader(path: str | os.PathLike[str], format: str | None = None, *,
+                allowed_dirs: Sequence[str | os.PathLike[str]] | None = None, **options: Any) -> VectorReader:
     """Open ``path`` with the reader for ``format`` (default: from the extension).
 
     ``path`` may be a folder: every file in it with the format's extensions (sorted by name) is read as
     one stream (:class:`ConcatReader`); ``format`` is then required unless all files share one known
     extension. ``options`` go to the reader (e.g. ``dataset="test"`` for HDF5, ``vector_column=`` /
     ``id_column=`` / ``payload_columns=`` for Parquet).
+
+    ``allowed_dirs``: read a client's file for the server: the file (or folder, and each of its files) is
+    opened once through :mod:`retrieval.server.sandbox` and must really lie inside one of these folders;
+    symlinks (at the end of the path or in a folder listing) and hard-linked files are refused with
+    PermissionDenied. The readers read from the files so opened.
     """
+    if allowed_dirs is not None:
+        return _open_confined(path, format, list(allowed_dirs), options)
     p = Path(path)
     if not p.exists():
         raise NotFound(f"input path {str(p)!r} does not exist")
@@ -983,6 +1077,52 @@ def open_reader(path: str | os.PathLike[str], format: str | None = None, **optio
     try:
         return cls(p, **options)
     except TypeError as e:  # an option this reader does not take
+        raise InvalidArgument(f"bad option for the {cls.format} reader of {str(p)!r}: {e}") from e
+
+
+def _format_of_files(names: Sequence[str], folder: Path, format: str | None) -> str:
+    if format is not None:
+        return format
+    fmts = {EXTENSIONS[Path(n).suffix.lower()] for n in names}
+    if len(fmts) > 1:
+        raise InvalidArgument(f"folder {str(folder)!r} mixes formats {sorted(fmts)}; pass format= one of them")
+    if not fmts:
+        raise InvalidArgument(
+            f"folder {str(folder)!r} holds no file with a known extension ({', '.join(sorted(EXTENSIONS))})"
+        )
+    return fmts.pop()
+
+
+def _open_confined(path: str | os.PathLike[str], format: str | None, allowed: list, options: dict) -> VectorReader:
+    """:func:`open_reader` for a client's file: every file is opened by the sandbox, then read from."""
+    from retrieval.server import sandbox
+
+    p = Path(path)
+    if sandbox.is_dir(p):
+        with sandbox.open_dir(p, allowed, "input folder") as d:
+            names = d.files(EXTENSIONS)
+            cls = reader_class(_format_of_files(names, p, format))
+            names = [n for n in names if Path(n).suffix.lower() in cls.extensions]
+            readers: list[VectorReader] = []
+            try:
+                for n in names:
+                    f = d.open(n, "input file")
+                    try:
+                        readers.append(cls(p / n, file=f, **options))
+                    except TypeError as e:
+                        _close_file(f)
+                        raise InvalidArgument(f"bad option for the {cls.format} reader of {str(p)!r}: {e}") from e
+                return ConcatReader(readers, p)
+            except BaseException:
+                for r in readers:
+                    r.close()
+                raise
+    cls = reader_class(format if format is not None else format_for_path(p))
+    f = sandbox.open_file(p, allowed, "input file")
+    try:
+        return cls(p, file=f, **options)
+    except TypeError as e:  # an option this reader does not take
+        _close_file(f)
         raise InvalidArgument(f"bad option for the {cls.format} reader of {str(p)!r}: {e}") from e
 
 

@@ -27,6 +27,7 @@ until it is closed (POSIX unlink semantics).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -43,6 +44,7 @@ from retrieval.drafting.kernels import (bucket_offsets, build_suffix_array, gath
                                         longest_suffix_match, prefix_trie, sa_range)
 from retrieval.drafting.tokenizer import Tokenizer
 from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -73,35 +75,70 @@ def _detect(path: Path) -> str:
     return "text"
 
 
+def _read_input(p: Path, allowed_dirs: list[str] | None, what: str = "input file") -> bytes:
+    """The bytes of an input file; with ``allowed_dirs`` (a server job) it is opened once through
+    :mod:`retrieval.server.sandbox` (no symlink followed, the opened file's real path inside the allowed
+    folders, no hard links) and read from that descriptor, so a file swapped after the check is refused."""
+    if allowed_dirs is None:
+        if not p.is_file():
+            raise NotFound(f"{what} {str(p)!r} does not exist")
+        return p.read_bytes()
+    from retrieval.server import sandbox
+
+    with sandbox.open_file(p, allowed_dirs, what) as f:
+        return f.read()
+
+
+def _text(data: bytes, p: Path) -> str:
+    """UTF-8 text with universal newlines (as ``Path.read_text``)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"input file {str(p)!r} is not UTF-8 text: {e}") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _confined_tokenizer(path: str, allowed_dirs: list[str], work_dir: Path) -> Path:
+    """A server job's tokenizer file, read once through the sandbox and copied into the job's work folder
+    (same file name), so the tokenizer libraries (which open names) read exactly what was checked."""
+    p = Path(path)
+    data = _read_input(p, allowed_dirs, "tokenizer file")
+    copy = Path(work_dir) / "tokenizer" / p.name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes(data)  # a scratch copy in the job's own folder: no atomic write needed
+    return copy
+
+
 def iter_documents(inputs: list[str | Path], input_format: str = "auto",
-                   text_fields: tuple[str, ...] = ("text",)) -> Iterator[str | np.ndarray]:
+                   text_fields: tuple[str, ...] = ("text",),
+                   allowed_dirs: list[str] | None = None) -> Iterator[str | np.ndarray]:
     """Yield documents (``str``, or an int array for id formats) from the input files, in order.
 
     Formats: ``text`` (a file is one document), ``lines`` (each non-empty line is one), ``jsonl`` /
     ``json`` (one object per line / a JSON array of objects; the ``text_fields`` present are joined by a
     newline), ``ids`` (each line is one document of whitespace-separated ids), ``npy`` (a 1-D int array
-    per file). ``auto`` picks by file suffix.
+    per file). ``auto`` picks by file suffix. ``allowed_dirs``: read each file through the sandbox
+    (:func:`_read_input`), for files a client named.
     """
     if input_format not in INPUT_FORMATS:
         raise InvalidArgument(f"input_format={input_format!r} is not known; valid: {', '.join(INPUT_FORMATS)}")
     if not inputs:
         raise InvalidArgument("inputs is empty; give at least one file to build a datastore from")
     for p in map(Path, inputs):
-        if not p.is_file():
-            raise NotFound(f"input file {str(p)!r} does not exist")
+        data = _read_input(p, allowed_dirs)
         fmt = _detect(p) if input_format == "auto" else input_format
         if fmt == "text":
-            yield p.read_text(encoding="utf-8")
+            yield _text(data, p)
         elif fmt == "lines":
-            for line in p.read_text(encoding="utf-8").splitlines():
+            for line in _text(data, p).splitlines():
                 if line.strip():
                     yield line
         elif fmt in ("jsonl", "json"):
             try:
                 if fmt == "jsonl":
-                    objs = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+                    objs = [json.loads(x) for x in _text(data, p).splitlines() if x.strip()]
                 else:
-                    objs = json.loads(p.read_text(encoding="utf-8"))
+                    objs = json.loads(_text(data, p))
             except json.JSONDecodeError as e:
                 raise InvalidArgument(f"input file {str(p)!r} is not valid {fmt}: {e}") from e
             if not isinstance(objs, list):
@@ -114,7 +151,7 @@ def iter_documents(inputs: list[str | Path], input_format: str = "auto",
                 if parts:
                     yield "\n".join(parts)
         elif fmt == "ids":
-            for ln, line in enumerate(p.read_text().splitlines(), 1):
+            for ln, line in enumerate(_text(data, p).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -122,7 +159,10 @@ def iter_documents(inputs: list[str | Path], input_format: str = "auto",
                 except ValueError as e:
                     raise InvalidArgument(f"{str(p)!r} line {ln}: expected whitespace-separated token ids") from e
         elif fmt == "npy":
-            a = np.load(p, allow_pickle=False)
+            try:
+                a = np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise InvalidArgument(f"{str(p)!r} cannot be read as .npy: {e}") from e
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
                 raise InvalidArgument(f"{str(p)!r}: expected a 1-D integer array of token ids, got "
                                       f"{a.dtype} with shape {a.shape}")
@@ -134,8 +174,11 @@ def iter_documents(inputs: list[str | Path], input_format: str = "auto",
 def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], input_format: str = "auto",
                         tokenizer: str | None = None, vocab_size: int | None = None,
                         text_fields: tuple[str, ...] | list[str] = ("text",), chunk_docs: int = 512,
-                        overwrite: bool = False) -> dict:
+                        overwrite: bool = False, allowed_dirs: list[str] | None = None) -> dict:
     """Job body: build datastore ``name`` under ``root`` from ``inputs``.
+
+    ``allowed_dirs`` (set by the server, never by a client): the inputs and the tokenizer are files a
+    client named; each is opened once through :mod:`retrieval.server.sandbox` and read from that open file.
 
     Text formats need ``tokenizer`` (a ``.model`` or ``.json`` path); id formats need ``vocab_size`` (or a
     tokenizer, whose vocabulary size is used). Returns the manifest plus timings: ``tokenize_s``,
@@ -146,6 +189,8 @@ def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], 
     final = root / name
     if final.exists() and not overwrite:
         raise AlreadyExists(f"datastore {name!r} already exists in {str(root)!r}; drop it first or pass overwrite")
+    if tokenizer and allowed_dirs is not None:
+        tokenizer = str(_confined_tokenizer(tokenizer, allowed_dirs, Path(ctx.work_dir)))
     tok = Tokenizer(tokenizer) if tokenizer else None
     if tok is not None:
         if vocab_size is not None and vocab_size != tok.vocab_size:
@@ -161,7 +206,7 @@ def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], 
     t0 = time.perf_counter()
 
     # phase 1: documents -> token chunks (resumable)
-    docs = list(iter_documents(inputs, input_format, tuple(text_fields)))
+    docs = list(iter_documents(inputs, input_format, tuple(text_fields), allowed_dirs))
     if not docs:
         raise InvalidArgument("the inputs contain no documents")
     n_chunks = (len(docs) + chunk_docs - 1) // chunk_docs
@@ -187,9 +232,7 @@ def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], 
                 raise InvalidArgument(f"token id {int(bad)} in the inputs is outside the vocabulary [0, {vocab_size})")
             pieces.append(ids.astype(dtype))
             pieces.append(np.array([sep], dtype=dtype))
-        tmp = chunk_dir / f"chunk_{ci:06d}.tmp.npy"
-        np.save(tmp, np.concatenate(pieces))
-        tmp.replace(path)
+        atomic.save_npy(path, np.concatenate(pieces))
         ctx.progress(min((ci + 1) * chunk_docs, len(docs)), len(docs), "tokenize")
     tokens = np.concatenate([np.load(chunk_dir / f"chunk_{ci:06d}.npy") for ci in range(n_chunks)])
     t_tok = time.perf_counter() - t0
@@ -219,9 +262,7 @@ def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], 
     np.save(tmpdir / "sa.npy", sa)
     np.save(tmpdir / "offsets.npy", off)
     (tmpdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmpdir.rename(final)
+    atomic.replace_dir(tmpdir, final)  # the old folder is renamed aside first: a crash loses neither
     total = time.perf_counter() - t0
     ctx.progress(1, 1, "done")
     logger.info("built datastore %s: %d tokens, %d docs in %.2fs", name, n_tokens, len(docs), total)
@@ -364,6 +405,9 @@ class DatastoreCatalog:
         self.root.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, tuple[tuple[int, int], CorpusDatastore]] = {}
         self._lock = threading.Lock()
+        atomic.recover_all(self.root)  # finish or undo replacements and drops a crash interrupted
+        for p in self.root.glob(".*.tmp-*"):  # build folders of jobs that died (a rerun starts its own)
+            shutil.rmtree(p, ignore_errors=True)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
@@ -398,7 +442,7 @@ class DatastoreCatalog:
         p = self._path(name)
         with self._lock:
             self._open.pop(name, None)
-            shutil.rmtree(p)
+            atomic.remove_dir(p)
 
     def build(self, name: str, inputs: list[str], *, ctx=None, **params) -> dict:
         """Run :func:`build_datastore_job` here (a :class:`LocalJobContext` without a bar by default)."""

@@ -26,7 +26,12 @@ TLS
 
 Client-named files
     :func:`resolve_client_file` is the one gate for paths a client sends (e.g. corpus inputs of a
-    datastore build): they must lie inside an allowed folder after symlinks are resolved.
+    datastore build): they must lie inside an allowed folder after symlinks are resolved, and a regular
+    file must not be hard-linked. That check runs when the request arrives; code that reads the file
+    later (jobs) opens it through :mod:`retrieval.server.sandbox`, which checks the opened file itself
+    (no symlink followed, real path of the descriptor inside the folders, no symlinks in folder inputs),
+    so a file swapped after the check is refused, not read. The allowed folders are the operator's:
+    one configured as a symlink is followed.
 
 Thread-safety: a :class:`KeyStore` is immutable after construction; ``check`` may be called from any
 thread.
@@ -321,14 +326,29 @@ def server_credentials(security) -> grpc.ServerCredentials | None:
 # Files named by clients
 # ------------------------------------------------------------------------------------------------
 def allowed_client_dirs(settings, data_dir: Path) -> list[Path]:
+    """The folders clients may name files in, real paths (an allowed folder that is a symlink is the
+    operator's choice and is resolved)."""
     dirs = list(settings.security.client_file_dirs) or [Path(data_dir) / "imports"]
     return [Path(d).resolve() for d in dirs]
+
+
+def _refuse_hard_link(path: Path, what: str, dirs: list[Path]) -> None:
+    try:
+        st = path.stat()
+    except OSError:  # missing: the caller says NotFound
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        raise PermissionDenied(f"{what} {str(path)!r} has {st.st_nlink} hard links; a hard link may point at a file "
+                               f"outside the folders clients may read from ({', '.join(map(str, dirs))}): copy "
+                               "the file instead of linking it")
 
 
 def resolve_client_file(path: str, settings, data_dir: Path, what: str = "input file") -> Path:
     """A path a client sent, resolved (symlinks included) and checked to lie inside an allowed folder
     (``security.client_file_dirs``, default ``<data_dir>/imports``). Raises InvalidArgument for
-    malformed paths and PermissionDenied for paths outside."""
+    malformed paths and PermissionDenied for paths outside, and for a regular file with more than one
+    hard link (it may be a link to a file outside). Read the file through :mod:`retrieval.server.sandbox`
+    (this check alone leaves a gap until the file is opened)."""
     if not isinstance(path, str) or not path:
         raise InvalidArgument(f"{what} must be a non-empty path")
     if "\x00" in path or len(path) > 4096:
@@ -339,6 +359,7 @@ def resolve_client_file(path: str, settings, data_dir: Path, what: str = "input 
     for c in candidates:
         for d in dirs:
             if c == d or d in c.parents:
+                _refuse_hard_link(c, what, dirs)
                 return c
     shown = path.encode("unicode_escape").decode("ascii")[:200]
     raise PermissionDenied(f"{what} {shown!r} is outside the folders clients may read from "

@@ -143,7 +143,7 @@ def register(server, ctx, idle_timeout_s: float | None = None) -> tuple[DraftsEn
     if idle_timeout_s is not None:
         engine.template.idle_timeout_s = float(idle_timeout_s)
     drafts_pb2_grpc.add_DraftsServicer_to_server(DraftsServicer(engine, ctx.jobs), server)
-    from retrieval.server.auth import resolve_client_file
+    from retrieval.server.auth import allowed_client_dirs, resolve_client_file
 
     def validate(params: dict) -> dict:
         # Files a client names must lie in the folders clients may read (security.client_file_dirs).
@@ -153,6 +153,9 @@ def register(server, ctx, idle_timeout_s: float | None = None) -> tuple[DraftsEn
         if params.get("tokenizer"):
             params["tokenizer"] = str(resolve_client_file(params["tokenizer"], ctx.settings, ctx.data_dir,
                                                           "tokenizer file"))
+        # the job reads them through retrieval.server.sandbox, confined to these folders (not a client field:
+        # validate_build above refuses unknown keys)
+        params["allowed_dirs"] = [str(d) for d in allowed_client_dirs(ctx.settings, ctx.data_dir)]
         return params
 
     ctx.jobs.register(JobKind(JOB_KIND, body=engine.build_body, validate=validate, resumable=True,
