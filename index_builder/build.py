@@ -49,8 +49,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -66,6 +66,7 @@ from retrieval.errors import (AlreadyExists, Cancelled, FailedPrecondition, Inva
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec
 from retrieval.jobs import JobContext
+from retrieval.storage import atomic
 from retrieval.storage.names import validate_name
 from retrieval.vectors.collection import METRICS, CollectionConfig, Limits, shard_of
 from retrieval.vectors.delta import NO_ID
@@ -159,7 +160,7 @@ def resolve(spec: BuildSpec) -> tuple[BuildSpec, CollectionConfig, dict]:
                  "has_payloads": r.has_payloads, "format": r.format, "stamp": _stamp(Path(spec.input))}
     config = CollectionConfig(name=spec.collection, dimension=facts["dim"], metric=metric, index=index,
                               shards=spec.shards).validate()
-    registry.create(index, facts["dim"] if index.kind == "faiss" else min(facts["dim"], 8), "l2")  # bad spec: fail now
+    registry.validate(index, facts["dim"], metric)  # a spec that would crash the build (or a server): refused now
     spec = dataclasses.replace(spec, dimension=facts["dim"], metric=metric, index=registry.spec_to_dict(index))
     return spec, config, facts
 
@@ -174,12 +175,7 @@ def _stamp(path: Path) -> list:
 # Work folder state
 # ------------------------------------------------------------------------------------------------
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -277,16 +273,12 @@ def _save_checkpoint(state: Path, index, ids: list, rows: list, next_row: int, s
     np.save(tmp / "rows.npy", np.concatenate(rows) if rows else np.zeros(0, np.int64))
     _write_json(tmp / "ckpt.json", {"next_row": next_row, "store_seq": store_seq, "files": files,
                                     "points": int(sum(len(a) for a in ids))})
-    cur, old = state / "ckpt", state / "ckpt.old"
-    if cur.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(cur, old)
-    os.rename(tmp, cur)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic.replace_dir(tmp, state / "ckpt")  # the previous one is renamed aside first: a crash keeps one
 
 
 def _load_checkpoint(state: Path, spec_obj: IndexSpec, d: int, index_metric: str, threads: int):
-    for name in ("ckpt", "ckpt.old"):
+    atomic.recover_dir(state / "ckpt")
+    for name in ("ckpt", "ckpt.old"):  # ckpt.old: written by earlier versions
         c = state / name
         meta = _read_json(c / "ckpt.json")
         if meta is None:
@@ -592,6 +584,34 @@ def _summary(spec, config, facts, shard_stats, folder, seconds, use_ray) -> dict
 # ------------------------------------------------------------------------------------------------
 # The CLI's flow: build, then install into a data folder or push to a running server
 # ------------------------------------------------------------------------------------------------
+def default_work_dir(collection: str, data_dir: str | Path | None) -> Path:
+    """``<data_dir>/builds/<collection>``, or ``./builds/<collection>`` without a data folder (--push)."""
+    return Path(data_dir) / "builds" / collection if data_dir is not None else Path("builds") / collection
+
+
+def scratch_dir(collection: str, data_dir: str | Path | None = None, work_dir: str | Path | None = None) -> Path:
+    """A new folder for a local job context, inside the build's work folder (never the system temp
+    folder: a build that a native library kills leaves nothing outside the data folder, and the next
+    finished build of that collection removes it with its work folder)."""
+    validate_name(collection, "collection name")
+    base = Path(work_dir) if work_dir is not None else default_work_dir(collection, data_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".ctx-", dir=base))
+
+
+def remove_scratch(path: Path) -> None:
+    """Remove a :func:`scratch_dir` folder, and the work folder and ``builds`` above it when empty."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    for parent in (path.parent, path.parent.parent):
+        if parent.name != "builds" and parent != path.parent:
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+
+
 def build(ctx: JobContext, spec: BuildSpec, *, data_dir: str | Path | None = None, push: str | None = None,
           work_dir: str | Path | None = None, replace: bool = False, threads: int = 0,
           checkpoint_s: float = 300.0, use_ray: bool = False, ray_address: str | None = None,
@@ -607,7 +627,7 @@ def build(ctx: JobContext, spec: BuildSpec, *, data_dir: str | Path | None = Non
     validate_name(spec.collection, "collection name")
     work_dir_default = work_dir is None
     if work_dir is None:
-        work_dir = Path(data_dir) / "builds" / spec.collection if data_dir is not None else Path("builds") / spec.collection
+        work_dir = default_work_dir(spec.collection, data_dir)
     work = Path(work_dir).resolve()
     client = None
     if push is not None:
@@ -652,4 +672,5 @@ def build(ctx: JobContext, spec: BuildSpec, *, data_dir: str | Path | None = Non
     return out
 
 
-__all__ = ["BuildSpec", "build", "build_folder", "build_shard", "parse_index_spec", "resolve"]
+__all__ = ["BuildSpec", "build", "build_folder", "build_shard", "default_work_dir", "parse_index_spec", "remove_scratch",
+           "resolve", "scratch_dir"]

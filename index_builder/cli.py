@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -96,7 +95,7 @@ def build_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Build a vector collection from files, offline, and install it into a data folder or a running server."""
-    from index_builder.build import BuildSpec, build
+    from index_builder.build import BuildSpec, build, remove_scratch, scratch_dir
     from retrieval.jobs import LocalJobContext
 
     logging.basicConfig(level=logging.INFO if not quiet else logging.WARNING, stream=sys.stderr,
@@ -117,7 +116,7 @@ def build_command(
         from retrieval.storage.names import validate_name
 
         validate_name(collection, "collection name")
-        tmp = Path(tempfile.mkdtemp(prefix="index_builder-"))
+        tmp = scratch_dir(collection, data_dir, work_dir)  # inside the work folder, not /tmp
         ctx = LocalJobContext(tmp, job_id=f"build {collection}", show_progress=not quiet)
         try:
             out = build(ctx, spec, data_dir=data_dir, push=push, work_dir=work_dir, replace=replace, threads=threads,
@@ -126,7 +125,7 @@ def build_command(
                         client_options=_client_options(api_key_file, ca_file))
         finally:
             ctx.close()
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_scratch(tmp)
     except RetrievalError as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ import numpy as np
 from retrieval.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from retrieval.graph.fastrp import FastRPParams, check_params, fastrp
 from retrieval.graph.store import GraphStore, check_name
+from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class GraphEngine:
             from retrieval.indexes import registry
 
             spec = registry.spec_from_dict(p["index"])
-            registry.create(spec, min(fp.dim, 8) if spec.kind != "faiss" else fp.dim, "l2")  # fail fast on a bad spec
+            registry.validate(spec, fp.dim, metric)  # a spec that would crash the job (or the server): refused now
         p["metric"] = metric
         p["params"] = fp.as_dict()
         p["use_features"] = use_features
@@ -120,7 +121,7 @@ class GraphEngine:
             ctx.progress(0, k, "fastrp iterations")
             emb = fastrp(g.adjacency(), fp, features=g.features if use_features else None, progress=ctx.progress,
                          check_cancelled=ctx.check_cancelled)
-            np.save(emb_f, emb, allow_pickle=False)
+            atomic.save_npy(emb_f, emb)  # durable before the state that says it is computed
             state["computed"] = True
             _write_json(state_f, state)
         result = {"graph": graph, "embedding": embedding, "n": int(emb.shape[0]), "dim": int(emb.shape[1]),
@@ -321,9 +322,7 @@ def _check_nodes(nodes, n: int) -> np.ndarray:
 
 
 def _write_json(path: Path, obj) -> None:
-    from retrieval.graph.store import atomic_write_json
-
-    atomic_write_json(path, obj)
+    atomic.write_json(path, obj, sort_keys=True)
 
 
 __all__ = ["GraphEngine", "FASTRP_KIND", "TRAIN_KIND"]

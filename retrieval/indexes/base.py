@@ -17,6 +17,8 @@ works on a separate index object.
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol, Union, runtime_checkable
@@ -29,6 +31,11 @@ from retrieval.errors import InvalidArgument
 # --------------------------------------------------------------------------------------------------
 # Build settings
 # --------------------------------------------------------------------------------------------------
+def _check_int(v, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise InvalidArgument(f"{what} must be an integer, got {v!r}")
+
+
 @dataclass(frozen=True)
 class HnswSpec:
     """hnswlib HNSW: ``m`` links per node, ``ef_construction`` build beam width."""
@@ -38,6 +45,8 @@ class HnswSpec:
     kind: ClassVar[str] = "hnsw"
 
     def __post_init__(self) -> None:
+        _check_int(self.m, "hnsw m")
+        _check_int(self.ef_construction, "hnsw ef_construction")
         if not 2 <= self.m <= 256:
             raise InvalidArgument(f"hnsw m must be in [2, 256], got {self.m}")
         if not 1 <= self.ef_construction <= 10_000:
@@ -58,6 +67,10 @@ class FaissSpec:
     kind: ClassVar[str] = "faiss"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.factory, str):
+            raise InvalidArgument(f"faiss factory must be a string, got {self.factory!r}")
+        _check_int(self.train_size, "faiss train_size")
+        _check_int(self.ef_construction, "faiss ef_construction")
         if not self.factory or len(self.factory) > 200 or any(c in self.factory for c in "\0\n\r"):
             raise InvalidArgument(f"faiss factory string {self.factory[:80]!r} is not valid")
         if self.train_size < 0 or self.ef_construction < 0:

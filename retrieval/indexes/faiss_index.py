@@ -25,6 +25,7 @@ import numpy as np
 from retrieval.device import faiss_num_gpus
 from retrieval.errors import InvalidArgument
 from retrieval.indexes.base import Capabilities, FaissSpec, IndexStats, QueryParams, pad_results
+from retrieval.indexes.validate import min_train_points
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class FaissIndex:
                 self._ivf = faiss.extract_index_ivf(base)
             except RuntimeError:
                 self._ivf = None
+        if self._ivf is not None:
+            # extracted from behind a transform (OPQ, PCA) it comes back as a plain IndexIVF, which hides
+            # IndexIVFPQ's do_polysemous_training below
+            self._ivf = faiss.downcast_index(self._ivf)
         if self._ivf is not None and self._ivf.direct_map.no():
             # get_vectors (exact=True searches) reconstructs by id: IVF needs its id -> list position map
             self._ivf.make_direct_map()
@@ -82,7 +87,8 @@ class FaissIndex:
         for idx in (self._ivf, base):
             if idx is not None and hasattr(idx, "do_polysemous_training"):
                 idx.do_polysemous_training = False
-        self._train_size = spec.train_size or default_train_size(spec.factory)
+        # never fewer points than faiss accepts (a stored spec may predate that check)
+        self._train_size = max(spec.train_size or default_train_size(spec.factory), min_train_points(spec.factory))
         self.capabilities = Capabilities(native_delete=False, filter_in_index=True,
                                          needs_training=not self._index.is_trained, gpu=False)
         self._alive = np.zeros(0, bool)   # indexed by label

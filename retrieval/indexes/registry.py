@@ -46,6 +46,21 @@ def load(spec: IndexSpec, folder: Path, d: int, metric: str, threads: int = 0) -
     return backend(spec.kind).load(folder, spec, d, metric, threads)
 
 
+def validate(spec: IndexSpec, d: int, metric: str = "l2") -> None:
+    """Refuse (InvalidArgument) a spec that would crash or break the process; see
+    :mod:`retrieval.indexes.validate`. Call it wherever a spec enters, before it is stored."""
+    from retrieval.indexes.validate import check_spec
+
+    check_spec(spec, d, metric)
+
+
+async def avalidate(spec: IndexSpec, d: int, metric: str = "l2") -> None:
+    """:func:`validate` from an event loop: the trial process runs in a worker thread."""
+    from retrieval.indexes.validate import acheck_spec
+
+    await acheck_spec(spec, d, metric)
+
+
 def spec_from_dict(d: dict | str | None) -> IndexSpec:
     """``"hnsw"`` or ``{"type": "faiss", "factory": "IVF256,PQ16"}`` -> a spec."""
     if d is None:

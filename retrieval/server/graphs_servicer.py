@@ -15,7 +15,7 @@ import numpy as np
 from retrieval import convert
 from retrieval.errors import InvalidArgument, ResourceExhausted
 from retrieval.graph import convert as gconv
-from retrieval.graph.engine import FASTRP_KIND, TRAIN_KIND, GraphEngine
+from retrieval.graph.engine import FASTRP_KIND, MAX_DIM, TRAIN_KIND, GraphEngine
 from retrieval.v1 import graphs_pb2 as pb
 from retrieval.v1 import graphs_pb2_grpc
 
@@ -157,7 +157,11 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         if request.HasField("index"):
             from retrieval.indexes import registry
 
-            params["index"] = registry.spec_to_dict(convert.index_spec_from_proto(request.index))
+            spec = convert.index_spec_from_proto(request.index)
+            params["index"] = registry.spec_to_dict(spec)
+            if 0 < params["params"]["dim"] <= MAX_DIM and params["metric"] in ("cosine", "l2", "ip"):
+                # the trial of a faiss spec runs off the event loop here; the job's check then finds it cached
+                await registry.avalidate(spec, params["params"]["dim"], params["metric"])
         rec = await self.jobs.start(FASTRP_KIND, params)
         return convert.job_to_proto(rec)
 

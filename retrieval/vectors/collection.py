@@ -41,6 +41,8 @@ from retrieval.errors import (AlreadyExists, FailedPrecondition, InvalidArgument
                               RetrievalError, Unavailable)
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec, QueryParams
+from retrieval.jsonlimits import check_depth
+from retrieval.storage import atomic
 from retrieval.storage.names import validate_name
 from retrieval.vectors import filters as flt
 from retrieval.vectors.delta import NO_ID
@@ -245,6 +247,7 @@ class Collection:
                 continue
             if len(p) > limit:
                 raise InvalidArgument(f"payload of point {int(ids[i])} is {len(p)} characters; the limit is {limit}")
+            check_depth(p, f"payload of point {int(ids[i])}")
             try:
                 obj = json.loads(p, parse_constant=_reject_constant)
             except (ValueError, RecursionError) as e:
@@ -517,14 +520,6 @@ def _read_marker(folder: Path) -> dict | None:
         return {}
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_marker(folder: Path, deaths: int) -> None:
     """Durably note that ``folder`` is being opened (``deaths``: earlier starts that died doing it).
     Best effort: where it cannot be written (a full disk) the collection opens without it."""
@@ -535,7 +530,7 @@ def _write_marker(folder: Path, deaths: int) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(folder)
+        atomic.fsync_dir(folder)
     except OSError as e:
         logger.warning("cannot write %s (%s); opening without it", folder / MARKER, e)
         with contextlib.suppress(OSError):
@@ -545,7 +540,7 @@ def _write_marker(folder: Path, deaths: int) -> None:
 def _clear_marker(folder: Path) -> None:
     try:
         (folder / MARKER).unlink()
-        _fsync_dir(folder)
+        atomic.fsync_dir(folder)
     except FileNotFoundError:
         pass
     except OSError as e:
@@ -809,8 +804,7 @@ class CollectionManager:
                                              f"({_why(e)}); drop it") from None
             if index is not None:
                 config = dataclasses.replace(config, index=index).validate()
-                registry.create(config.index, min(config.dimension, 8) if config.index.kind != "faiss"
-                                else config.dimension, "l2")  # fail fast on a bad spec, as create does
+                await registry.avalidate(config.index, config.dimension, config.metric)  # as create does
                 await asyncio.get_running_loop().run_in_executor(None, self._respec, u.folder, config)
                 u.config = config
             retry = self._retries.pop(name, None)
@@ -834,25 +828,18 @@ class CollectionManager:
     @staticmethod
     def _respec(folder: Path, config: CollectionConfig) -> None:
         """Write ``config`` as the folder's collection.json and delete the shards' index snapshots."""
-        tmp = folder / f".collection.json.{uuid.uuid4().hex}"
-        with open(tmp, "w") as f:
-            json.dump(config.to_json(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / "collection.json")
-        _fsync_dir(folder)
+        atomic.write_json(folder / "collection.json", config.to_json())
         for shard in sorted(folder.glob("shard-*")):
             snaps = shard / "snapshots"
             if snaps.exists():
                 aside = shard / f".snapshots-old-{uuid.uuid4().hex}"
                 os.rename(snaps, aside)
-                _fsync_dir(shard)
+                atomic.fsync_dir(shard)
                 shutil.rmtree(aside, ignore_errors=True)
 
     async def create(self, config: CollectionConfig) -> Collection:
         config.validate()
-        registry.create(config.index, min(config.dimension, 8) if config.index.kind != "faiss" else config.dimension,
-                        "l2")  # fail fast on a bad spec (e.g. a faiss factory string) before touching disk
+        await registry.avalidate(config.index, config.dimension, config.metric)  # a bad spec: refused before disk
         async with self._lock:
             if config.name in self._collections:
                 raise AlreadyExists(f"collection {config.name!r} already exists")
@@ -866,11 +853,9 @@ class CollectionManager:
                                          "see the server log")
             tmp = self.root / f".tmp-{uuid.uuid4().hex}"
             tmp.mkdir(parents=True)
-            with open(tmp / "collection.json", "w") as f:
-                json.dump(config.to_json(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
+            atomic.write_json(tmp / "collection.json", config.to_json())
             os.rename(tmp, final)
+            atomic.fsync_dir(self.root)
             col = self._new(final, config)
             try:
                 await col.open()
@@ -940,6 +925,7 @@ class CollectionManager:
             expected = await loop.run_in_executor(None, importing.snapshot_seqs, staging)
             target = importing.target_folder(self.root, name)
             os.rename(staging, target)
+            atomic.fsync_dir(self.root)
             # under the marker: a native abort loading a foreign snapshot quarantines it at the next start
             col = await self._open_folder(target, config)
             try:

@@ -34,11 +34,19 @@ _INT_EDGES = {F.TYPE_INT32: (-2**31, 2**31 - 1), F.TYPE_SINT32: (-2**31, 2**31 -
               F.TYPE_INT64: (-2**63, 2**63 - 1), F.TYPE_SINT64: (-2**63, 2**63 - 1), F.TYPE_SFIXED64: (-2**63, 2**63 - 1),
               F.TYPE_UINT32: (0, 2**32 - 1), F.TYPE_FIXED32: (0, 2**32 - 1),
               F.TYPE_UINT64: (0, 2**64 - 1), F.TYPE_FIXED64: (0, 2**64 - 1)}
+#: JSON nested far deeper than any parser's recursion limit (Python's json raises RecursionError)
+DEEP = ["[" * 10_000 + "]" * 10_000, '{"a": ' * 5_000 + "1" + "}" * 5_000, '{"collection": ' + "[" * 3_000 + "]" * 3_000 + "}"]
 NAMES = st.sampled_from([TARGET, TARGET, "", "nope", "../fz", "fz\x00", "a" * 200]) | st.text(max_size=12)
-PAYLOADS = st.sampled_from(['{"a": 1}', '{"g": "x", "n": [1, 2]}', "[]", "{", '"x"', "null", '{"a": NaN}',
+PAYLOADS = st.sampled_from([*DEEP, '{"a": 1}', '{"g": "x", "n": [1, 2]}', "[]", "{", '"x"', "null", '{"a": NaN}',
                             '{"a": {"b": {"c": 1}}}', "{}" + " " * 70000, ""]) | st.text(max_size=20)
 JSONS = st.sampled_from(["{}", '{"collection": "fz"}', '{"name": "x", "inputs": ["/etc/passwd"]}', "[1]", "{",
-                         '{"a": 1e999}', "null"]) | st.text(max_size=30)
+                         '{"a": 1e999}', "null", *DEEP]) | st.text(max_size=30)
+#: faiss factory strings that parse but would abort or break the process if built: zero or huge
+#: parameters, unknown codecs, missing parts
+FACTORIES = st.sampled_from(["HNSW0", "HNSW0,Flat", "IVF0,Flat", "IVF1000000000,Flat", "IVF4,PQ0", "IVF4,PQ999",
+                             "PQ0", "PQ8x99", "Foo12", "IVF4,SQ99", "OPQ0,IVF4,PQ4", "HNSW-1", "NSG0", "IVF4,Flat,Flat",
+                             "IDMap,HNSW0", "LSH0", "PCA0,Flat", "RR0,Flat", "IVF4(IVF0),Flat", "HNSW99999999", ""]) \
+    | st.text(alphabet="HNSWIVFPQFlat,0123456789x_()", max_size=14)
 
 
 def _int(f):
@@ -86,6 +94,8 @@ def _field(f, depth: int):
             inner = PAYLOADS
         elif n.endswith("_json"):
             inner = JSONS
+        elif n == "factory":
+            inner = FACTORIES
         elif n == "kind":
             inner = st.sampled_from(["build_index", "build_datastore", "crossencoder_build", "nope"]) | st.text(max_size=8)
         else:
@@ -129,6 +139,9 @@ SEEDS: dict[str, list[dict]] = {
     "retrieval.v1.Collections/Create": [{"name": "fz2", "dimension": 4, "metric": "cosine",
                                          "index": {"faiss": {"factory": "IVF4,Flat"}}, "shards": 2}],
     "retrieval.v1.Collections/Describe": [{"name": TARGET}],
+    "retrieval.v1.Graphs/RunFastRP": [{"graph": "fzg", "embedding": "e", "params": {"dim": 4},
+                                       "index": {"faiss": {"factory": "HNSW8"}}}],
+    "retrieval.v1.Jobs/Start": [{"kind": "fastrp", "params_json": '{"graph": "fzg", "dim": 4}'}],
     "retrieval.v1.Jobs/List": [{"kind": "build_index", "state": "running"}],
     "retrieval.v1.Drafts/Draft": [{"context_ids": [1, 2, 3, 1, 2], "vocab_size": 10,
                                    "budget": {"max_nodes": 8, "max_depth": 3}}],
@@ -193,6 +206,8 @@ def fuzzed(tmp_path_factory):
     c.upsert(KEEP, np.arange(300), x, [{"i": i} for i in range(300)])
     c.create_collection(TARGET, D)
     c.upsert(TARGET, np.arange(100), x[:100], [{"g": "x", "n": i} for i in range(100)])
+    c.create_graph("fzg", num_nodes=50)
+    c.append_edges("fzg", np.arange(49), np.arange(1, 50))
     before = c.get(KEEP, np.arange(400))
     ch = grpc.insecure_channel(srv.address)
     state = {"srv": srv, "client": c, "channel": ch, "keep": before, "codes": {}, "hosted": hosted_services(ch)}
@@ -302,3 +317,66 @@ def test_stored_data_is_unchanged(fuzzed):
         D2, _ = c.search_batch(TARGET, pts.vectors[:50], k=1, exact=True)  # (ties on duplicates: by distance)
         assert np.allclose(D2[:, 0], 0, atol=1e-5)
     assert "INVALID_ARGUMENT" in set().union(*fuzzed["codes"].values())
+
+
+HOSTILE_FACTORIES = ["HNSW0", "HNSW0,Flat", "IVF0,Flat", "IVF1000000000,Flat", "IVF4,PQ0", "IVF4,PQ999", "PQ0",
+                     "Foo12", "IVF4,SQ99", "OPQ0,IVF4,PQ4", "HNSW-1", "IDMap,HNSW0", "PCA0,Flat", "HNSW99999999"]
+
+
+@pytest.mark.parametrize("factory", HOSTILE_FACTORIES)
+def test_hostile_index_specs_never_take_the_server_down(fuzzed, factory):
+    """A factory string that parses but would abort faiss, break every search or allocate without bound
+    is refused at Create and at RunFastRP with INVALID_ARGUMENT; the server stays up."""
+    from retrieval import errors
+
+    c = fuzzed["client"]
+    with pytest.raises(errors.InvalidArgument):
+        c.create_collection("hostile", D, index={"type": "faiss", "factory": factory})
+    assert "hostile" not in [x["name"] for x in c.list_collections()]
+    with pytest.raises(errors.InvalidArgument):  # the same index for graph embeddings
+        c.run_fastrp("fzg", dim=4, embedding="hostile", index={"type": "faiss", "factory": factory})
+    _alive(fuzzed)
+
+
+@pytest.mark.parametrize("field", ["params_json"])
+def test_deeply_nested_json_is_invalid_argument(fuzzed, field):
+    from retrieval.v1 import jobs_pb2
+
+    rpc = next(r for r in RPCS if str(r) == "retrieval.v1.Jobs/Start")
+    for deep in DEEP:
+        out = raw_call(fuzzed["channel"], rpc, [jobs_pb2.StartJobRequest(kind="fastrp", params_json=deep)
+                                                .SerializeToString()], timeout=20)
+        assert out.code == grpc.StatusCode.INVALID_ARGUMENT and "nest" in out.details, out
+    _alive(fuzzed)
+
+
+def test_health_service_fuzz(fuzzed):
+    """Check, Watch and List of grpc.health.v1 with any service name: proper statuses, never INTERNAL."""
+    stub = health_pb2_grpc.HealthStub(fuzzed["channel"])
+    names = ["", "retrieval.v1.Points", "retrieval.v1.Search", "nope", "\x00", "a" * 5000, "../x", "é"]
+
+    @settings(max_examples=30, **SETTINGS)
+    @given(name=st.sampled_from(names) | st.text(max_size=40))
+    def run(name):
+        try:
+            r = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert r.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, (name, e.code(), e.details())
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=name), timeout=1.0)
+        try:
+            first = next(watch)  # the current status comes at once; then the stream waits for changes
+            assert first.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING,
+                                    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN), (name, first)
+        except grpc.RpcError as e:
+            assert e.code() not in BAD, (name, e.code(), e.details())
+        finally:
+            watch.cancel()
+
+    run()
+    try:
+        listed = stub.List(health_pb2.HealthListRequest(), timeout=10)
+        assert "retrieval.v1.Points" in listed.statuses
+    except grpc.RpcError as e:
+        assert e.code() not in BAD - {grpc.StatusCode.UNIMPLEMENTED}, (e.code(), e.details())
+    _alive(fuzzed)
