@@ -103,21 +103,17 @@ def _file_size(f: BinaryIO) -> int:
 
 
 def _npy_memmap(f: BinaryIO, path: Path) -> np.ndarray:
-    """A read-only memory map of the ``.npy`` array in the open file ``f`` (as ``np.load(mmap_mode="r")``,
-    which only takes names)."""
-    from numpy.lib import format as npf
+    """A read-only memory map of the ``.npy`` array in the open file ``f``. ``np.load(mmap_mode="r")``
+    takes only names, so it is given ``/proc/self/fd/N``, which reopens the very file behind ``f`` (not
+    whatever ``path`` names now); arrays of Python objects (pickles) are refused."""
+    from retrieval.server import sandbox
 
-    f.seek(0)
-    version = npf.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = npf.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = npf.read_array_header_2_0(f)
-    else:
-        shape, fortran, dtype = npf._read_array_header(f, version)
-    if dtype.hasobject:
-        raise ValueError("the array holds Python objects (it needs pickle)")
-    return np.memmap(f, dtype=dtype, shape=shape, order="F" if fortran else "C", mode="r", offset=f.tell())
+    try:
+        return np.load(sandbox.fd_path(f), mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e) or "object" in str(e):
+            raise ValueError("the array holds Python objects (it needs pickle)") from None
+        raise
 
 
 def _check_block_size(block_size: int) -> int:
