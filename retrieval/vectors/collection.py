@@ -502,7 +502,7 @@ MARKER = ".opening"          # in a collection folder while it is opened and its
 CATCH_UP_TIMEOUT_S = 600.0   # the marker goes after this long even if the replay is not indexed yet
 SETTLE_S = 2.0               # start-up waits up to this long for each collection's replay to be indexed,
 SETTLE_TOTAL_S = 10.0        # and this long in all
-QUARANTINED, UNAVAILABLE, OPENING = "quarantined", "unavailable", "opening"
+QUARANTINED, UNAVAILABLE = "quarantined", "unavailable"
 
 
 def _read_marker(folder: Path) -> dict | None:
@@ -559,7 +559,7 @@ def _why(e: BaseException) -> str:
 class Unserved:
     """A collection folder the manager holds but does not serve: ``state`` is "quarantined" (its open
     killed the server; waits for repair or drop), "unavailable" (it could not be opened; retried in
-    the background) or "opening" (a retry is under way)."""
+    the background; a retry under way says so in ``reason``, the state stays "unavailable")."""
 
     name: str
     folder: Path
@@ -575,8 +575,6 @@ class Unserved:
                 f"collection {self.name!r} is quarantined: {self.reason}. `retrieval collections repair "
                 f"{self.name}` opens it again (--index SPEC rebuilds its index from the stored points with a "
                 f"corrected spec), `retrieval collections drop {self.name}` deletes it")
-        if self.state == OPENING:
-            return Unavailable(f"collection {self.name!r} is being opened ({self.reason}); retry shortly")
         return Unavailable(f"collection {self.name!r} is unavailable: {self.reason}")
 
     async def describe(self) -> dict:
@@ -719,7 +717,7 @@ class CollectionManager:
                 async with self._lock:
                     if self._unserved.get(u.name) is not u:
                         return  # dropped or repaired meanwhile
-                    u.state = OPENING
+                    u.reason = f"{base}; opened again by itself, an attempt is under way"
                     try:
                         config = u.config or CollectionConfig.from_json(
                             json.loads((u.folder / "collection.json").read_text())).validate()
