@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -45,7 +45,21 @@ from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_index", "build_and_load", "load_items", "pick_anchor_queries"]
+__all__ = ["build_and_load", "build_index", "load_items", "pick_anchor_queries", "read_items_jsonl"]
+
+
+def read_items_jsonl(f: IO[bytes], shown: str) -> list[Any]:
+    """The records of a JSONL items file open for binary reading (one JSON object per non-blank line,
+    UTF-8); ``shown`` names the file in errors (:class:`InvalidArgument` for a line that is not JSON)."""
+    recs = []
+    for j, raw in enumerate(f, 1):
+        if not raw.strip():
+            continue
+        try:
+            recs.append(json.loads(raw))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise InvalidArgument(f"items file {shown!r}, line {j}: not a JSON object ({e})") from None
+    return recs
 
 
 def load_items(items: list[dict[str, Any]] | str | os.PathLike[str]) -> tuple[list[int], list[str], list[Any]]:
@@ -57,8 +71,8 @@ def load_items(items: list[dict[str, Any]] | str | os.PathLike[str]) -> tuple[li
         p = Path(items)
         if not p.is_file():
             raise NotFound(f"items file {str(p)!r} does not exist")
-        with open(p) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
+        with open(p, "rb") as f:
+            recs = read_items_jsonl(f, str(p))
     else:
         recs = list(items)
     ids, texts, payloads = [], [], []

@@ -5,6 +5,13 @@ Layout under ``root`` (the server's ``<data_dir>/crossencoder``)::
     indexes/<name>/          an index folder (see :mod:`retrieval.crossencoder.index`) plus
     indexes/<name>/service.json   the scorer and dual-encoder specs it was built with (to reopen it)
     staging/<job-id>.jsonl   items sent inline with a BuildIndex call, until the job has read them
+    tmp/view-*/              while a model loads: the checked view of a client's model folder
+
+Files a client names (``items_path``, a scorer's or dual encoder's ``model_dir``) are read through
+:mod:`retrieval.server.sandbox` when the engine is given ``allowed_dirs`` (the server does): the items
+file is opened once and parsed from that descriptor, a model folder is loaded from a
+:func:`~retrieval.server.sandbox.folder_view` of it, so a file or folder swapped for a symlink after
+``Jobs.Start`` (or after the build, when the model is loaded again) is refused, never followed.
 
 Indexes are opened lazily (loading a model takes seconds) and kept open; scorers and dual encoders
 are shared between indexes with the same spec. Building is the job kind ``crossencoder_build``
@@ -20,11 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.crossencoder.build import build_index
+from retrieval.crossencoder.build import build_index, read_items_jsonl
 from retrieval.crossencoder.dual import DualEncoder, dual_encoder_from_spec
 from retrieval.crossencoder.index import BuildParams, CrossEncoderIndex, read_meta
 from retrieval.crossencoder.scorers import Scorer, scorer_from_spec
@@ -44,10 +53,14 @@ def _spec_key(spec: dict[str, Any] | None) -> str:
 
 
 class CrossEncoderEngine:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, allowed_dirs: Callable[[], Sequence[Path]] | None = None) -> None:
+        """``allowed_dirs``: the folders clients may name files in (asked each time a file is read, so
+        a resumed job obeys the current settings); None reads named files as given (local use)."""
         self.root = Path(root)
+        self._allowed = allowed_dirs
         (self.root / "indexes").mkdir(parents=True, exist_ok=True)
         (self.root / "staging").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.root / "tmp", ignore_errors=True)  # views left by a killed server
         self._lock = threading.RLock()
         self._open: dict[str, CrossEncoderIndex] = {}
         self._scorers: dict[str, Scorer] = {}
@@ -55,11 +68,25 @@ class CrossEncoderEngine:
         self._building: set[str] = set()
 
     # --- models -------------------------------------------------------------------------------------
+    def _load_model(self, make: Callable[[dict[str, Any]], Any], spec: dict[str, Any], what: str) -> Any:
+        """``make(spec)``; a client's ``model_dir`` is loaded from a checked view of it (see the module
+        docstring), and the model's informational path is set back to the folder the client named."""
+        model_dir = spec.get("model_dir")
+        if self._allowed is None or not model_dir:
+            return make(dict(spec))
+        from retrieval.server import sandbox
+
+        with sandbox.folder_view(model_dir, self._allowed(), self.root / "tmp", f"{what} model directory") as view:
+            model = make({**spec, "model_dir": str(view)})
+        if isinstance(getattr(model, "_path", None), str):  # fingerprint().path: where the model came from
+            model._path = str(model_dir)
+        return model
+
     def scorer(self, spec: dict[str, Any]) -> Scorer:
         key = _spec_key(spec)
         with self._lock:
             if key not in self._scorers:
-                self._scorers[key] = scorer_from_spec(dict(spec))
+                self._scorers[key] = self._load_model(scorer_from_spec, spec, "scorer")
             return self._scorers[key]
 
     def dual_encoder(self, spec: dict[str, Any] | None) -> DualEncoder | None:
@@ -68,8 +95,34 @@ class CrossEncoderEngine:
         key = _spec_key(spec)
         with self._lock:
             if key not in self._des:
-                self._des[key] = dual_encoder_from_spec(dict(spec))
+                self._des[key] = self._load_model(dual_encoder_from_spec, spec, "dual_encoder")
             return self._des[key]
+
+    def check_client_files(self, params: dict[str, Any]) -> None:
+        """Open the client's files of a build (items file, model folders) through the sandbox and read
+        nothing: a link or hard link is refused when the job starts, not later. No-op without
+        ``allowed_dirs``."""
+        if self._allowed is None:
+            return
+        from retrieval.server import sandbox
+
+        allowed = self._allowed()
+        for key in ("scorer", "dual_encoder"):
+            spec = params.get(key)
+            if isinstance(spec, dict) and spec.get("model_dir"):
+                sandbox.check_dir(spec["model_dir"], allowed, f"{key} model directory")
+        if params.get("items_path") and not params.get("staged"):
+            sandbox.open_file(params["items_path"], allowed, "items file").close()
+
+    def _items(self, items_path: str, staged: bool) -> list[dict[str, Any]] | str:
+        """The build's items: a client's file read once through the sandbox (what was checked is what
+        is read); the engine's own staged file by name."""
+        if staged or self._allowed is None:
+            return items_path
+        from retrieval.server import sandbox
+
+        with sandbox.open_file(items_path, self._allowed(), "items file") as f:
+            return read_items_jsonl(f, items_path)
 
     # --- names --------------------------------------------------------------------------------------
     @staticmethod
@@ -110,6 +163,7 @@ class CrossEncoderEngine:
             raise InvalidArgument(f"items_path {items_path!r} is not a file on the server; send items or a readable path")
         if not params.get("anchor_queries") and not (params.get("query_log") and params.get("k_q")):
             raise InvalidArgument("give anchor_queries, or a query_log and k_q to sample them from")
+        self.check_client_files(params)
         with self._lock:
             self._building.add(name)
         return params
@@ -121,11 +175,12 @@ class CrossEncoderEngine:
         """Job body of ``crossencoder_build``: the index goes to ``indexes/<name>``."""
         out = self.path(name)
         try:
+            items = self._items(items_path, staged)
             sc = self.scorer(scorer)
             de = self.dual_encoder(dual_encoder)
             out.mkdir(parents=True, exist_ok=True)
             atomic.write_json(out / "service.json", {"scorer": scorer, "dual_encoder": dual_encoder}, indent=None)
-            stats = build_index(ctx, index_dir=out, items=items_path, scorer=sc, anchor_queries=anchor_queries,
+            stats = build_index(ctx, index_dir=out, items=items, scorer=sc, anchor_queries=anchor_queries,
                                 query_log=query_log, k_q=k_q, dual_encoder=de, params=params or {},
                                 query_seed=query_seed)
             if staged:

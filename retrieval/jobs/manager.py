@@ -6,7 +6,8 @@ A job *kind* is registered once by an engine::
 
 ``body(ctx, **params) -> dict`` runs in a worker thread (see :mod:`retrieval.jobs`); ``validate``
 checks and normalises the params before the job is accepted (bad params are an INVALID_ARGUMENT
-at start, not a failed job). Records live in ``<data_dir>/jobs/jobs.sqlite`` and each job has a work
+at start, not a failed job); it runs in a worker thread too (it may open files and try an index spec
+in a child process), so the event loop keeps serving other calls meanwhile. Records live in ``<data_dir>/jobs/jobs.sqlite`` and each job has a work
 folder ``<data_dir>/jobs/<id>/`` for resumable state.
 
 States: queued -> running -> succeeded | failed | cancelled. On start-up, jobs a previous server left
@@ -183,13 +184,24 @@ class JobManager:
 
     # ------------------------------------------------------------------------------------------
     async def start(self, kind: str, params: dict) -> JobRecord:
-        """Validate and queue a job; returns its record at once."""
+        """Validate and queue a job; returns its record once it is validated.
+
+        ``validate`` runs in a worker thread, not on the event loop: it may open the job's input files
+        and run an index spec's trial in a child process (a second or more, once per new faiss spec), and
+        every other call keeps being served meanwhile. So a kind's ``validate`` must be safe to call from
+        any thread (they read files and engine state under the engines' own locks). A caller cancelled
+        while its job is being validated does not undo the start: a job that passed validation (which may
+        reserve its output's name) is always queued."""
         k = self.kinds.get(kind)
         if k is None:
             raise InvalidArgument(f"unknown job kind {kind!r}; valid: {', '.join(sorted(self.kinds)) or 'none'}")
         if not isinstance(params, dict):
             raise InvalidArgument("job params must be a JSON object")
-        params = k.validate(dict(params))
+        return await asyncio.shield(asyncio.ensure_future(self._validate_and_queue(k, dict(params))))
+
+    async def _validate_and_queue(self, k: JobKind, params: dict) -> JobRecord:
+        params = await asyncio.to_thread(k.validate, params)
+        kind = k.name
         rec = JobRecord(id=f"{int(time.time()):x}{secrets.token_hex(4)}", kind=kind, params=params)
         self._jobs[rec.id] = rec
         self._save(rec)

@@ -135,13 +135,16 @@ class CrossEncoderServicer(crossencoder_pb2_grpc.CrossEncoderServicer):
 
 def register(server, ctx) -> CrossEncoderEngine:
     """Create the engine under ``ctx.data_dir / "crossencoder"``, register the servicer and the job kind."""
-    from retrieval.jobs.manager import JobKind
-
-    engine = CrossEncoderEngine(ctx.data_dir / "crossencoder")
-    crossencoder_pb2_grpc.add_CrossEncoderServicer_to_server(CrossEncoderServicer(engine, ctx.jobs), server)
     from pathlib import Path
 
-    from retrieval.server.auth import resolve_client_file
+    from retrieval.jobs.manager import JobKind
+    from retrieval.server.auth import allowed_client_dirs, resolve_client_file
+
+    # the job (and a later load of the index's models) reads the client's files through the sandbox,
+    # confined to the folders the settings allow when it reads them
+    engine = CrossEncoderEngine(ctx.data_dir / "crossencoder",
+                                allowed_dirs=lambda: allowed_client_dirs(ctx.settings, ctx.data_dir))
+    crossencoder_pb2_grpc.add_CrossEncoderServicer_to_server(CrossEncoderServicer(engine, ctx.jobs), server)
 
     staging = (engine.root / "staging").resolve()
 

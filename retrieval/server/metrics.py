@@ -20,6 +20,9 @@ State, refreshed every ``REFRESH_S`` seconds on the event loop::
     retrieval_collection_points{collection}          live points (indexed + pending)
     retrieval_collection_indexed_points{collection}  / retrieval_collection_pending_points{collection}
     retrieval_collection_memory_bytes{collection}    / retrieval_collection_ready{collection} (1 ready)
+    retrieval_collections{state}                     collections by state: served / quarantined / unavailable
+    retrieval_collection_unserved{collection,state}  1 per collection held but not served (quarantined,
+                                                     unavailable), so an alert can name it
     retrieval_jobs{state}                            jobs by state
     retrieval_job_progress_ratio{job,kind}           done / total of running jobs
 
@@ -124,6 +127,8 @@ async def snapshot_state(collections=None, jobs=None) -> None:
     """Rebuild the collection and job gauges from the managers (call on the event loop)."""
     fams = []
     if collections is not None:
+        from retrieval.vectors.collection import QUARANTINED, UNAVAILABLE
+
         pts = GaugeMetricFamily("retrieval_collection_points", "live points (indexed + pending)", labels=["collection"])
         idx = GaugeMetricFamily("retrieval_collection_indexed_points", "live points in the index", labels=["collection"])
         pend = GaugeMetricFamily("retrieval_collection_pending_points", "acknowledged points not yet indexed "
@@ -140,7 +145,18 @@ async def snapshot_state(collections=None, jobs=None) -> None:
             pend.add_metric([col.name], n_pend)
             mem.add_metric([col.name], sum(i["memory_bytes"] for i in infos))
             ready.add_metric([col.name], float(all(i["state"] == "ready" for i in infos)))
-        fams += [pts, idx, pend, mem, ready]
+        by_state = GaugeMetricFamily("retrieval_collections", "collections by state: served, quarantined (its "
+                                     "open killed the server; waits for repair or drop), unavailable (could "
+                                     "not be opened; retried in the background)", labels=["state"])
+        unserved = GaugeMetricFamily("retrieval_collection_unserved", "1 for each collection held but not "
+                                     "served, with its state", labels=["collection", "state"])
+        counts = {"served": len(collections.list()), QUARANTINED: 0, UNAVAILABLE: 0}
+        for u in collections.unserved():
+            counts[u.state] = counts.get(u.state, 0) + 1
+            unserved.add_metric([u.name, u.state], 1)
+        for state, n in counts.items():
+            by_state.add_metric([state], n)
+        fams += [pts, idx, pend, mem, ready, by_state, unserved]
     if jobs is not None:
         by_state = GaugeMetricFamily("retrieval_jobs", "jobs by state", labels=["state"])
         prog = GaugeMetricFamily("retrieval_job_progress_ratio", "done / total of running jobs", labels=["job", "kind"])

@@ -25,6 +25,11 @@ The allowed folders themselves are the operator's settings (``security.client_fi
 folder that is itself a symlink is resolved (followed) when the check runs, and files under its target
 are allowed. Only links at or below it are distrusted.
 
+Folders for libraries that take only a folder name (:func:`folder_view`, e.g. a model folder for
+transformers' ``from_pretrained``): the folder and each of its files are opened as above, and the
+library is given a private folder whose entries lead to the *opened* files (``/proc/self/fd/N`` links
+while the descriptors are held; a copy read from them where there is no ``/proc``).
+
 Errors: :class:`~retrieval.errors.PermissionDenied` (outside the allowed folders, a symlink, a hard
 link, changed while opened), :class:`~retrieval.errors.NotFound` (missing),
 :class:`~retrieval.errors.InvalidArgument` (not a regular file / folder, unreadable, a bad path). Each
@@ -36,12 +41,15 @@ Thread-safety: the functions are stateless; a :class:`ConfinedDir` may be shared
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
 import os
+import shutil
 import stat
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePath
 
 from retrieval.errors import InvalidArgument, NotFound, PermissionDenied
@@ -280,3 +288,50 @@ def fd_path(f: io.IOBase | int) -> str:
     that only take names; the caller keeps ``f`` open while it is used."""
     fd = f if isinstance(f, int) else f.fileno()
     return str(_PROC_FD / str(fd))
+
+
+def check_dir(path: str | os.PathLike[str], allowed: Iterable[str | os.PathLike[str]],
+              what: str = "input folder") -> list[str]:
+    """Open the folder ``path`` and each regular file in it as :func:`folder_view` does (refusing what it
+    refuses), read nothing, and return the file names: a cheap check when a job starts."""
+    with open_dir(path, allowed, what) as d:
+        names = d.files()
+        for name in names:
+            d.open(name, f"file in {what}").close()
+    return names
+
+
+@contextlib.contextmanager
+def folder_view(path: str | os.PathLike[str], allowed: Iterable[str | os.PathLike[str]],
+                scratch: str | os.PathLike[str], what: str = "input folder") -> Iterator[Path]:
+    """A private folder standing for the client folder ``path`` as it was checked, for a library that
+    opens files by name inside a folder it is given (transformers' ``from_pretrained``).
+
+    ``path`` is opened with :func:`open_dir` and each regular file in it with :meth:`ConfinedDir.open`
+    (a symbolic link among them, a hard-linked file or a real path outside the ``allowed`` folders is
+    refused, as everywhere here). The view, a new folder under ``scratch``, holds one entry per file,
+    same name, leading to the *opened* file: a symbolic link to ``/proc/self/fd/N`` (no copy; the
+    descriptor stays open while the view is in use, and the link reopens that very inode whatever is
+    at ``path`` by then), or, where ``/proc`` cannot reopen descriptors, a copy read from the
+    descriptor. Subfolders of ``path`` are left out. On exit the descriptors are closed and the view is
+    removed. The view is for this process only (``/proc/self``): do not hand it to a child process.
+    """
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        d = stack.enter_context(open_dir(path, allowed, what))
+        view = Path(tempfile.mkdtemp(prefix="view-", dir=scratch))
+        stack.callback(shutil.rmtree, view, True)
+        for name in d.files():
+            f = stack.enter_context(d.open(name, f"file in {what}"))
+            link = fd_path(f)
+            try:
+                same = os.path.samestat(os.stat(link), os.fstat(f.fileno()))
+            except OSError:
+                same = False
+            if same:
+                os.symlink(link, view / name)
+            else:  # no /proc: copy what the descriptor reads
+                with open(view / name, "wb") as out:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        yield view

@@ -7,9 +7,12 @@ A *collection folder* is exactly what the server keeps under ``<data_dir>/collec
     shard-<i>/snapshots/<seq>/            index files, labels.npy, manifest.json (retrieval.storage.snapshots)
 
 :func:`validate_folder` checks one before it is served: nothing but regular files and folders (no
-symlinks, devices or pipes), a valid ``collection.json``, one ``shard-<i>`` per shard and nothing else,
-a point store with the right vector size, and a snapshot whose checksums, kind, dimension and metric
-match and whose write sequence the point store has.
+symlinks, devices or pipes, and no file with more than one hard link: a hard link is another name of a
+file that may lie outside the folders clients may read from, e.g. another collection's point store), a
+valid ``collection.json``, one ``shard-<i>`` per shard and nothing else, a point store with the right
+vector size, and a snapshot whose checksums, kind, dimension and metric match and whose write sequence
+the point store has. A folder that is copied in is copied through descriptors, checking each file as
+it is opened (:func:`_copy_tree`), so an entry swapped for a link after the check is not copied.
 
 Installing is atomic per collection: the new folder is validated in a staging folder whose name
 starts with ``.`` (the server deletes such leftovers at start-up), renamed to its final name, then
@@ -24,6 +27,7 @@ Thread-safety: the functions here do file work only; the server runs them in wor
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -66,8 +70,15 @@ def read_config(folder: Path):
     return config, raw
 
 
+def _hard_link_error(p: Path, nlink: int) -> InvalidArgument:
+    return InvalidArgument(f"{str(p)!r} has {nlink} hard links; a hard link may be another name of a file outside "
+                           "the collection folder (outside the folders clients may read from), so a collection "
+                           "folder holds files with one link only: copy the file instead of linking it")
+
+
 def _check_tree(folder: Path) -> None:
-    """Only regular files and folders below ``folder``; symlinks, devices, pipes are refused."""
+    """Only regular files with one hard link, and folders, below ``folder``; symlinks, hard-linked
+    files, devices and pipes are refused (InvalidArgument naming the entry)."""
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         for name in [*dirnames, *filenames]:
             p = Path(dirpath) / name
@@ -76,6 +87,46 @@ def _check_tree(folder: Path) -> None:
                 raise InvalidArgument(f"{str(p)!r} is a symbolic link; a collection folder holds plain files only")
             if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
                 raise InvalidArgument(f"{str(p)!r} is not a regular file or folder")
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                raise _hard_link_error(p, st.st_nlink)
+
+
+_NOFOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _copy_tree(source: Path, dest: Path) -> None:
+    """Copy the collection folder ``source`` to the new folder ``dest`` through descriptors: each folder
+    is entered relative to its parent's descriptor without following a link (``os.fwalk``), each file
+    opened with ``O_NOFOLLOW`` and checked on the opened descriptor (a regular file with one hard link)
+    before it is read, so an entry swapped for a link or a hard link after :func:`_check_tree` is
+    refused, not copied. Modification times are kept."""
+    dest.mkdir()
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(source, follow_symlinks=False):
+        out = dest / Path(dirpath).relative_to(source)
+        for name in dirnames:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):  # a folder swapped for a link meanwhile: fwalk does not enter it
+                raise InvalidArgument(f"{str(Path(dirpath) / name)!r} is a symbolic link; a collection folder "
+                                      "holds plain files only")
+            (out / name).mkdir()
+        for name in filenames:
+            p = Path(dirpath) / name
+            try:
+                fd = os.open(name, _NOFOLLOW, dir_fd=dirfd)
+            except OSError as e:
+                if os.path.islink(p) or e.errno == errno.ELOOP:
+                    raise InvalidArgument(f"{str(p)!r} is a symbolic link; a collection folder holds plain files "
+                                          "only") from None
+                raise InvalidArgument(f"{str(p)!r} cannot be read: {e.strerror or e}") from None
+            with open(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise InvalidArgument(f"{str(p)!r} is not a regular file or folder")
+                if st.st_nlink > 1:
+                    raise _hard_link_error(p, st.st_nlink)
+                with open(out / name, "xb") as w:
+                    shutil.copyfileobj(f, w, 1 << 22)
+            os.utime(out / name, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _store_info(path: Path, d: int) -> tuple[int, int]:
@@ -171,12 +222,12 @@ def stage(source: Path, staging: Path, name: str, move: bool = False):
     if (source / CONFIG_FILE).is_symlink():
         raise InvalidArgument(f"{str(source / CONFIG_FILE)!r} is a symbolic link; a collection folder holds plain files only")
     read_config(source)  # not a collection folder at all: say so before walking it
-    _check_tree(source)  # before copying: copytree must not follow a link out of the folder
+    _check_tree(source)  # before copying or moving: say what is wrong before touching anything
     try:
         if move:
-            os.rename(source, staging)
+            os.rename(source, staging)  # then validate_folder checks the moved tree, which only the server holds
         else:
-            shutil.copytree(source, staging, symlinks=True)
+            _copy_tree(source, staging)  # what is copied is checked as it is read (no link followed or copied)
         config = validate_folder(staging)
         config = _config_cls()(name=name, dimension=config.dimension, metric=config.metric, index=config.index,
                                shards=config.shards, created_at=config.created_at)

@@ -167,6 +167,56 @@ def test_bad_folders_are_refused_and_change_nothing(env):
     _assert_unchanged(env, before)
 
 
+def test_hard_linked_files_in_an_imported_folder_are_refused(env):
+    """A hard link is another name of a file that may lie outside the allowed folders (here: a point
+    store kept outside): the import refuses it, copied or moved, and changes nothing."""
+    c = env["client"]
+    good = env["imports"] / "w-other" / "collection"
+    if not good.exists():
+        good = _built(env, "other", "b.npy")
+    if "pushed" not in [x["name"] for x in c.list_collections()]:
+        c.import_collection("pushed", str(good))
+    before = c.search_batch("pushed", env["xq"], k=10, ef=64)[1]
+    bad = _copy(env, good, "bad-hardlink")
+    outside = env["tmp"] / "outside-points.sqlite"
+    shutil.copyfile(bad / "shard-0" / "points.sqlite", outside)
+    (bad / "shard-0" / "points.sqlite").unlink()
+    os.link(outside, bad / "shard-0" / "points.sqlite")
+    with pytest.raises(InvalidArgument, match=r"points.sqlite' has 2 hard links"):
+        c.import_collection("pushed", str(bad), replace=True)
+    with pytest.raises(InvalidArgument, match="hard links"):
+        c.import_collection("hardlinked", str(bad))
+    assert "hardlinked" not in [x["name"] for x in c.list_collections()]
+    _assert_unchanged(env, before)
+
+
+def test_the_copy_checks_each_file_as_it_reads_it(tmp_path):
+    """Entries swapped for a link or a hard link after the tree was checked are refused by the copy."""
+    from retrieval.vectors import importing
+
+    src = tmp_path / "src"
+    (src / "shard-0").mkdir(parents=True)
+    (src / "collection.json").write_text("{}")
+    (src / "shard-0" / "points.sqlite").write_bytes(b"p" * 100)
+    importing._check_tree(src)
+    importing._copy_tree(src, tmp_path / "ok")
+    assert (tmp_path / "ok" / "shard-0" / "points.sqlite").read_bytes() == b"p" * 100
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 100)
+    for i, swap in enumerate((lambda p: os.link(secret, p), lambda p: p.symlink_to(secret))):
+        (src / "shard-0" / "points.sqlite").unlink()
+        swap(src / "shard-0" / "points.sqlite")
+        with pytest.raises(InvalidArgument, match="hard links|symbolic link"):
+            importing._check_tree(src)
+        with pytest.raises(InvalidArgument, match="hard links|symbolic link"):
+            importing._copy_tree(src, tmp_path / f"copy-{i}")
+    (src / "shard-0" / "points.sqlite").unlink()
+    shutil.move(src / "shard-0", tmp_path / "shard-real")
+    (src / "shard-0").symlink_to(tmp_path / "shard-real")  # a folder swapped for a link
+    with pytest.raises(InvalidArgument, match="symbolic link"):
+        importing._copy_tree(src, tmp_path / "copy-dir")
+
+
 def test_build_index_job(env):
     c = env["client"]
     kinds = {k["name"]: k for k in c.job_kinds()}

@@ -227,3 +227,70 @@ def test_local_context_runs_the_same_body(tmp_path):
     ctx.cancel()
     with pytest.raises(Cancelled, match="was cancelled"):
         count_body(ctx, n=9)
+
+
+def test_validation_runs_off_the_event_loop(tmp_path):
+    """A slow validate (an index spec's trial in a child process, files to open) must not stop the loop:
+    here validate waits for an event that only another coroutine on the loop sets. On the loop it would
+    wait in vain (and fail); off it, the other coroutine runs and the job is accepted."""
+    other_ran = threading.Event()
+    in_validate = threading.Event()
+
+    def slow_validate(p: dict) -> dict:
+        in_validate.set()
+        if not other_ran.wait(10):
+            raise InvalidArgument("the event loop was blocked while this job was validated")
+        return validate(p)
+
+    async def other_call():
+        while not in_validate.is_set():
+            await asyncio.sleep(0.001)
+        other_ran.set()  # a cheap call served while the validation is still running
+
+    async def main():
+        m = JobManager(tmp_path)
+        m.register(JobKind("slow", body=count_body, validate=slow_validate))
+        await m.open()
+        try:
+            other = asyncio.ensure_future(other_call())
+            rec = await m.start("slow", {"n": 3})
+            await other
+            final = [r async for r in m.watch(rec.id)][-1]
+            assert final.state == "succeeded" and final.result["sum"] == 3
+        finally:
+            await m.close()
+
+    run(main)
+
+
+def test_a_start_cancelled_during_validation_still_queues_the_validated_job(tmp_path):
+    release, entered = threading.Event(), threading.Event()
+
+    def held_validate(p: dict) -> dict:
+        entered.set()
+        release.wait(10)
+        return validate(p)
+
+    async def main():
+        m = JobManager(tmp_path)
+        m.register(JobKind("held", body=count_body, validate=held_validate))
+        await m.open()
+        try:
+            call = asyncio.ensure_future(m.start("held", {"n": 2}))
+            while not entered.is_set():
+                await asyncio.sleep(0.001)
+            call.cancel()  # the client went away while its job was being validated
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            release.set()
+            for _ in range(1000):
+                if m.list(kind="held"):
+                    break
+                await asyncio.sleep(0.01)
+            (rec,) = m.list(kind="held")
+            final = [r async for r in m.watch(rec.id)][-1]
+            assert final.state == "succeeded"
+        finally:
+            await m.close()
+
+    run(main)

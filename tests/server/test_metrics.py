@@ -147,3 +147,44 @@ def test_status_command(observed):
     down = subprocess.run([sys.executable, "-m", "retrieval", "status", "--address", "127.0.0.1:1"],
                           capture_output=True, text=True, timeout=120)
     assert down.returncode == 2 and "unreachable" in down.stdout
+
+
+def test_collections_by_state_count_the_quarantined_and_unavailable(tmp_path):
+    """Collections the server holds but does not serve are counted (and named) on the metrics page."""
+    data = tmp_path / "data"
+    cols = data / "collections"
+    # "bad": the last start died of a native abort while it was being opened, so it is quarantined (the
+    # server does not open it: its settings and the marker are all it reads)
+    (cols / "bad").mkdir(parents=True)
+    (cols / "bad" / "collection.json").write_text(json.dumps({"name": "bad", "dimension": 4, "metric": "l2",
+                                                              "index": {"type": "exact"}, "shards": 1}))
+    (cols / "bad" / ".opening").write_text(json.dumps({"deaths": 0, "pid": 1, "at": 0}))
+    (data / ".fatal-error").write_text("Fatal Python error: Aborted\n\nCurrent thread 0x1 (most recent call "
+                                       "first):\n  File \"/x/retrieval/vectors/shard.py\", line 1 in _indexer\n")
+    # "broken": its settings cannot be read, so it is unavailable (retried in the background)
+    (cols / "broken").mkdir()
+    (cols / "broken" / "collection.json").write_text("{not json")
+    srv = ServerProcess(data, args=["--metrics-port", "0"], log_path=tmp_path / "server.log")
+    srv.start()
+    try:
+        url = re.search(r"metrics on (\S+)", srv.log_path.read_text()).group(1)
+        with Client(srv.address, timeout=60) as c:
+            c.create_collection("good", 4, index="exact")
+            c.upsert("good", np.arange(3), np.eye(3, 4, dtype=np.float32))
+            states = {col["name"]: col["state"] for col in c.list_collections()}
+        assert states["bad"] == "quarantined" and states["broken"] == "unavailable", states
+        page = _scrape(url)
+        for _ in range(50):  # the gauges are rebuilt every REFRESH_S
+            if _value(page, "retrieval_collections", state="served") == 1:
+                break
+            time.sleep(0.2)
+            page = _scrape(url)
+        assert _value(page, "retrieval_collections", state="served") == 1
+        assert _value(page, "retrieval_collections", state="quarantined") == 1
+        assert _value(page, "retrieval_collections", state="unavailable") == 1
+        assert _value(page, "retrieval_collection_unserved", collection="bad", state="quarantined") == 1
+        assert _value(page, "retrieval_collection_unserved", collection="broken", state="unavailable") == 1
+        assert not [k for k in page if k[0] == "retrieval_collection_unserved" and ("collection", "good") in k[1]]
+        assert _value(page, "retrieval_collection_points", collection="good") == 3
+    finally:
+        srv.stop()

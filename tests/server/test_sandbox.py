@@ -4,7 +4,9 @@ The open helper (:mod:`retrieval.server.sandbox`) on real files: symlinks at the
 folder listing and in the folders above a file (swapped in after the check), hard links, ``..``, pipes,
 an allowed folder that is itself a symlink; the vector readers in confined mode; and, over a real
 loopback server, ``build_index`` and ``build_datastore`` jobs whose input holds a link or is swapped for
-one after ``Jobs.Start`` (made deterministic by queueing the job behind a running one).
+one after ``Jobs.Start`` (made deterministic by queueing the job behind a running one), and
+cross-encoder builds whose items file or model folder is swapped the same way (the model is loaded from
+a :func:`~retrieval.server.sandbox.folder_view` of the checked files).
 """
 
 from __future__ import annotations
@@ -172,6 +174,79 @@ def test_a_symlinked_allowed_folder_is_followed(tmp_path, tree):
         auth.resolve_client_file("link.npy", s, Path("/"))
 
 
+def test_folder_view_reads_the_checked_files_whatever_is_swapped_in_later(tree, tmp_path):
+    """A model folder for a library that opens names: the view's entries lead to the opened files."""
+    model = tree["imports"] / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"checked": true}')
+    (model / "weights.bin").write_bytes(b"W" * 1000)
+    (model / "sub").mkdir()  # subfolders are left out
+    (tree["outside"] / "config.json").write_text('{"checked": false}')
+    scratch = tmp_path / "scratch"
+    with sandbox.folder_view(model, tree["allowed"], scratch, "model folder") as view:
+        assert sorted(p.name for p in view.iterdir()) == ["config.json", "weights.bin"]
+        os.replace(model / "config.json", model / "config.old")  # swapped after the check ...
+        (model / "config.json").symlink_to(tree["outside"] / "config.json")
+        os.replace(model, tree["imports"] / "model.old")  # ... and the folder too
+        (tree["imports"] / "model").symlink_to(tree["outside"])
+        assert (view / "config.json").read_text() == '{"checked": true}'  # what was checked is read
+        assert (view / "weights.bin").read_bytes() == b"W" * 1000
+    assert list(scratch.iterdir()) == []  # the view is removed on exit
+    # the swapped folder is refused (a link), and so is one holding a link or a hard link
+    with pytest.raises(errors.PermissionDenied, match="model folder .*model' is a symbolic link"), \
+            sandbox.folder_view(tree["imports"] / "model", tree["allowed"], scratch, "model folder"):
+        pass
+    bad = tree["imports"] / "model.old"
+    with pytest.raises(errors.PermissionDenied, match="config.json' in model folder .* is a symbolic link"):
+        sandbox.check_dir(bad, tree["allowed"], "model folder")
+    (bad / "config.json").unlink()
+    os.link(tree["outside"] / "secret.txt", bad / "config.json")
+    with pytest.raises(errors.PermissionDenied, match="2 hard links"), \
+            sandbox.folder_view(bad, tree["allowed"], scratch, "model folder"):
+        pass
+    assert list(scratch.iterdir()) == []
+
+
+def test_folder_view_without_proc_copies_from_the_descriptors(tree, tmp_path, monkeypatch):
+    model = tree["imports"] / "model"
+    model.mkdir()
+    (model / "config.json").write_text("checked")
+    monkeypatch.setattr(sandbox, "fd_path", lambda f: "/nonexistent/proc/fd")
+    with sandbox.folder_view(model, tree["allowed"], tmp_path / "scratch") as view:
+        os.replace(model / "config.json", model / "config.old")
+        (model / "config.json").symlink_to(tree["outside"] / "secret.txt")
+        assert not (view / "config.json").is_symlink() and (view / "config.json").read_text() == "checked"
+
+
+def test_a_model_loads_through_its_view_not_a_folder_swapped_in_later(tree, tmp_path):
+    """transformers opens files by name inside the folder it is given: the engine gives it the view, so
+    a model folder replaced after the check is not what gets loaded."""
+    pytest.importorskip("transformers")
+    from retrieval.crossencoder.engine import CrossEncoderEngine
+    from tests.crossencoder.conftest import make_tiny_hf_model
+
+    model = make_tiny_hf_model(tree["imports"] / "tiny", seed=0)
+    other = make_tiny_hf_model(tree["outside"] / "tiny", seed=1)
+    engine = CrossEncoderEngine(tmp_path / "ce", allowed_dirs=lambda: tree["allowed"])
+    spec = {"name": "hf", "model_dir": str(model), "device": "cpu"}
+    sc = engine.scorer(spec)
+    ref = sc.score(["what is a"], ["the answer"])
+    assert sc.fingerprint().path == str(model) and not list((tmp_path / "ce" / "tmp").iterdir())
+    # a view made, then the files swapped for links to another model's: the view still reads the first
+    from retrieval.crossencoder.scorers import make_scorer
+
+    with sandbox.folder_view(model, tree["allowed"], tmp_path / "scratch") as view:
+        for f in list(model.iterdir()):
+            os.replace(f, tmp_path / f"{f.name}.old")
+            f.symlink_to(other / f.name)
+        sc2 = make_scorer("hf", model_dir=str(view), device="cpu")
+    assert np.array_equal(sc2.score(["what is a"], ["the answer"]), ref)
+    assert sc2.fingerprint().key == sc.fingerprint().key
+    # and a model folder whose files are links is refused by the engine, not loaded
+    with pytest.raises(errors.PermissionDenied, match="symbolic link"):
+        CrossEncoderEngine(tmp_path / "ce2", allowed_dirs=lambda: tree["allowed"]).scorer(spec)
+
+
 # ------------------------------------------------------------------------------------------------
 # the vector readers, confined
 # ------------------------------------------------------------------------------------------------
@@ -331,3 +406,66 @@ def test_build_datastore_input_swapped_for_a_symlink_after_start_is_not_read(env
     ok = c.build_datastore("ds", [str(imports / "t2.ids")], vocab_size=7)
     assert ok["state"] == "succeeded", ok["error"]
     assert ok["result"]["n_tokens"] == 5
+
+
+@pytest.fixture(scope="module")
+def ce_files(env):
+    """A tiny HF cross-encoder and a JSONL items file under imports/ (the server may read them); the
+    same names with other content (another model, other texts) under outside/."""
+    pytest.importorskip("transformers")
+    from tests.crossencoder.conftest import make_tiny_hf_model
+
+    imports, outside = env["imports"], env["outside"]
+    make_tiny_hf_model(outside / "model", seed=1)
+    for folder, word in ((imports, "answer"), (outside, "secret")):
+        (folder / "items.jsonl").write_text("".join(json.dumps({"id": i, "text": f"{word} {i}"}) + "\n"
+                                                    for i in range(12)))
+    return make_tiny_hf_model(imports / "model", seed=0), imports / "items.jsonl"
+
+
+def _ce_start(c, name, model, items, wait=False):
+    return lambda: c.build_ce_index(name, {"name": "hf", "model_dir": str(model), "device": "cpu"},
+                                    items_path=str(items), anchor_queries=["what is a", "how to", "the good"],
+                                    params={"k_i": 2, "chunk_size": 8}, wait=wait)
+
+
+def test_crossencoder_items_file_swapped_for_a_symlink_after_start_is_not_read(env, ce_files):
+    c, imports, outside = env["client"], env["imports"], env["outside"]
+    model, items = ce_files
+
+    def swap():
+        os.replace(items, imports / "items.old")
+        items.symlink_to(outside / "items.jsonl")
+
+    final = _behind_a_running_job(c, imports, _ce_start(c, "ce-items", model, items), swap)
+    assert final["state"] == "failed" and "items.jsonl' is a symbolic link" in final["error"], final
+    assert "ce-items" not in {i["name"] for i in c.list_ce_indexes()}
+    items.unlink()
+    os.replace(imports / "items.old", items)
+
+
+def test_crossencoder_model_folder_swapped_for_a_symlink_after_start_is_not_loaded(env, ce_files):
+    c, imports, outside = env["client"], env["imports"], env["outside"]
+    model, items = ce_files
+    # links inside the model folder are refused at the start already
+    (model / "tokenizer.json").rename(imports / "tokenizer.json")
+    (model / "tokenizer.json").symlink_to(imports / "tokenizer.json")
+    with pytest.raises(errors.PermissionDenied, match="tokenizer.json' in scorer model directory .* is a symbolic link"):
+        _ce_start(c, "ce-model", model, items)()
+    (model / "tokenizer.json").unlink()
+    (imports / "tokenizer.json").rename(model / "tokenizer.json")
+
+    def swap():
+        os.replace(model, imports / "model.old")
+        model.symlink_to(outside / "model")
+
+    final = _behind_a_running_job(c, imports, _ce_start(c, "ce-model", model, items), swap)
+    assert final["state"] == "failed" and "model' is a symbolic link" in final["error"], final
+    assert "ce-model" not in {i["name"] for i in c.list_ce_indexes()}
+    # the same build from the real folder works: the job loads the model from its checked view
+    model.unlink()
+    os.replace(imports / "model.old", model)
+    ok = _ce_start(c, "ce-model", model, items, wait=True)()
+    assert ok["state"] == "succeeded", ok["error"]
+    d = c.describe_ce_index("ce-model")
+    assert d["n_items"] == 12 and d["scorer"]["fingerprint"]["path"] == str(model.resolve())

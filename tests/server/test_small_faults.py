@@ -1,10 +1,12 @@
 """The smaller defects found by the outside fault test (issue 11, item 7): deeply nested JSON, IPv6
 listening addresses, search replies too large to send, vectors whose distances overflow float32, and an
-UpsertStream naming a second collection."""
+UpsertStream naming a second collection; and (issue 11, crash isolation) a Jobs.Start whose new faiss
+spec is tried in a child process while the server keeps answering other calls."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import grpc
@@ -214,3 +216,60 @@ def test_upsert_stream_refuses_a_second_collection(server, client):
     assert client.count("second") == 0  # nothing of the refused message was written
     assert client.count("first") == 3  # the messages before it were (the stream's documented behaviour)
     assert sorted(int(i) for i in client.get("first", [1, 2, 3, 4]).ids) == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Jobs.Start: a new index spec's trial runs off the event loop
+# ------------------------------------------------------------------------------------------------
+def _trial_child(server_pid: int):
+    """The index spec trial process (``python -m retrieval.indexes.validate``) of the server, or None."""
+    import psutil
+
+    try:
+        kids = psutil.Process(server_pid).children(recursive=True)
+    except psutil.Error:
+        return None
+    for p in kids:
+        try:
+            if "retrieval.indexes.validate" in " ".join(p.cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_jobs_start_tries_a_new_faiss_spec_while_other_calls_are_served(server, client, tmp_path):
+    """While Jobs.Start's validation runs the trial child of a faiss spec the server has not seen, a
+    List call is answered: it returns while that child is still alive. (With the validation on the event
+    loop the List call waits until the trial has ended and its child has been reaped.)"""
+    psutil = pytest.importorskip("psutil")
+    np.save(tmp_path / "trial.npy", np.random.default_rng(5).random((400, 23), dtype=np.float32))
+    out: dict = {}
+
+    def start():
+        try:
+            out["job"] = client.start_job("build_index", input=str(tmp_path / "trial.npy"), collection="trial_job",
+                                          index={"type": "faiss", "factory": "IVF4,Flat"}, threads=1)
+        except Exception as e:  # noqa: BLE001 - asserted below
+            out["error"] = e
+
+    with Client(server.address, timeout=60) as other:
+        other.list_collections()  # connected before the trial starts
+        t = threading.Thread(target=start)
+        t.start()
+        child = None
+        deadline = time.monotonic() + 60
+        while child is None and t.is_alive() and time.monotonic() < deadline:
+            child = _trial_child(server.proc.pid)
+        assert child is not None, "no trial process was seen (was the spec's answer cached?)"
+        other.list_collections()
+        try:
+            alive = child.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        t.join(60)
+    assert "error" not in out, out
+    assert alive, "List was answered only after the faiss trial had ended: Jobs.Start blocked the event loop"
+    final = client.wait_job(out["job"]["id"], timeout=120)
+    assert final["state"] == "succeeded", final["error"]
+    client.drop_collection("trial_job")
