@@ -6,7 +6,7 @@ Vector collections (HNSW / FAISS / exact), cross-encoder k-NN (ANNCUR), graph re
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "__version__"]
+__all__ = ["AsyncClient", "Client", "__version__"]
 
 
 def __getattr__(name: str):  # lazy: importing the package must not pull in grpc stubs eagerly
@@ -14,4 +14,8 @@ def __getattr__(name: str):  # lazy: importing the package must not pull in grpc
         from retrieval.client import Client
 
         return Client
+    if name == "AsyncClient":
+        from retrieval.aio import AsyncClient
+
+        return AsyncClient
     raise AttributeError(name)

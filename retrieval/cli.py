@@ -5,6 +5,7 @@
     retrieval [CONNECTION OPTIONS] status [--address HOST:PORT] [--metrics-url URL] [--json]
     retrieval [CONNECTION OPTIONS] collections list|describe NAME|create NAME --dimension D ...|drop NAME
     retrieval [CONNECTION OPTIONS] collections repair NAME [--index SPEC]   (a quarantined / unavailable one)
+    retrieval [CONNECTION OPTIONS] collections index create|drop|list COLLECTION [KEY --type TYPE]
     retrieval build --input F --collection NAME [--index SPEC] [--shards N] [--ray [ADDRESS]]
                     (--data-dir DIR | --push HOST:PORT)        (see index_builder.cli)
     retrieval serve ... --ray ADDRESS                           (shards as Ray actors)
@@ -383,6 +384,48 @@ def collections_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", h
     except RetrievalError as e:
         _fail(e)
     typer.echo(f"dropped {name}")
+
+
+index_app = typer.Typer(help="Payload indexes of a collection (filters on indexed keys skip the JSON scan).",
+                        no_args_is_help=True)
+collections_app.add_typer(index_app, name="index")
+
+
+@index_app.command("create")
+def index_create(collection: str, key: str,
+                 type: str = typer.Option(..., "--type", "-t", help="keyword, integer, float, bool or datetime"),
+                 address: str = ADDRESS) -> None:
+    """Index payload KEY of COLLECTION (built from the stored points)."""
+    try:
+        with _client(address, timeout=600) as c:
+            _print(c.create_payload_index(collection, key, type))
+    except RetrievalError as e:
+        _fail(e)
+
+
+@index_app.command("drop")
+def index_drop(collection: str, key: str, address: str = ADDRESS) -> None:
+    """Drop the payload index on KEY."""
+    try:
+        with _client(address) as c:
+            c.drop_payload_index(collection, key)
+    except RetrievalError as e:
+        _fail(e)
+    typer.echo(f"dropped payload index {key} of {collection}")
+
+
+@index_app.command("list")
+def index_list(collection: str, address: str = ADDRESS) -> None:
+    """Payload indexes of COLLECTION, one per line: key, type, indexed points."""
+    try:
+        with _client(address) as c:
+            idx = c.list_payload_indexes(collection)
+    except RetrievalError as e:
+        _fail(e)
+    if not idx:
+        typer.echo("no payload indexes")
+    for e in idx:
+        typer.echo(f"{e['key']}\ttype={e['type']}\tpoints={e['points']}")
 
 
 from index_builder.cli import argv_with_ray_default, build_command  # noqa: E402

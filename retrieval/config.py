@@ -77,6 +77,10 @@ class IndexingSettings(BaseModel):
     filter_exact_threshold: int = Field(2048, ge=0, description="filters matching at most this many points "
                                         "are searched exactly")
     slice_ms: float = Field(20.0, gt=0, description="longest the indexer holds the event loop per chunk")
+    search_threads: int = Field(0, ge=0, description="threads of the search pool that runs native searches "
+                                "off the event loop; 0 = all cores")
+    coalesce_max_queries: int = Field(256, ge=1, description="most concurrent small queries of one collection "
+                                      "answered by one native search call; 1 turns coalescing off")
 
 
 class RaySettings(BaseModel):

@@ -179,7 +179,17 @@ def collection_info_to_proto(info: dict) -> collections_pb2.CollectionInfo:
         msg.shard_info.add(**{k: s[k] for k in ("shard", "indexed", "pending", "deleted_in_index", "last_seq",
                                                  "snapshot_seq", "memory_bytes", "state", "location")},
                            points=s.get("points", 0))
+    for e in info.get("payload_indexes", []):
+        msg.payload_indexes.append(payload_index_to_proto(e))
     return msg
+
+
+def payload_index_to_proto(e: dict) -> collections_pb2.PayloadIndexInfo:
+    return collections_pb2.PayloadIndexInfo(key=e["key"], type=e["type"], points=int(e["points"]))
+
+
+def payload_index_from_proto(msg: collections_pb2.PayloadIndexInfo) -> dict:
+    return {"key": msg.key, "type": msg.type, "points": int(msg.points)}
 
 
 def collection_info_from_proto(msg: collections_pb2.CollectionInfo) -> dict:
@@ -193,6 +203,7 @@ def collection_info_from_proto(msg: collections_pb2.CollectionInfo) -> dict:
     for s in out.get("shard_info", []):
         for key in ("points", "indexed", "pending", "deleted_in_index", "last_seq", "snapshot_seq", "memory_bytes"):
             s[key] = int(s.get(key, 0))
+    out["payload_indexes"] = [payload_index_from_proto(e) for e in msg.payload_indexes]
     return out
 
 

@@ -112,7 +112,9 @@ def _unbracket(host: str) -> str:
 def shard_settings(s: Settings) -> ShardSettings:
     return ShardSettings(index_threads=s.indexing.threads, synchronous=s.durability,
                          snapshot_every=s.indexing.snapshot_every, snapshot_interval_s=s.indexing.snapshot_interval_s,
-                         filter_exact_threshold=s.indexing.filter_exact_threshold, indexer_slice_ms=s.indexing.slice_ms)
+                         filter_exact_threshold=s.indexing.filter_exact_threshold, indexer_slice_ms=s.indexing.slice_ms,
+                         search_threads=s.indexing.search_threads,
+                         coalesce_max_queries=s.indexing.coalesce_max_queries)
 
 
 def limits(s: Settings) -> Limits:

@@ -212,6 +212,9 @@ def check_search_reply(max_message_bytes: int, ids, payloads, d: int, with_vecto
     import numpy as np
 
     ids = np.asarray(ids, np.uint64)
+    if payloads is None and (not max_message_bytes or REPLY_OVERHEAD + ids.size * (
+            ID_MAX_BYTES + 4 + (4 * d if with_vectors else 0)) <= max_message_bytes):
+        return  # fits even with the longest ids (the common case: no need to count varint bytes)
     nq = ids.shape[0] if ids.ndim == 2 else 1
     ids = ids.reshape(nq, -1)
     k = ids.shape[1]

@@ -56,6 +56,19 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         col = await self.manager.import_folder(source, request.name, replace=request.replace)
         return convert.collection_info_to_proto(await col.describe())
 
+    async def CreatePayloadIndex(self, request, context):
+        col = self.manager.get(request.collection)
+        return convert.payload_index_to_proto(await col.create_payload_index(request.key, request.type))
+
+    async def DropPayloadIndex(self, request, context):
+        await self.manager.get(request.collection).drop_payload_index(request.key)
+        return collections_pb2.DropPayloadIndexResponse()
+
+    async def ListPayloadIndexes(self, request, context):
+        col = self.manager.get(request.collection)
+        return collections_pb2.ListPayloadIndexesResponse(
+            indexes=[convert.payload_index_to_proto(e) for e in col.list_payload_indexes()])
+
 
 def import_path(path: str, settings, data_dir: Path | None) -> Path:
     """The folder a client asked to import, checked: no ``..`` components, inside the folders clients

@@ -270,21 +270,49 @@ class PointStore:
             ids, vecs, _ = self._decode(rows, True, False)
             yield ids, vecs
 
-    def changes_since(self, seq: int, block: int = 65536) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]]:
+    def changes_since(self, seq: int, block: int = 65536, with_payloads: bool = False) -> Iterator[tuple]:
         """Writes after ``seq``: yields ("upsert", ids, vectors, seqs) and ("delete", ids, None, seqs)
-        blocks, ``seqs`` int64 per row. Each id appears once with its latest state, so the order of
+        blocks, ``seqs`` int64 per row (with ``with_payloads``, a fifth item: the payloads of the
+        upserted rows, None for deletes). Each id appears once with its latest state, so the order of
         application is free."""
         rows = self._r.execute("SELECT id, seq FROM tombstones WHERE seq > ?", (seq,)).fetchall()
         if rows:
-            yield "delete", from_keys([r[0] for r in rows]), None, np.array([r[1] for r in rows], np.int64)
+            out = ("delete", from_keys([r[0] for r in rows]), None, np.array([r[1] for r in rows], np.int64))
+            yield (*out, None) if with_payloads else out
         last, op = -(2**63), ">="
         while True:
             rows = self._r.execute(
-                f"SELECT id, vector, seq FROM points WHERE seq > ? AND id {op} ? ORDER BY id LIMIT ?", (seq, last, block)
+                f"SELECT id, vector, seq, {'payload' if with_payloads else 'NULL'} FROM points "
+                f"WHERE seq > ? AND id {op} ? ORDER BY id LIMIT ?", (seq, last, block)
             ).fetchall()
             op = ">"
             if not rows:
                 return
             last = rows[-1][0]
             ids, vecs, _ = self._decode([(r[0], r[1], None) for r in rows], True, False)
-            yield "upsert", ids, vecs, np.array([r[2] for r in rows], np.int64)
+            out = ("upsert", ids, vecs, np.array([r[2] for r in rows], np.int64))
+            yield (*out, [r[3] for r in rows]) if with_payloads else out
+
+
+def scan_payloads(path: Path, block: int = 65536) -> tuple[int, list[tuple[np.ndarray, list[str | None]]]]:
+    """Every point's id and payload, read in one transaction on a separate read-only connection (for
+    building payload indexes on a worker thread): ``(last_seq the read saw, [(ids, payloads), ...])``."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False,
+                          timeout=30)
+    try:
+        con.execute("BEGIN")
+        seq = int(con.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
+        out = []
+        last, op = -(2**63), ">="
+        while True:
+            rows = con.execute(f"SELECT id, payload FROM points WHERE id {op} ? ORDER BY id LIMIT ?",
+                               (last, block)).fetchall()
+            op = ">"
+            if not rows:
+                break
+            last = rows[-1][0]
+            out.append((from_keys([r[0] for r in rows]), [r[1] for r in rows]))
+        con.execute("COMMIT")
+        return seq, out
+    finally:
+        con.close()

@@ -8,6 +8,50 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CreatePayloadIndexRequest(_message.Message):
+    __slots__ = ("collection", "key", "type")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    key: str
+    type: str
+    def __init__(self, collection: _Optional[str] = ..., key: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
+
+class DropPayloadIndexRequest(_message.Message):
+    __slots__ = ("collection", "key")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    key: str
+    def __init__(self, collection: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class DropPayloadIndexResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPayloadIndexesRequest(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
+
+class ListPayloadIndexesResponse(_message.Message):
+    __slots__ = ("indexes",)
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    indexes: _containers.RepeatedCompositeFieldContainer[PayloadIndexInfo]
+    def __init__(self, indexes: _Optional[_Iterable[_Union[PayloadIndexInfo, _Mapping]]] = ...) -> None: ...
+
+class PayloadIndexInfo(_message.Message):
+    __slots__ = ("key", "type", "points")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    type: str
+    points: int
+    def __init__(self, key: _Optional[str] = ..., type: _Optional[str] = ..., points: _Optional[int] = ...) -> None: ...
+
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name", "dimension", "metric", "index", "shards")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -91,7 +135,7 @@ class ShardInfo(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., points: _Optional[int] = ..., indexed: _Optional[int] = ..., pending: _Optional[int] = ..., deleted_in_index: _Optional[int] = ..., last_seq: _Optional[int] = ..., snapshot_seq: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., state: _Optional[str] = ..., location: _Optional[str] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index", "shards", "points", "indexed", "pending", "memory_bytes", "state", "device", "shard_info", "created_at", "reason")
+    __slots__ = ("name", "dimension", "metric", "index", "shards", "points", "indexed", "pending", "memory_bytes", "state", "device", "shard_info", "created_at", "reason", "payload_indexes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +150,7 @@ class CollectionInfo(_message.Message):
     SHARD_INFO_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_INDEXES_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: str
@@ -120,4 +165,5 @@ class CollectionInfo(_message.Message):
     shard_info: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     created_at: float
     reason: str
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., shards: _Optional[int] = ..., points: _Optional[int] = ..., indexed: _Optional[int] = ..., pending: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., shard_info: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    payload_indexes: _containers.RepeatedCompositeFieldContainer[PayloadIndexInfo]
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., shards: _Optional[int] = ..., points: _Optional[int] = ..., indexed: _Optional[int] = ..., pending: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., shard_info: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[float] = ..., reason: _Optional[str] = ..., payload_indexes: _Optional[_Iterable[_Union[PayloadIndexInfo, _Mapping]]] = ...) -> None: ...

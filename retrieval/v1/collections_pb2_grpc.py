@@ -66,6 +66,21 @@ class CollectionsStub:
                 request_serializer=retrieval_dot_v1_dot_collections__pb2.RepairCollectionRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
                 _registered_method=True)
+        self.CreatePayloadIndex = channel.unary_unary(
+                '/retrieval.v1.Collections/CreatePayloadIndex',
+                request_serializer=retrieval_dot_v1_dot_collections__pb2.CreatePayloadIndexRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_collections__pb2.PayloadIndexInfo.FromString,
+                _registered_method=True)
+        self.DropPayloadIndex = channel.unary_unary(
+                '/retrieval.v1.Collections/DropPayloadIndex',
+                request_serializer=retrieval_dot_v1_dot_collections__pb2.DropPayloadIndexRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_collections__pb2.DropPayloadIndexResponse.FromString,
+                _registered_method=True)
+        self.ListPayloadIndexes = channel.unary_unary(
+                '/retrieval.v1.Collections/ListPayloadIndexes',
+                request_serializer=retrieval_dot_v1_dot_collections__pb2.ListPayloadIndexesRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_collections__pb2.ListPayloadIndexesResponse.FromString,
+                _registered_method=True)
 
 
 class CollectionsServicer:
@@ -119,6 +134,29 @@ class CollectionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePayloadIndex(self, request, context):
+        """Index payload `key` (dotted path, as in filters) as `type`: "keyword", "integer", "float", "bool"
+        or "datetime" (RFC 3339 strings; range bounds in epoch seconds). Built from the stored points, then
+        kept up to date on every write; filters whose conditions are all on indexed keys are answered from
+        the indexes. INVALID_ARGUMENT for a bad key or type, ALREADY_EXISTS for an indexed key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropPayloadIndex(self, request, context):
+        """NOT_FOUND when the key has no payload index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPayloadIndexes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +189,21 @@ def add_CollectionsServicer_to_server(servicer, server):
                     servicer.Repair,
                     request_deserializer=retrieval_dot_v1_dot_collections__pb2.RepairCollectionRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_collections__pb2.CollectionInfo.SerializeToString,
+            ),
+            'CreatePayloadIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePayloadIndex,
+                    request_deserializer=retrieval_dot_v1_dot_collections__pb2.CreatePayloadIndexRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_collections__pb2.PayloadIndexInfo.SerializeToString,
+            ),
+            'DropPayloadIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropPayloadIndex,
+                    request_deserializer=retrieval_dot_v1_dot_collections__pb2.DropPayloadIndexRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_collections__pb2.DropPayloadIndexResponse.SerializeToString,
+            ),
+            'ListPayloadIndexes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPayloadIndexes,
+                    request_deserializer=retrieval_dot_v1_dot_collections__pb2.ListPayloadIndexesRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_collections__pb2.ListPayloadIndexesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +369,87 @@ class Collections:
             '/retrieval.v1.Collections/Repair',
             retrieval_dot_v1_dot_collections__pb2.RepairCollectionRequest.SerializeToString,
             retrieval_dot_v1_dot_collections__pb2.CollectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePayloadIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Collections/CreatePayloadIndex',
+            retrieval_dot_v1_dot_collections__pb2.CreatePayloadIndexRequest.SerializeToString,
+            retrieval_dot_v1_dot_collections__pb2.PayloadIndexInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropPayloadIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Collections/DropPayloadIndex',
+            retrieval_dot_v1_dot_collections__pb2.DropPayloadIndexRequest.SerializeToString,
+            retrieval_dot_v1_dot_collections__pb2.DropPayloadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPayloadIndexes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Collections/ListPayloadIndexes',
+            retrieval_dot_v1_dot_collections__pb2.ListPayloadIndexesRequest.SerializeToString,
+            retrieval_dot_v1_dot_collections__pb2.ListPayloadIndexesResponse.FromString,
             options,
             channel_credentials,
             insecure,

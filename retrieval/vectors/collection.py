@@ -45,16 +45,19 @@ from retrieval.jsonlimits import check_depth
 from retrieval.storage import atomic
 from retrieval.storage.names import validate_name
 from retrieval.vectors import filters as flt
-from retrieval.vectors.delta import NO_ID
 from retrieval.vectors import importing
+from retrieval.vectors import payload_index as pidx
+from retrieval.vectors.coalesce import Coalescer, search_pool
+from retrieval.vectors.delta import NO_ID
 from retrieval.vectors.handles import ShardFactory, ShardHandle, local_shard
-from retrieval.vectors.shard import ShardSettings, merge_topk
+from retrieval.vectors.shard import PAYLOAD_INDEXES_FILE, ShardSettings, merge_topk, read_payload_specs
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("l2", "ip", "cosine")
 MAX_DIM = 65536
 MAX_SHARDS = 64
+COALESCE_QUERIES = 16  # searches of at most this many queries are coalesced; larger ones go to the pool as they are
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,10 @@ class Collection:
         self.shards: list[ShardHandle] = [
             make(folder / f"shard-{i}", config.dimension, config.metric, config.index, settings, f"{config.name}/{i}")
             for i in range(config.shards)]
-        # in-process shards are searched with a plain call (no await, no thread hop); remote ones in parallel
+        # in-process shards are searched on the search pool (small queries coalesced); remote ones in parallel
         self._local = all(sh.is_local for sh in self.shards)
+        self._pool = search_pool(settings.search_threads)
+        self._coalescer = Coalescer(self._search_local, self._pool, max_batch=settings.coalesce_max_queries)
         self._reserved = 0  # points of upserts admitted but not yet applied (for max_points)
         self._users = 0     # calls in flight (see _in_use)
         self._idle: asyncio.Event | None = None
@@ -338,7 +343,7 @@ class Collection:
             counts = await _each((sh.delete(ids=ids[route == s]) for s, sh in enumerate(self.shards)
                                             if (route == s).any()))
             return int(sum(counts))
-        where = flt.to_sql(flt.validate_filter(filter))
+        where = self._where(filter)
         counts = await _each(sh.delete(where=where) for sh in self.shards)
         return int(sum(counts))
 
@@ -381,11 +386,22 @@ class Collection:
             where = ("1", [])
         if where is not None:
             parts = await _each(sh.search_filtered(xp, k, params, where) for sh in self.shards)
+        elif self._local:
+            if len(xp) <= COALESCE_QUERIES and self._coalescer.max_batch > 1:
+                return await self._coalescer.search(xp, k, params)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._search_local, xp, k, params)
         else:
-            parts = ([sh.search(xp, k, params) for sh in self.shards] if self._local
-                     else await asyncio.gather(*(sh.asearch(xp, k, params) for sh in self.shards)))
+            parts = await asyncio.gather(*(sh.asearch(xp, k, params) for sh in self.shards))
         D, I = parts[0]
         for D2, I2 in parts[1:]:
+            D, I = merge_topk(D, I, D2, I2, k)
+        return D, I
+
+    def _search_local(self, xp: np.ndarray, k: int, params: QueryParams):
+        """Unfiltered k-NN over the in-process shards; called on a search-pool thread (or inline)."""
+        D, I = self.shards[0].search_locked(xp, k, params)
+        for sh in self.shards[1:]:
+            D2, I2 = sh.search_locked(xp, k, params)
             D, I = merge_topk(D, I, D2, I2, k)
         return D, I
 
@@ -446,7 +462,7 @@ class Collection:
 
     @_in_use
     async def count(self, filter: flt.Filter | None = None) -> int:
-        where = flt.to_sql(flt.validate_filter(filter)) if filter is not None and not filter.is_empty() else None
+        where = self._where(filter) if filter is not None and not filter.is_empty() else None
         counts = await _each(sh.read(lambda st: st.count(where)) for sh in self.shards)
         return int(sum(counts))
 
@@ -457,7 +473,7 @@ class Collection:
         limit = limit or 100
         if limit > self.limits.max_scroll:
             raise ResourceExhausted(f"scroll limit {limit} is above the maximum of {self.limits.max_scroll}")
-        where = flt.to_sql(flt.validate_filter(filter)) if filter is not None and not filter.is_empty() else None
+        where = self._where(filter) if filter is not None and not filter.is_empty() else None
         parts = await _each((sh.read(
             lambda st: st.scroll(start_id, limit + 1, where, with_vectors, with_payloads)) for sh in self.shards))
         ids, vecs, pls = self._merge_points(parts, with_vectors, with_payloads, limit + 1)
@@ -483,6 +499,7 @@ class Collection:
             "memory_bytes": sum(s["memory_bytes"] for s in shard_infos), "state": state,
             "device": torch_device() if self.config.index.kind == "exact" else "cpu",
             "shard_info": shard_infos, "created_at": self.config.created_at,
+            "payload_indexes": self._sum_payload_indexes(shard_infos),
         }
 
     @_in_use
@@ -496,6 +513,82 @@ class Collection:
 
     async def wait_indexed(self, timeout: float = 60.0) -> bool:
         return all(await asyncio.gather(*(s.wait_indexed(timeout) for s in self.shards)))
+
+    # ------------------------------------------------------------------------------------------
+    # Payload indexes (see retrieval.vectors.payload_index): definitions in <folder>/payload_indexes.json
+    # (written atomically), contents built by each shard from its point store
+    # ------------------------------------------------------------------------------------------
+    @property
+    def payload_index_specs(self) -> dict[str, str]:
+        """``{key: type}`` of the collection's payload indexes, in creation order."""
+        specs = self.__dict__.get("_pidx_specs")
+        if specs is None:
+            specs = self.__dict__["_pidx_specs"] = read_payload_specs(self.folder)
+        return specs
+
+    def _pidx_lock(self) -> asyncio.Lock:
+        lock = self.__dict__.get("_pidx_lock_obj")
+        if lock is None:
+            lock = self.__dict__["_pidx_lock_obj"] = asyncio.Lock()
+        return lock
+
+    def _where(self, filter: flt.Filter):
+        """The SQL of a filter, with range conditions on datetime-indexed keys reading timestamps."""
+        dk = frozenset(k for k, t in self.payload_index_specs.items() if t == "datetime")
+        return flt.to_sql(flt.validate_filter(filter), datetime_keys=dk)
+
+    def _sum_payload_indexes(self, shard_infos: list[dict]) -> list[dict]:
+        points: dict[str, int] = {}
+        for s in shard_infos:
+            for e in s.get("payload_indexes", []):
+                points[e["key"]] = points.get(e["key"], 0) + int(e["points"])
+        return [{"key": k, "type": t, "points": points.get(k, 0)} for k, t in self.payload_index_specs.items()]
+
+    async def _save_payload_specs(self, specs: dict[str, str]) -> None:
+        doc = {"indexes": [{"key": k, "type": t} for k, t in specs.items()]}
+        await asyncio.get_running_loop().run_in_executor(
+            None, atomic.write_json, self.folder / PAYLOAD_INDEXES_FILE, doc)
+        self.__dict__["_pidx_specs"] = dict(specs)
+
+    @_in_use
+    async def create_payload_index(self, key: str, type: str) -> dict:
+        """Index payload ``key`` as ``type`` (one of :data:`payload_index.TYPES`), built from the stored
+        points (on worker threads); returns ``{"key", "type", "points"}``. ALREADY_EXISTS for an indexed
+        key, INVALID_ARGUMENT for a bad key or type."""
+        pidx.validate_key(key)
+        pidx.validate_type(type)
+        if not self._local:
+            raise FailedPrecondition("payload indexes need in-process shards (not --ray)")
+        async with self._pidx_lock():
+            old = self.payload_index_specs
+            if key in old:
+                raise AlreadyExists(f"collection {self.name!r} already has a payload index on {key!r} "
+                                    f"(type {old[key]}); drop it first to change its type")
+            new = {**old, key: type}
+            try:
+                await _each(sh.set_payload_indexes(new) for sh in self.shards)
+                await self._save_payload_specs(new)
+            except BaseException:
+                await asyncio.gather(*(sh.set_payload_indexes(old) for sh in self.shards), return_exceptions=True)
+                raise
+        return next(e for e in self.list_payload_indexes() if e["key"] == key)
+
+    @_in_use
+    async def drop_payload_index(self, key: str) -> None:
+        """Drop the payload index on ``key``; NOT_FOUND when there is none."""
+        pidx.validate_key(key)
+        async with self._pidx_lock():
+            old = self.payload_index_specs
+            if key not in old:
+                raise NotFound(f"collection {self.name!r} has no payload index on {key!r}")
+            new = {k: t for k, t in old.items() if k != key}
+            await self._save_payload_specs(new)
+            await _each(sh.set_payload_indexes(new) for sh in self.shards)
+
+    def list_payload_indexes(self) -> list[dict]:
+        """``[{"key", "type", "points"}]``: points = stored points with at least one indexed value there."""
+        infos = [sh.info() for sh in self.shards] if self._local else []
+        return self._sum_payload_indexes(infos)
 
 
 MARKER = ".opening"          # in a collection folder while it is opened and its replay is indexed

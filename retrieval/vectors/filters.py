@@ -137,27 +137,45 @@ def json_path(key: str) -> str:
     return "$." + ".".join(f'"{part}"' for part in key.split("."))
 
 
-def to_sql(f: Filter, column: str = "payload") -> tuple[str, list]:
-    """Translate a validated filter into a SQL boolean expression over ``column`` and its parameters."""
+#: Epoch seconds (millisecond precision) of an ISO 8601 / RFC 3339 text ``{v}`` ("2024-05-01T12:00:00Z",
+#: "2024-05-01 12:00:00.250+02:00", "2024-05-01"), NULL for other text. Used for range conditions on
+#: keys with a datetime payload index, here and by the index itself (the same SQLite expression).
+DATETIME_SQL = ("(CASE WHEN {v} GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*' "
+                "THEN round((julianday({v}) - 2440587.5) * 86400.0, 3) END)")
+
+
+class SqlWhere(tuple):
+    """``(sql, params)`` as returned by :func:`to_sql`, with the validated :class:`Filter` it came from
+    in ``.filter`` (so a shard can answer it from payload indexes instead)."""
+
+    filter: Filter | None = None
+
+
+def to_sql(f: Filter, column: str = "payload", datetime_keys: frozenset[str] = frozenset()) -> tuple[str, list]:
+    """Translate a validated filter into a SQL boolean expression over ``column`` and its parameters
+    (a :class:`SqlWhere`). A range condition on a key in ``datetime_keys`` (keys with a datetime payload
+    index) also matches text values that are ISO 8601 timestamps, compared in epoch seconds."""
     params: list = []
-    sql = _filter_sql(f, column, params)
-    return sql, params
+    sql = _filter_sql(f, column, params, datetime_keys)
+    out = SqlWhere((sql, params))
+    out.filter = f
+    return out
 
 
-def _filter_sql(f: Filter, column: str, params: list) -> str:
+def _filter_sql(f: Filter, column: str, params: list, dk: frozenset[str] = frozenset()) -> str:
     parts: list[str] = []
     for clause in f.must:
-        parts.append(_clause_sql(clause, column, params))
+        parts.append(_clause_sql(clause, column, params, dk))
     if f.should:
-        parts.append("(" + " OR ".join(_clause_sql(c, column, params) for c in f.should) + ")")
+        parts.append("(" + " OR ".join(_clause_sql(c, column, params, dk) for c in f.should) + ")")
     for clause in f.must_not:
-        parts.append("NOT " + _clause_sql(clause, column, params))
+        parts.append("NOT " + _clause_sql(clause, column, params, dk))
     return "(" + " AND ".join(parts) + ")" if parts else "1"
 
 
-def _clause_sql(c: Clause, column: str, params: list) -> str:
+def _clause_sql(c: Clause, column: str, params: list, dk: frozenset[str] = frozenset()) -> str:
     if isinstance(c, Filter):
-        return _filter_sql(c, column, params)
+        return _filter_sql(c, column, params, dk)
     path = json_path(c.key)
     if c.is_null is not None:
         params.extend([path, path])
@@ -176,7 +194,16 @@ def _clause_sql(c: Clause, column: str, params: list) -> str:
             if b is not None:
                 rp.append(f"je.value {op} ?")
                 inner.append(float(b))
-        preds.append("(" + " AND ".join(rp) + ")")
+        pred = "(" + " AND ".join(rp) + ")"
+        if c.key in dk:
+            ts = DATETIME_SQL.format(v="je.value")
+            tp = ["je.type = 'text'"]
+            for op, b in ((">", r.gt), (">=", r.gte), ("<", r.lt), ("<=", r.lte)):
+                if b is not None:
+                    tp.append(f"{ts} {op} ?")
+                    inner.append(float(b))
+            pred = f"({pred} OR ({' AND '.join(tp)}))"
+        preds.append(pred)
     params.append(path)
     params.extend(inner)
     # json_each walks the elements of an array (integer keys) or the value itself (NULL key), and also

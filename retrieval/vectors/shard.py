@@ -20,14 +20,19 @@ lock around the file writes, which a cancelled caller cannot release early); a r
 one in flight waits for it and returns at once if that one covered every write applied when it was
 asked, else it writes a fresh one. While a snapshot is saved the indexer adds nothing to the index.
 
-Thread-safety: all methods must be called from the event-loop thread that opened the shard; SQLite
-work runs on the shard's own writer and reader threads, snapshot saves and rebuilds on worker threads.
+Thread-safety: all methods must be called from the event-loop thread that opened the shard, except
+:meth:`search_locked`, which the search pool calls (:mod:`retrieval.vectors.coalesce`). SQLite work
+runs on the shard's own writer and reader threads, snapshot saves and rebuilds on worker threads.
+``lock`` guards what a search reads (the index, the label map, the delta) against the event-loop
+thread's changes to them; the loop holds it only for in-memory steps (at most one indexer slice).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import json
 import logging
 import shutil
 import threading
@@ -43,7 +48,9 @@ from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec, QueryParams, VectorIndex
 from retrieval.indexes.exact import knn
 from retrieval.storage import snapshots
-from retrieval.storage.points import PointStore
+from retrieval.storage.points import PointStore, scan_payloads
+from retrieval.vectors import filters as flt
+from retrieval.vectors import payload_index as pidx_mod
 from retrieval.vectors.delta import NO_ID, Delta
 
 logger = logging.getLogger(__name__)
@@ -58,6 +65,8 @@ class ShardSettings:
     snapshot_every: int = 50_000        # snapshot after this many points written since the last one...
     snapshot_interval_s: float = 60.0   # ...or after this long with any write, once the index caught up
     filter_exact_threshold: int = 2048  # filters matching at most this many points are searched exactly
+    search_threads: int = 0             # the search pool's threads (0: all cores)
+    coalesce_max_queries: int = 256     # most queries one coalesced native search call answers (1: off)
     indexer_slice_ms: float = 20.0      # longest the indexer holds the event loop per chunk
     rebuild_hidden_fraction: float = 0.25
     write_priority_rows: int = 200_000  # the indexer yields to in-flight writes until the delta holds this many
@@ -110,6 +119,18 @@ def write_snapshot(root: Path, index: VectorIndex, labels: np.ndarray, seq: int,
     return final
 
 
+PAYLOAD_INDEXES_FILE = "payload_indexes.json"  # in the collection folder: {"indexes": [{"key", "type"}]}
+
+
+def read_payload_specs(collection_folder: Path) -> dict[str, str]:
+    """The payload index definitions of a collection folder, ``{key: type}`` ({} without the file)."""
+    try:
+        d = json.loads((Path(collection_folder) / PAYLOAD_INDEXES_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    return {e["key"]: e["type"] for e in d.get("indexes", [])}
+
+
 def merge_topk(D1: np.ndarray, I1: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int):
     """Merge two (nq, *) result sets into the k nearest per row (ties keep the first set first)."""
     D = np.hstack([D1, D2])
@@ -155,6 +176,8 @@ class Shard:
         self._last_snapshot_t = time.monotonic()
         self._chunk = 256
         self.failed: str | None = None
+        self.lock = threading.Lock()  # a search on a pool thread vs the loop's in-memory updates
+        self.pidx = pidx_mod.PayloadIndexSet()  # payload indexes (event-loop thread only)
 
     # ------------------------------------------------------------------------------------------
     # Opening and recovery
@@ -169,6 +192,10 @@ class Shard:
             index = registry.create(self.spec, self.d, self.index_metric, self.settings.index_threads)
         self._install(index, labels, seq)
         await self._replay(seq)
+        # payload indexes: rebuilt from the point store (so they equal a rebuild after any crash)
+        specs = read_payload_specs(self.folder.parent)
+        if specs:
+            _, self.pidx = await loop.run_in_executor(None, self._build_payload_index, specs)
         self.applied_seq = self.store.last_seq
         self.snapshot_seq = seq
         self.state = "ready"
@@ -195,12 +222,14 @@ class Shard:
 
     def _install(self, index: VectorIndex, labels: np.ndarray, seq: int) -> None:
         """Make ``index`` (with its label map) the live index and empty the delta."""
-        self.index = index
-        self.ext_of_lab = labels.astype(np.uint64, copy=True)
-        live = np.flatnonzero(self.ext_of_lab != NO_ID)
-        self.lab_of_ext = dict(zip(self.ext_of_lab[live].tolist(), live.tolist()))
-        self.next_label = len(labels)
-        self.delta = Delta(self.d)
+        ext_of_lab = labels.astype(np.uint64, copy=True)
+        live = np.flatnonzero(ext_of_lab != NO_ID)
+        lab_of_ext = dict(zip(ext_of_lab[live].tolist(), live.tolist()))
+        with self.lock:
+            self.index = index
+            self.ext_of_lab, self.lab_of_ext = ext_of_lab, lab_of_ext
+            self.next_label = len(labels)
+            self.delta = Delta(self.d)
 
     async def _replay(self, seq: int) -> None:
         """Apply every write after ``seq`` from the point store (idempotent)."""
@@ -211,10 +240,12 @@ class Shard:
             if block is None:
                 break
             kind, ids, vecs, seqs = block
+            # payload indexes are built from the store after the replay at open, and a rebuild leaves
+            # them as they are (they do not depend on the vector index): only the labels are dropped
             if kind == "delete":
-                self._apply_delete(ids)
+                self._apply_delete(ids, replay=True)
             else:
-                self._apply_upsert(ids, self.prepare(vecs), seqs)
+                self._apply_upsert(ids, self.prepare(vecs), seqs, replay=True)
 
     # ------------------------------------------------------------------------------------------
     # In-memory application of committed writes (event-loop thread, in seq order)
@@ -224,6 +255,7 @@ class Shard:
         return prepare_vectors(x, self.metric)
 
     def _hide(self, ids: np.ndarray) -> None:
+        """Remove ``ids`` from the index (caller holds ``lock``)."""
         if not self.lab_of_ext:
             return
         pop = self.lab_of_ext.pop
@@ -233,14 +265,25 @@ class Shard:
             self.index.remove(arr)
             self.ext_of_lab[arr] = NO_ID
 
-    def _apply_upsert(self, ids: np.ndarray, xv: np.ndarray, seqs) -> None:
-        self._hide(ids)
-        self.delta.put(ids, xv, seqs)
+    def _apply_upsert(self, ids: np.ndarray, xv: np.ndarray, seqs, payloads: list[str | None] | None = None,
+                      replay: bool = False) -> None:
+        if replay:
+            self.pidx.unlabel(ids)
+        else:
+            self.pidx.upsert(ids, payloads)
+        with self.lock:
+            self._hide(ids)
+            self.delta.put(ids, xv, seqs)
         self._written_since_snapshot += len(ids)
 
-    def _apply_delete(self, ids: np.ndarray) -> None:
-        self._hide(ids)
-        self.delta.drop(ids)
+    def _apply_delete(self, ids: np.ndarray, replay: bool = False) -> None:
+        if replay:
+            self.pidx.unlabel(ids)
+        else:
+            self.pidx.delete(ids)
+        with self.lock:
+            self._hide(ids)
+            self.delta.drop(ids)
         self._written_since_snapshot += len(ids)
 
     def _drain(self) -> None:
@@ -298,7 +341,7 @@ class Shard:
             seq = self.store.upsert(ids, vectors, payloads)
             return seq, seq
 
-        return await self._commit(commit, lambda seq: lambda s: self._apply_upsert(ids, xv, s))
+        return await self._commit(commit, lambda seq: lambda s: self._apply_upsert(ids, xv, s, payloads))
 
     async def delete(self, ids: np.ndarray | None = None, where: tuple[str, list] | None = None) -> int:
         """Durably delete by ids or by filter SQL; returns the number of points deleted."""
@@ -329,6 +372,11 @@ class Shard:
             D, I = merge_topk(D, I, D2, I2, k)
         return D, I
 
+    def search_locked(self, xq: np.ndarray, k: int, params: QueryParams) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` from any thread (the search pool): holds ``lock`` while it reads."""
+        with self.lock:
+            return self.search(xq, k, params)
+
     async def asearch(self, xq: np.ndarray, k: int, params: QueryParams) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` for callers that treat every shard handle alike (Ray shards are remote)."""
         return self.search(xq, k, params)
@@ -351,9 +399,18 @@ class Shard:
         return D, I
 
     async def search_filtered(self, xq: np.ndarray, k: int, params: QueryParams, where: tuple[str, list]):
-        """k-NN among the points matching a filter (SQL over payloads)."""
+        """k-NN among the points matching a filter: from the payload indexes when they answer it
+        exactly (``where`` is a :class:`filters.SqlWhere` carrying the filter; see
+        :mod:`retrieval.vectors.payload_index`), else by SQL over the payloads."""
         self._check_open()
-        loop = asyncio.get_running_loop()
+        f = getattr(where, "filter", None)
+        if f is not None and self.pidx.columns:
+            mask = self.pidx.evaluate(f)
+            if mask is not None:
+                return await self._search_matching(xq, k, params, np.flatnonzero(mask))
+            dk = self.pidx.datetime_keys()
+            if dk and self.pidx.touches(f, dk):  # range conditions on datetime keys also read timestamps
+                where = flt.to_sql(f, datetime_keys=dk)
         thr = self.settings.filter_exact_threshold
         ids, vecs = await self._on_reader(lambda: self.store.match(where, thr + 1, True))
         if len(ids) <= thr or params.exact:
@@ -379,6 +436,97 @@ class Shard:
             got, vecs, _ = await self._on_reader(lambda: self.store.get(ids, True, False))
             D[short], I[short] = self._exact_over(xq[short], k, got, vecs)
         return D, I
+
+    async def _search_matching(self, xq: np.ndarray, k: int, params: QueryParams, slots: np.ndarray):
+        """k-NN among the points in payload-index ``slots`` (the matches of a filter), as planned by
+        :func:`payload_index.plan_filtered`: exact over the matches when few, else the vector index
+        with an allowed-label mask (and a wider beam when the selectivity is low)."""
+        p = self.pidx
+        nq = len(xq)
+        D = np.full((nq, k), np.inf, np.float32)
+        I = np.full((nq, k), NO_ID, np.uint64)
+        plan = pidx_mod.plan_filtered(len(slots), p.count_live(), k, self.settings.filter_exact_threshold,
+                                      params.ef, params.exact)
+        if plan.kind == "none":
+            return D, I
+        p.sync_labels(self.index, self.ext_of_lab, self.next_label)
+        ext = p.ext_of_slot[slots]
+        labs = p.lab[slots]
+        in_idx = labs >= 0
+        if len(self.delta) and not in_idx.all():  # points not indexed yet are in the delta
+            D, I = self.delta.search(xq, k, self.index_metric, allowed_ids=ext[~in_idx])
+        li = labs[in_idx]
+        if plan.kind == "exact":
+            if len(li):
+                if self.spec.kind in ("hnsw", "exact"):  # these keep the exact (index-ready) vectors
+                    D2, R = knn(xq, self.index.get_vectors(li), k, self.index_metric)
+                    ei = ext[in_idx]
+                    I2 = np.where(R >= 0, ei[np.maximum(R, 0)], NO_ID)
+                else:  # lossy codes (PQ, SQ): the original vectors from the store
+                    got, vecs, _ = await self._on_reader(lambda: self.store.get(ext[in_idx], True, False))
+                    D2, I2 = self._exact_over(xq, k, got, vecs)
+                D, I = merge_topk(D, I, D2, I2, k)
+            return D, I
+        if len(li) and self.index.is_trained():
+            allowed = np.zeros(self.next_label, bool)
+            allowed[li] = True
+            D2, L = self.index.search(xq, k, dataclasses.replace(params, ef=plan.ef), allowed)
+            I2 = np.where(L >= 0, self.ext_of_lab[np.maximum(L, 0)], NO_ID)
+            D, I = merge_topk(D, I, D2, I2, k)
+        # A graph search may strand a query among too few allowed points: redo those rows exactly.
+        short = np.flatnonzero((I != NO_ID).sum(1) < min(k, len(ext)))
+        if len(short):
+            got, vecs, _ = await self._on_reader(lambda: self.store.get(ext, True, False))
+            D[short], I[short] = self._exact_over(xq[short], k, got, vecs)
+        return D, I
+
+    # ------------------------------------------------------------------------------------------
+    # Payload indexes (definitions are the collection's; contents derive from the point store)
+    # ------------------------------------------------------------------------------------------
+    def _build_payload_index(self, specs: dict[str, str]):
+        """Worker thread: ``(seq, PayloadIndexSet)`` of every stored point as of write ``seq``."""
+        t0 = time.perf_counter()
+        seq, rows = scan_payloads(self.store.path)
+        pset = pidx_mod.scan_build(specs, rows)
+        logger.info("shard %s: built payload indexes %s over %d points in %.2f s", self.name, sorted(specs),
+                    pset.count_live(), time.perf_counter() - t0)
+        return seq, pset
+
+    async def set_payload_indexes(self, specs: dict[str, str]) -> None:
+        """Make the payload indexes exactly ``specs`` (``{key: type}``). Dropped keys go at once; new
+        ones are built from the point store on a worker thread while writes go on, then the writes
+        applied meanwhile are caught up from the store (in-memory application paused) and the new
+        set replaces the old one."""
+        self._check_open()
+        cur = self.pidx.specs()
+        if all(cur.get(key) == t for key, t in specs.items()):
+            for key in set(cur) - set(specs):
+                self.pidx.drop(key)
+            if not self.pidx.columns:
+                self.pidx = pidx_mod.PayloadIndexSet()
+            return
+        loop = asyncio.get_running_loop()
+        seq, pset = await loop.run_in_executor(None, self._build_payload_index, dict(specs))
+        self._paused = True
+        try:
+            it = self.store.changes_since(seq, with_payloads=True)
+            while True:
+                block = await self._on_reader(next, it, None)
+                if block is None:
+                    break
+                kind, ids, _, _, pls = block
+                if kind == "delete":
+                    pset.delete(ids)
+                else:
+                    pset.upsert(ids, pls)
+            self.pidx = pset
+        finally:
+            self._paused = False
+            self._drain()
+
+    def payload_index_info(self) -> list[dict]:
+        """``[{"key", "type", "points"}]``: points = live points with at least one indexed value."""
+        return self.pidx.info()
 
     def _exact_over(self, xq, k, ids: np.ndarray, vecs: np.ndarray):
         if len(ids) == 0:
@@ -467,16 +615,17 @@ class Shard:
                     and len(self.delta) < self.settings.write_priority_rows:
                 await asyncio.sleep(0.01)
                 continue
-            rows, ids, vecs = self.delta.take(self._chunk)
-            labels = np.arange(self.next_label, self.next_label + len(rows), dtype=np.int64)
-            t0 = time.perf_counter()
-            self.index.add(vecs, labels)
-            dt = time.perf_counter() - t0
-            self._grow_labels(self.next_label + len(rows))
-            self.ext_of_lab[labels] = ids
-            self.lab_of_ext.update(zip(ids.tolist(), labels.tolist()))
-            self.next_label += len(rows)
-            self.delta.consume(rows)
+            with self.lock:  # searches on the pool wait for this slice (at most indexer_slice_ms)
+                rows, ids, vecs = self.delta.take(self._chunk)
+                labels = np.arange(self.next_label, self.next_label + len(rows), dtype=np.int64)
+                t0 = time.perf_counter()
+                self.index.add(vecs, labels)
+                dt = time.perf_counter() - t0
+                self._grow_labels(self.next_label + len(rows))
+                self.ext_of_lab[labels] = ids
+                self.lab_of_ext.update(zip(ids.tolist(), labels.tolist()))
+                self.next_label += len(rows)
+                self.delta.consume(rows)
             # keep each slice near the target so searches never wait long behind the indexer
             target = self.settings.indexer_slice_ms / 1000
             if dt > 0:
@@ -606,9 +755,10 @@ class Shard:
             "last_seq": self.applied_seq,
             "snapshot_seq": self.snapshot_seq,
             "memory_bytes": (st.memory_bytes if st else 0) + self.delta.memory_bytes() + self.ext_of_lab.nbytes
-            + 100 * len(self.lab_of_ext),
+            + 100 * len(self.lab_of_ext) + self.pidx.memory_bytes(),
             "state": "failed" if self.failed else self.state,
             "location": "local",
+            "payload_indexes": self.pidx.info(),
         }
 
     async def ainfo(self) -> dict:
