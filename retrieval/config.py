@@ -77,6 +77,9 @@ class IndexingSettings(BaseModel):
     filter_exact_threshold: int = Field(2048, ge=0, description="filters matching at most this many points "
                                         "are searched exactly")
     slice_ms: float = Field(20.0, gt=0, description="longest the indexer holds the event loop per chunk")
+    filter_exact_in_memory: int = Field(32768, ge=0, description="filters answered by payload indexes "
+                                        "(which hold the vectors in memory) matching at most this many points "
+                                        "are searched exactly")
     search_threads: int = Field(0, ge=0, description="threads of the search pool that runs native searches "
                                 "off the event loop; 0 = all cores")
     coalesce_max_queries: int = Field(256, ge=1, description="most concurrent small queries of one collection "

@@ -113,6 +113,7 @@ def shard_settings(s: Settings) -> ShardSettings:
     return ShardSettings(index_threads=s.indexing.threads, synchronous=s.durability,
                          snapshot_every=s.indexing.snapshot_every, snapshot_interval_s=s.indexing.snapshot_interval_s,
                          filter_exact_threshold=s.indexing.filter_exact_threshold, indexer_slice_ms=s.indexing.slice_ms,
+                         filter_exact_in_memory=s.indexing.filter_exact_in_memory,
                          search_threads=s.indexing.search_threads,
                          coalesce_max_queries=s.indexing.coalesce_max_queries)
 

@@ -294,9 +294,10 @@ class PointStore:
             yield (*out, [r[3] for r in rows]) if with_payloads else out
 
 
-def scan_payloads(path: Path, block: int = 65536) -> tuple[int, list[tuple[np.ndarray, list[str | None]]]]:
+def scan_payloads(path: Path, block: int = 65536, dim: int = 0) -> tuple[int, list[tuple]]:
     """Every point's id and payload, read in one transaction on a separate read-only connection (for
-    building payload indexes on a worker thread): ``(last_seq the read saw, [(ids, payloads), ...])``."""
+    building payload indexes on a worker thread): ``(last_seq the read saw, [(ids, payloads), ...])``;
+    with ``dim``, also the vectors: ``[(ids, payloads, vectors (n, dim) float32), ...]``."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False,
                           timeout=30)
     try:
@@ -305,13 +306,16 @@ def scan_payloads(path: Path, block: int = 65536) -> tuple[int, list[tuple[np.nd
         out = []
         last, op = -(2**63), ">="
         while True:
-            rows = con.execute(f"SELECT id, payload FROM points WHERE id {op} ? ORDER BY id LIMIT ?",
-                               (last, block)).fetchall()
+            rows = con.execute(f"SELECT id, payload{', vector' if dim else ''} FROM points WHERE id {op} ? "
+                               "ORDER BY id LIMIT ?", (last, block)).fetchall()
             op = ">"
             if not rows:
                 break
             last = rows[-1][0]
-            out.append((from_keys([r[0] for r in rows]), [r[1] for r in rows]))
+            part = (from_keys([r[0] for r in rows]), [r[1] for r in rows])
+            if dim:
+                part += (np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), dim),)
+            out.append(part)
         con.execute("COMMIT")
         return seq, out
     finally:

@@ -375,8 +375,13 @@ class _Column:
 class PayloadIndexSet:
     """The payload indexes of one shard (see the module docstring). Empty (no keys): holds nothing."""
 
-    def __init__(self, specs: dict[str, str] | None = None) -> None:
+    def __init__(self, specs: dict[str, str] | None = None, d: int = 0) -> None:
+        """``d``: also hold each point's index-ready vector (per slot), so that a filter matching up to
+        ``indexing.filter_exact_in_memory`` points (32,768) is searched exactly from memory, with no
+        index or store reads: a gather and one matrix product, ~3 ms for 32k x 128 on 2 cores, faster
+        than a filtered graph search (whose filter callback runs per visited node) and exact."""
         self.columns: dict[str, _Column] = {k: _Column(k, t) for k, t in (specs or {}).items()}
+        self.vec: np.ndarray | None = np.zeros((0, d), np.float32) if d and self.columns else None
         self.slot_of_ext: dict[int, int] = {}
         self.ext_of_slot = np.zeros(0, np.uint64)
         self.live = np.zeros(0, bool)
@@ -401,6 +406,7 @@ class PayloadIndexSet:
 
     def memory_bytes(self) -> int:
         b = self.ext_of_slot.nbytes + self.live.nbytes + self.ver.nbytes + self.lab.nbytes + 100 * len(self.slot_of_ext)
+        b += self.vec.nbytes if self.vec is not None else 0
         for c in self.columns.values():
             b += c.mv.nbytes + c.ms.nbytes + c.mver.nbytes + c.tv.nbytes + c.ts.nbytes + c.tver.nbytes
             b += c.present.nbytes + c.foreign.nbytes + c.nent.nbytes
@@ -417,6 +423,10 @@ class PayloadIndexSet:
             self.live = _grow(self.live, cap, False)
             self.ver = _grow(self.ver, cap, 0)
             self.lab = _grow(self.lab, cap, -1)
+            if self.vec is not None:
+                v = np.zeros((cap, self.vec.shape[1]), np.float32)
+                v[: len(self.vec)] = self.vec
+                self.vec = v
             for c in self.columns.values():
                 c.grow(cap)
 
@@ -437,12 +447,15 @@ class PayloadIndexSet:
             out[j] = s
         return out
 
-    def upsert(self, ids: np.ndarray, payloads: list[str | None] | None) -> None:
-        """Points ``ids`` (unique) now hold ``payloads`` (compact JSON or None each; None: no payloads)."""
+    def upsert(self, ids: np.ndarray, payloads: list[str | None] | None, vectors: np.ndarray | None = None) -> None:
+        """Points ``ids`` (unique) now hold ``payloads`` (compact JSON or None each; None: no payloads)
+        and, when the set holds vectors, the index-ready ``vectors`` (n, d)."""
         if not self.columns or not len(ids):
             return
         slots = self._slots(ids.tolist())
         self.ext_of_slot[slots] = ids
+        if self.vec is not None:
+            self.vec[slots] = vectors
         self.live[slots] = True
         self.ver[slots] += np.uint32(1)
         self.lab[slots] = -1  # an upserted point goes to the delta until the indexer labels it
@@ -568,11 +581,12 @@ class PayloadIndexSet:
         return self.columns[c.key].condition(c, live, self.ver[: self.n])
 
 
-def scan_build(specs: dict[str, str], rows: Iterable[tuple[np.ndarray, list[str | None]]]) -> PayloadIndexSet:
-    """A new set with ``specs`` holding the points of ``rows`` (blocks of ids and payloads)."""
-    pset = PayloadIndexSet(specs)
-    for ids, payloads in rows:
-        pset.upsert(ids, payloads)
+def scan_build(specs: dict[str, str], rows: Iterable[tuple], d: int = 0, prepare=None) -> PayloadIndexSet:
+    """A new set with ``specs`` holding the points of ``rows``: blocks of (ids, payloads), or with
+    ``d`` of (ids, payloads, stored vectors), which ``prepare`` makes index-ready."""
+    pset = PayloadIndexSet(specs, d)
+    for ids, payloads, *vecs in rows:
+        pset.upsert(ids, payloads, (prepare(vecs[0]) if prepare else vecs[0]) if d else None)
     for c in pset.columns.values():
         c.merge(pset.ver, force=True)
     return pset

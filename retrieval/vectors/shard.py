@@ -65,6 +65,7 @@ class ShardSettings:
     snapshot_every: int = 50_000        # snapshot after this many points written since the last one...
     snapshot_interval_s: float = 60.0   # ...or after this long with any write, once the index caught up
     filter_exact_threshold: int = 2048  # filters matching at most this many points are searched exactly
+    filter_exact_in_memory: int = 32768  # ...and, over payload indexes (vectors in memory), this many
     search_threads: int = 0             # the search pool's threads (0: all cores)
     coalesce_max_queries: int = 256     # most queries one coalesced native search call answers (1: off)
     indexer_slice_ms: float = 20.0      # longest the indexer holds the event loop per chunk
@@ -270,7 +271,7 @@ class Shard:
         if replay:
             self.pidx.unlabel(ids)
         else:
-            self.pidx.upsert(ids, payloads)
+            self.pidx.upsert(ids, payloads, xv)
         with self.lock:
             self._hide(ids)
             self.delta.put(ids, xv, seqs)
@@ -445,10 +446,15 @@ class Shard:
         nq = len(xq)
         D = np.full((nq, k), np.inf, np.float32)
         I = np.full((nq, k), NO_ID, np.uint64)
-        plan = pidx_mod.plan_filtered(len(slots), p.count_live(), k, self.settings.filter_exact_threshold,
-                                      params.ef, params.exact)
+        thr = self.settings.filter_exact_threshold
+        if p.vec is not None:
+            thr = max(thr, self.settings.filter_exact_in_memory)
+        plan = pidx_mod.plan_filtered(len(slots), p.count_live(), k, thr, params.ef, params.exact)
         if plan.kind == "none":
             return D, I
+        if plan.kind == "exact" and p.vec is not None:  # every matching point's vector is in memory
+            D, R = knn(xq, p.vec[slots], k, self.index_metric)
+            return D, np.where(R >= 0, p.ext_of_slot[slots][np.maximum(R, 0)], NO_ID)
         p.sync_labels(self.index, self.ext_of_lab, self.next_label)
         ext = p.ext_of_slot[slots]
         labs = p.lab[slots]
@@ -486,8 +492,8 @@ class Shard:
     def _build_payload_index(self, specs: dict[str, str]):
         """Worker thread: ``(seq, PayloadIndexSet)`` of every stored point as of write ``seq``."""
         t0 = time.perf_counter()
-        seq, rows = scan_payloads(self.store.path)
-        pset = pidx_mod.scan_build(specs, rows)
+        seq, rows = scan_payloads(self.store.path, dim=self.d)
+        pset = pidx_mod.scan_build(specs, rows, self.d, self.prepare)
         logger.info("shard %s: built payload indexes %s over %d points in %.2f s", self.name, sorted(specs),
                     pset.count_live(), time.perf_counter() - t0)
         return seq, pset
@@ -514,11 +520,11 @@ class Shard:
                 block = await self._on_reader(next, it, None)
                 if block is None:
                     break
-                kind, ids, _, _, pls = block
+                kind, ids, vecs, _, pls = block
                 if kind == "delete":
                     pset.delete(ids)
                 else:
-                    pset.upsert(ids, pls)
+                    pset.upsert(ids, pls, self.prepare(vecs))
             self.pidx = pset
         finally:
             self._paused = False

@@ -417,3 +417,30 @@ def test_indexes_after_kill_equal_a_rebuild(tmp_path):
             assert c.count(name, filter=f) == len(want)  # the SQL path reads the timestamps too
     finally:
         srv.stop()
+
+
+def test_filtered_knn_through_the_graph_vs_brute_force(tmp_path):
+    """The planner's third way: with the in-memory exact path turned down, filters matching 10% and 50%
+    of the points search the HNSW graph with the allowed mask (and a wider beam at 10%)."""
+    srv = ServerProcess(tmp_path / "data", env={"RETRIEVAL_INDEXING__FILTER_EXACT_IN_MEMORY": "0",
+                                                "RETRIEVAL_INDEXING__FILTER_EXACT_THRESHOLD": "200"})
+    srv.start()
+    try:
+        rng = np.random.default_rng(8)
+        n = 6000
+        x = rng.standard_normal((n, D)).astype(np.float32)
+        sel = rng.integers(0, 1000, n)
+        with Client(srv.address, timeout=60) as c:
+            c.create_collection("g", dimension=D, index={"type": "hnsw", "m": 16, "ef_construction": 100})
+            c.upsert("g", np.arange(n), x, [{"sel": int(s)} for s in sel])
+            c.create_payload_index("g", "sel", "integer")
+            wait_indexed(c, "g")
+            xq = rng.standard_normal((30, D)).astype(np.float32)
+            for hi in (100, 500):
+                match = np.flatnonzero(sel < hi)
+                _, It = brute_knn(xq, match.astype(np.uint64), x[match], 10, "l2")
+                Is = np.array([c.search("g", q, k=10, filter={"must": [{"key": "sel", "range": {"lt": hi}}]}).ids
+                               for q in xq])
+                assert recall(Is, It) >= 0.95, hi
+    finally:
+        srv.stop()
