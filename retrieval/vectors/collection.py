@@ -26,6 +26,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 METRICS = ("l2", "ip", "cosine")
 MAX_DIM = 65536
 MAX_SHARDS = 64
+_MAX_NORM = float(np.sqrt(np.finfo(np.float32).max / 4.0))
 COALESCE_QUERIES = 16  # searches of at most this many queries are coalesced; larger ones go to the pool as they are
 
 
@@ -207,13 +209,15 @@ class Collection:
         if x.ndim != 2 or x.shape[1] != self.d:
             got = x.shape[1] if x.ndim == 2 else x.shape
             raise InvalidArgument(f"{what} have dimension {got}; collection {self.name!r} has dimension {self.d}")
-        if not np.isfinite(x).all():
+        # one pass for the common case: the largest |component| is finite (no NaN / inf) and small
+        top = float(np.abs(x).max()) if x.size else 0.0
+        if not math.isfinite(top):
             bad = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
             raise InvalidArgument(f"{what} row {bad} contains NaN or infinity")
         # Distances are float32: |q - x|^2 <= 2 (|q|^2 + |x|^2) stays finite when every squared length is
         # at most float32 max / 4, i.e. a length of at most ~9.2e18 (3e38 components overflow l2 to inf).
-        max_norm = float(np.sqrt(np.finfo(np.float32).max / 4.0))
-        if x.size and max(abs(float(x.max())), abs(float(x.min()))) * np.sqrt(x.shape[1]) > max_norm:
+        if top * math.sqrt(x.shape[1]) > _MAX_NORM:
+            max_norm = _MAX_NORM
             norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))  # float64: no overflow here
             if (norms > max_norm).any():
                 bad = int(np.flatnonzero(norms > max_norm)[0])
