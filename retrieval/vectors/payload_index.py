@@ -59,6 +59,7 @@ from retrieval.vectors.delta import NO_ID
 logger = logging.getLogger(__name__)
 
 TYPES = ("keyword", "integer", "float", "bool", "datetime")
+EXACT_BLOCK = 8192  # slots per block of exact_knn
 F_TEXT, F_NUM, F_BOOL = 1, 2, 4
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _EXACT_INT = 2**53  # integers up to this magnitude are exact in float64
@@ -382,6 +383,7 @@ class PayloadIndexSet:
         than a filtered graph search (whose filter callback runs per visited node) and exact."""
         self.columns: dict[str, _Column] = {k: _Column(k, t) for k, t in (specs or {}).items()}
         self.vec: np.ndarray | None = np.zeros((0, d), np.float32) if d and self.columns else None
+        self.sqn = np.zeros(0, np.float32)      # squared length of each slot's vector (with ``vec``)
         self.slot_of_ext: dict[int, int] = {}
         self.ext_of_slot = np.zeros(0, np.uint64)
         self.live = np.zeros(0, bool)
@@ -406,7 +408,7 @@ class PayloadIndexSet:
 
     def memory_bytes(self) -> int:
         b = self.ext_of_slot.nbytes + self.live.nbytes + self.ver.nbytes + self.lab.nbytes + 100 * len(self.slot_of_ext)
-        b += self.vec.nbytes if self.vec is not None else 0
+        b += self.vec.nbytes + self.sqn.nbytes if self.vec is not None else 0
         for c in self.columns.values():
             b += c.mv.nbytes + c.ms.nbytes + c.mver.nbytes + c.tv.nbytes + c.ts.nbytes + c.tver.nbytes
             b += c.present.nbytes + c.foreign.nbytes + c.nent.nbytes
@@ -427,6 +429,7 @@ class PayloadIndexSet:
                 v = np.zeros((cap, self.vec.shape[1]), np.float32)
                 v[: len(self.vec)] = self.vec
                 self.vec = v
+                self.sqn = _grow(self.sqn, cap, 0)
             for c in self.columns.values():
                 c.grow(cap)
 
@@ -455,7 +458,9 @@ class PayloadIndexSet:
         slots = self._slots(ids.tolist())
         self.ext_of_slot[slots] = ids
         if self.vec is not None:
-            self.vec[slots] = vectors
+            v = np.asarray(vectors, np.float32)
+            self.vec[slots] = v
+            self.sqn[slots] = np.einsum("ij,ij->i", v, v)
         self.live[slots] = True
         self.ver[slots] += np.uint32(1)
         self.lab[slots] = -1  # an upserted point goes to the delta until the indexer labels it
@@ -483,6 +488,39 @@ class PayloadIndexSet:
         for c in self.columns.values():
             c.clear(sa)
         self.free.extend(slots)
+
+    def exact_knn(self, xq: np.ndarray, slots: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN of ``xq`` (nq, d) among the points in ``slots`` from the held vectors -> (D float32
+        (nq, k), point ids uint64 (nq, k), NO_ID / inf padded). ``metric``: "l2" (squared) or "ip"
+        (``1 - <q, x>``), as :func:`retrieval.indexes.exact.knn`. In blocks of :data:`EXACT_BLOCK`
+        slots (a gather that stays in cache, one matrix product, a partial sort), numpy only."""
+        nq = len(xq)
+        q = np.asarray(xq, np.float32)
+        qn = np.einsum("ij,ij->i", q, q)[None, :]
+        cand_d, cand_s = [], []
+        for b in range(0, len(slots), EXACT_BLOCK):
+            sl = slots[b : b + EXACT_BLOCK]
+            ip = self.vec[sl] @ q.T                                   # (m, nq)
+            dist = (np.maximum(self.sqn[sl][:, None] - 2 * ip + qn, 0) if metric == "l2" else 1 - ip)
+            if len(sl) > k:
+                top = np.argpartition(dist, k - 1, axis=0)[:k]        # (k, nq)
+                cand_d.append(np.take_along_axis(dist, top, 0))
+                cand_s.append(sl[top])
+            else:
+                cand_d.append(dist)
+                cand_s.append(np.broadcast_to(sl[:, None], dist.shape))
+        if not cand_d:
+            return np.full((nq, k), np.inf, np.float32), np.full((nq, k), NO_ID, np.uint64)
+        Dc = np.vstack(cand_d).T.astype(np.float32)                   # (nq, candidates)
+        Sc = np.vstack(cand_s).T
+        order = np.argsort(Dc, axis=1, kind="stable")[:, :k]
+        D = np.take_along_axis(Dc, order, 1)
+        ids = self.ext_of_slot[np.take_along_axis(Sc, order, 1)]
+        if D.shape[1] < k:
+            pad = k - D.shape[1]
+            D = np.hstack([D, np.full((nq, pad), np.inf, np.float32)])
+            ids = np.hstack([ids, np.full((nq, pad), NO_ID, np.uint64)])
+        return D, ids
 
     def unlabel(self, ids: np.ndarray) -> None:
         """These points left the vector index (hidden by a write); labels are resynced lazily."""

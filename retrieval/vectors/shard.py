@@ -453,8 +453,7 @@ class Shard:
         if plan.kind == "none":
             return D, I
         if plan.kind == "exact" and p.vec is not None:  # every matching point's vector is in memory
-            D, R = knn(xq, p.vec[slots], k, self.index_metric)
-            return D, np.where(R >= 0, p.ext_of_slot[slots][np.maximum(R, 0)], NO_ID)
+            return p.exact_knn(xq, slots, k, self.index_metric)
         p.sync_labels(self.index, self.ext_of_lab, self.next_label)
         ext = p.ext_of_slot[slots]
         labs = p.lab[slots]
