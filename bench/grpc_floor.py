@@ -60,7 +60,7 @@ def measure(n: int = 3000, d: int = 128) -> dict:
         req = search_pb2.SearchRequest(collection="floor", k=10)
         req.queries.data = np.zeros(d, np.float32).tobytes()
         req.queries.n, req.queries.d = 1, d
-        stream = _Stream(stub, None)
+        stream = _Stream(stub)
 
         def timed(fn) -> tuple[float, float]:
             for _ in range(200):
