@@ -9,6 +9,22 @@
     retrieval build --input F --collection NAME [--index SPEC] [--shards N] [--ray [ADDRESS]]
                     (--data-dir DIR | --push HOST:PORT)        (see index_builder.cli)
     retrieval serve ... --ray ADDRESS                           (shards as Ray actors)
+    retrieval --version
+    retrieval [CONNECTION OPTIONS] points upsert NAME --vectors x.npy [--ids ids.npy | --start-id N]
+                                   [--payloads p.jsonl]
+    retrieval [CONNECTION OPTIONS] points get NAME ID... | count NAME [--filter JSON]
+    retrieval [CONNECTION OPTIONS] points delete NAME (--ids 1,2 | --filter JSON)
+    retrieval [CONNECTION OPTIONS] points scroll NAME [--limit N] [--filter JSON]          (JSON lines)
+    retrieval [CONNECTION OPTIONS] search NAME (--vector 0.1,0.2,... | --vectors q.npy) [-k 10] [--ef N] [--filter JSON]
+    retrieval [CONNECTION OPTIONS] jobs list|get ID|watch ID|cancel ID|kinds
+    retrieval [CONNECTION OPTIONS] graphs list|describe|drop|create NAME
+    retrieval [CONNECTION OPTIONS] graphs import NAME EDGES.csv [--delimiter D] [--header/--no-header]
+    retrieval [CONNECTION OPTIONS] graphs fastrp|train NAME | similar|predict NAME NODE... [-k]
+    retrieval [CONNECTION OPTIONS] ce list|describe|drop|search ...      drafts list|describe|drop ...
+    retrieval ground-truth --base xb.npy --queries xq.npy --out gt.npy --k 100   (see index_builder.cli)
+
+Every client command takes ``--json`` where it prints a table; errors are one ``error: ...`` line on
+stderr and exit status 1.
 
 Connection options (before the command, or from the environment): ``--api-key-file`` /
 ``$RETRIEVAL_API_KEY_FILE`` or ``$RETRIEVAL_API_KEY`` (never a key on the command line), ``--ca-file``
@@ -19,6 +35,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +62,22 @@ def _fail(e: Exception) -> None:
 _CONN: dict = {}
 
 
+def package_version() -> str:
+    """The installed distribution's version (``retrieval-service``), or "unknown" when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retrieval-service")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"retrieval {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", envvar="RETRIEVAL_API_KEY_FILE",
@@ -55,6 +89,8 @@ def main_options(
                                                help="PEM client certificate (mutual TLS)"),
     client_key: Optional[Path] = typer.Option(None, "--client-key", envvar="RETRIEVAL_CLIENT_KEY",
                                               help="PEM client private key (mutual TLS)"),
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="print the installed version and exit"),
 ) -> None:
     """A gRPC retrieval service: vector search, cross-encoder search, graphs, drafts."""
     _CONN.update(api_key_file=api_key_file, root_certificates=ca_file, tls=tls or None,
@@ -428,10 +464,899 @@ def index_list(collection: str, address: str = ADDRESS) -> None:
         typer.echo(f"{e['key']}\ttype={e['type']}\tpoints={e['points']}")
 
 
-from index_builder.cli import argv_with_ray_default, build_command  # noqa: E402
+# --- shared helpers of the engine commands ----------------------------------------------------------
+JSON_OUT = typer.Option(False, "--json", help="print JSON instead of a table")
+
+
+class _BadInput(InvalidArgument):
+    """A command-line argument or input file the CLI cannot use (reported like a server error)."""
+
+
+@contextmanager
+def _errors():
+    """Turn server errors, unreadable input files and bad arguments into one ``error: ...`` line, exit 1;
+    Ctrl-C into exit 130."""
+    try:
+        yield
+    except RetrievalError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(e)
+    except (ValueError, OverflowError) as e:  # a raw check of numpy / protobuf: still one line, no traceback
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
+
+
+def _jsonable(o):
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    try:
+        from retrieval.indexes import registry
+
+        return registry.spec_to_dict(o)
+    except Exception:  # noqa: BLE001 - anything else prints as its str()
+        return str(o)
+
+
+def _dumps(obj, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, default=_jsonable)
+
+
+def _table(rows: list[dict], cols: list[str], empty: str = "none") -> None:
+    """Rows as an aligned text table (floats with 6 significant digits, dicts as compact JSON)."""
+    if not rows:
+        typer.echo(empty)
+        return
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, (dict, list)):
+            return json.dumps(v, separators=(",", ":"), default=_jsonable)
+        return str(v)
+
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+    for row in cells:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _parse_filter(text: str | None) -> dict | None:
+    """``--filter`` JSON (``{"must": [{"key": "color", "equals": "red"}]}``) -> dict, or a one-line error."""
+    if text is None:
+        return None
+    try:
+        f = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _BadInput(f"--filter {text!r} is not valid JSON: {e}") from None
+    if not isinstance(f, dict):
+        raise _BadInput(f"--filter must be a JSON object like '{{\"must\": [...]}}', got {text!r}")
+    return f
+
+
+def _load_npy(path: Path, what: str):
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise _BadInput(f"{what} file {str(path)!r} does not exist") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise _BadInput(f"{what} file {str(path)!r} is not a readable .npy array: {e}") from None
+
+
+def _load_vectors(path: Path, what: str):
+    import numpy as np
+
+    x = _load_npy(path, what)
+    if x.dtype.kind not in "fiu":
+        raise _BadInput(f"{what} file {str(path)!r} holds {x.dtype} values; expected numbers")
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise _BadInput(f"{what} file {str(path)!r} has shape {x.shape}; expected (n, d)")
+    return np.ascontiguousarray(x, np.float32)
+
+
+def _parse_ids(values, what: str) -> list[int]:
+    """Ids from arguments: integers, comma-separated lists of them, or one ``.npy`` file."""
+    out: list[int] = []
+    for v in values:
+        v = str(v).strip()
+        if v.endswith(".npy"):
+            a = _load_npy(Path(v), what)
+            if a.dtype.kind not in "iu" or a.ndim > 1:
+                raise _BadInput(f"{what} file {v!r} must be a 1-D integer array, got {a.dtype} shape {a.shape}")
+            out.extend(int(i) for i in a.ravel())
+            continue
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            try:
+                i = int(part)
+            except ValueError:
+                raise _BadInput(f"{what}: {part!r} is not an integer id") from None
+            if i < 0:
+                raise _BadInput(f"{what}: ids are non-negative integers, got {i}")
+            out.append(i)
+    return out
+
+
+def _read_payloads(path: Path) -> list:
+    """A JSONL file: one JSON object (or ``null``) per line, blank lines skipped."""
+    out: list = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise _BadInput(f"payloads file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise _BadInput(f"payloads file {str(path)!r} is not UTF-8 text: {e}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _BadInput(f"payloads file {str(path)!r} line {n} is not valid JSON: {e}") from None
+        if p is not None and not isinstance(p, dict):
+            raise _BadInput(f"payloads file {str(path)!r} line {n}: expected a JSON object or null, "
+                            f"got {type(p).__name__}")
+        out.append(p)
+    return out
+
+
+def _bar(**kw):
+    from tqdm import tqdm
+
+    kw["disable"] = True if kw.get("disable") else None  # None: no bar when stderr is not a terminal
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+# --- points -----------------------------------------------------------------------------------------
+points_app = typer.Typer(help="Write, read, count, delete and scroll the points of a collection.",
+                         no_args_is_help=True)
+app.add_typer(points_app, name="points")
+
+
+@points_app.command("upsert")
+def points_upsert(
+    name: str,
+    vectors: Path = typer.Option(..., "--vectors", "-v", help=".npy float array (n, d)"),
+    ids: Optional[Path] = typer.Option(None, "--ids", help=".npy integer array (n,) of ids"),
+    start_id: Optional[int] = typer.Option(None, "--start-id", help="ids START, START+1, ... (default 0) when "
+                                           "there is no --ids"),
+    payloads: Optional[Path] = typer.Option(None, "--payloads", "-p", help="JSONL file: one JSON object (or null) "
+                                            "per point, in row order"),
+    batch_size: int = typer.Option(10_000, "--batch-size", help="points per message of the upload stream"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Insert or replace points from files; durable when it returns.
+
+    Example: retrieval points upsert docs --vectors xb.npy --start-id 0 --payloads meta.jsonl
+    """
+    import numpy as np
+
+    with _errors():
+        if ids is not None and start_id is not None:
+            raise _BadInput("give --ids or --start-id, not both")
+        if batch_size < 1:
+            raise _BadInput(f"--batch-size must be >= 1, got {batch_size}")
+        xb = _load_vectors(vectors, "--vectors")
+        n = len(xb)
+        if ids is not None:
+            id_arr = np.asarray(_parse_ids([str(ids)], "--ids"), np.uint64)
+            if len(id_arr) != n:
+                raise _BadInput(f"--ids has {len(id_arr)} ids but --vectors has {n} rows")
+        else:
+            s = start_id or 0
+            if s < 0:
+                raise _BadInput(f"--start-id must be >= 0, got {s}")
+            id_arr = np.arange(s, s + n, dtype=np.uint64)
+        pls = _read_payloads(payloads) if payloads is not None else None
+        if pls is not None and len(pls) != n:
+            raise _BadInput(f"--payloads has {len(pls)} lines but --vectors has {n} rows")
+        bar = _bar(total=n, unit="pt", desc=f"upsert {name}", disable=quiet)
+
+        def batches():
+            for s0 in range(0, n, batch_size):
+                b = (id_arr[s0:s0 + batch_size], xb[s0:s0 + batch_size])
+                if pls is not None:
+                    b = b + (pls[s0:s0 + batch_size],)
+                yield b
+                bar.update(len(b[0]))
+
+        try:
+            with _client(address) as c:
+                count = c.upsert_stream(name, batches(), timeout=max(600.0, n / 1000))
+        finally:
+            bar.close()
+    if as_json:
+        typer.echo(_dumps({"collection": name, "upserted": count}))
+    else:
+        typer.echo(f"upserted {count} points into {name}")
+
+
+def _point_rows(pts, with_vectors: bool) -> list[dict]:
+    rows = []
+    for i, pid in enumerate(pts.ids.tolist()):
+        r: dict = {"id": int(pid)}
+        if pts.payloads is not None:
+            r["payload"] = pts.payloads[i]
+        if with_vectors and pts.vectors is not None and len(pts.vectors):
+            r["vector"] = pts.vectors[i].tolist()
+        rows.append(r)
+    return rows
+
+
+@points_app.command("get")
+def points_get(
+    name: str,
+    ids: list[str] = typer.Argument(..., help="ids (several, or comma-separated, or an ids .npy file)"),
+    vectors: bool = typer.Option(False, "--vectors", help="include the vectors"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Points by id (ids that do not exist are left out).
+
+    Example: retrieval points get docs 1 2 3 --vectors --json
+    """
+    with _errors():
+        want = _parse_ids(ids, "ids")
+        with _client(address) as c:
+            pts = c.get(name, want, with_vectors=vectors, with_payloads=True)
+    rows = _point_rows(pts, vectors)
+    if as_json:
+        typer.echo(_dumps(rows))
+    else:
+        for r in rows:
+            if "vector" in r:
+                v = r["vector"]
+                r["vector"] = "[" + ", ".join(f"{x:.4g}" for x in v[:4]) + (", ...]" if len(v) > 4 else "]")
+        _table(rows, ["id", "payload"] + (["vector"] if vectors else []), empty="no such points")
+
+
+@points_app.command("count")
+def points_count(
+    name: str,
+    filter: Optional[str] = typer.Option(None, "--filter", "-f", help='JSON filter, e.g. '
+                                         '\'{"must": [{"key": "color", "equals": "red"}]}\''),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Number of points (matching --filter).
+
+    Example: retrieval points count docs --filter '{"must": [{"key": "lang", "equals": "en"}]}'
+    """
+    with _errors():
+        f = _parse_filter(filter)
+        with _client(address) as c:
+            n = c.count(name, f)
+    typer.echo(_dumps({"collection": name, "count": n}) if as_json else str(n))
+
+
+@points_app.command("delete")
+def points_delete(
+    name: str,
+    ids: Optional[list[str]] = typer.Option(None, "--ids", help="ids to delete: '1,2,3' (repeatable) or an ids "
+                                            ".npy file"),
+    filter: Optional[str] = typer.Option(None, "--filter", "-f", help="delete the points matching this JSON filter"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Delete points by id or by filter (exactly one of them).
+
+    Example: retrieval points delete docs --ids 1,2,3   |   retrieval points delete docs --filter '{...}'
+    """
+    with _errors():
+        if (ids is None) == (filter is None):
+            raise _BadInput("give exactly one of --ids or --filter")
+        f = _parse_filter(filter)
+        id_list = _parse_ids(ids, "--ids") if ids is not None else None
+        with _client(address) as c:
+            n = c.delete(name, ids=id_list, filter=f)
+    typer.echo(_dumps({"collection": name, "deleted": n}) if as_json else f"deleted {n} points from {name}")
+
+
+@points_app.command("scroll")
+def points_scroll(
+    name: str,
+    limit: int = typer.Option(100, "--limit", "-n", help="at most this many points (0: all)"),
+    start_id: Optional[int] = typer.Option(None, "--start-id", help="first id (default: the smallest)"),
+    filter: Optional[str] = typer.Option(None, "--filter", "-f", help="only points matching this JSON filter"),
+    vectors: bool = typer.Option(False, "--vectors", help="include the vectors"),
+    page_size: int = typer.Option(1000, "--page-size", help="points per call"),
+    address: str = ADDRESS,
+) -> None:
+    """Points in id order as JSON lines ``{"id", "payload"[, "vector"]}``.
+
+    Example: retrieval points scroll docs --limit 0 > all.jsonl
+    """
+    with _errors():
+        if limit < 0 or page_size < 1:
+            raise _BadInput(f"--limit must be >= 0 and --page-size >= 1, got {limit} and {page_size}")
+        f = _parse_filter(filter)
+        left = limit or None
+        with _client(address) as c:
+            nxt = start_id
+            while left is None or left > 0:
+                pts = c.scroll(name, filter=f, start_id=nxt, limit=min(page_size, left or page_size),
+                               with_vectors=vectors, with_payloads=True)
+                for r in _point_rows(pts, vectors):
+                    typer.echo(json.dumps(r, separators=(",", ":"), default=_jsonable))
+                if left is not None:
+                    left -= len(pts.ids)
+                if pts.next_id is None or not len(pts.ids):
+                    break
+                nxt = pts.next_id
+
+
+# --- search -----------------------------------------------------------------------------------------
+def _parse_vector(text: str):
+    import numpy as np
+
+    try:
+        v = [float(x) for x in text.replace(" ", ",").split(",") if x.strip()]
+    except ValueError:
+        raise _BadInput(f"--vector must be comma-separated numbers like '0.1,0.2,0.3', got {text!r}") from None
+    if not v:
+        raise _BadInput("--vector is empty")
+    return np.asarray(v, np.float32).reshape(1, -1)
+
+
+@app.command("search")
+def search_command(
+    name: str,
+    vector: Optional[str] = typer.Option(None, "--vector", help="one query: comma-separated numbers"),
+    vectors: Optional[Path] = typer.Option(None, "--vectors", help=".npy query array (nq, d)"),
+    k: int = typer.Option(10, "-k", "--k", help="neighbours per query"),
+    ef: int = typer.Option(0, "--ef", help="HNSW search breadth (0: the collection's default)"),
+    nprobe: int = typer.Option(0, "--nprobe", help="IVF lists probed (0: the collection's default)"),
+    exact: bool = typer.Option(False, "--exact", help="brute force instead of the index"),
+    filter: Optional[str] = typer.Option(None, "--filter", "-f", help="JSON filter on payloads"),
+    payloads: bool = typer.Option(False, "--payloads", help="show the hits' payloads"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """k nearest neighbours of one or more query vectors: a table query/rank/id/distance(/payload), or JSON
+    ``[{"query", "ids", "distances"[, "payloads"]}]``.
+
+    Examples: retrieval search docs --vector 0.1,0.2,0.3,0.4 -k 5 --payloads
+              retrieval search docs --vectors xq.npy -k 10 --filter '{"must": [{"key": "lang", "equals": "en"}]}' --json
+    """
+    with _errors():
+        if (vector is None) == (vectors is None):
+            raise _BadInput("give exactly one of --vector or --vectors")
+        xq = _parse_vector(vector) if vector is not None else _load_vectors(vectors, "--vectors")
+        f = _parse_filter(filter)
+        results = []
+        with _client(address) as c:
+            for qi, q in enumerate(xq):
+                h = c.search(name, q, k=k, ef=ef, nprobe=nprobe, exact=exact, filter=f, with_payloads=payloads)
+                r = {"query": qi, "ids": h.ids.tolist(), "distances": h.distances.tolist()}
+                if payloads:
+                    r["payloads"] = h.payloads
+                results.append(r)
+    if as_json:
+        typer.echo(_dumps(results))
+        return
+    rows = [{"query": r["query"], "rank": j + 1, "id": i, "distance": float(d),
+             **({"payload": r["payloads"][j]} if payloads else {})}
+            for r in results for j, (i, d) in enumerate(zip(r["ids"], r["distances"]))]
+    cols = ["query", "rank", "id", "distance"] + (["payload"] if payloads else [])
+    if len(results) == 1:
+        cols.remove("query")
+    _table(rows, cols, empty="no hits")
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+jobs_app = typer.Typer(help="Long-running server jobs: list, inspect, watch (progress bar), cancel.",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+_JOB_FINAL = ("succeeded", "failed", "cancelled")
+
+
+def _job_row(j: dict) -> dict:
+    done, total = j.get("done") or 0, j.get("total")
+    prog = f"{done:.0f}/{total:.0f}" if total else f"{done:.0f}"
+    return {"id": j["id"], "kind": j["kind"], "state": j["state"], "progress": prog,
+            "message": j.get("error") or j.get("message") or ""}
+
+
+@jobs_app.command("list")
+def jobs_list(
+    kind: str = typer.Option("", "--kind", help="only jobs of this kind (see `retrieval jobs kinds`)"),
+    state: str = typer.Option("", "--state", help="queued, running, succeeded, failed or cancelled"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """The server's jobs (one per line: id, kind, state, progress, message)."""
+    with _errors(), _client(address) as c:
+        jobs = c.list_jobs(kind, state)
+    if as_json:
+        typer.echo(_dumps(jobs))
+    else:
+        _table([_job_row(j) for j in jobs], ["id", "kind", "state", "progress", "message"], empty="no jobs")
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, address: str = ADDRESS) -> None:
+    """A job's record (state, progress, params, result, error) as JSON."""
+    with _errors(), _client(address) as c:
+        typer.echo(_dumps(c.get_job(job_id)))
+
+
+@jobs_app.command("kinds")
+def jobs_kinds(as_json: bool = JSON_OUT, address: str = ADDRESS) -> None:
+    """The kinds of job this server runs."""
+    with _errors(), _client(address) as c:
+        kinds = c.job_kinds()
+    if as_json:
+        typer.echo(_dumps(kinds))
+    else:
+        _table(kinds, ["name", "resumable", "description"], empty="no job kinds")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, as_json: bool = JSON_OUT, address: str = ADDRESS) -> None:
+    """Ask the server to cancel a job (it stops at its next checkpoint)."""
+    with _errors(), _client(address) as c:
+        j = c.cancel_job(job_id)
+    if as_json:
+        typer.echo(_dumps(j))
+    else:
+        typer.echo(f"{j['id']} {j['state']}" + ("" if j["state"] in _JOB_FINAL else
+                                                " (cancel requested; `retrieval jobs watch ID` follows it)"))
+
+
+def _watch(c, job_id: str, quiet: bool = False) -> dict:
+    """Follow a job on the Jobs.Watch stream with a progress bar until it ends; its final record."""
+    bar = _bar(desc=job_id, unit="", disable=quiet, total=None)
+    last = None
+    try:
+        for j in c.watch_job(job_id, timeout=None):
+            last = j
+            if j.get("total"):
+                bar.total = float(j["total"])
+            bar.n = float(j.get("done") or 0)
+            bar.set_description_str(f"{j['kind']} {j['state']}", refresh=False)
+            if j.get("message"):
+                bar.set_postfix_str(j["message"][:60], refresh=False)
+            bar.refresh()
+        while last is None or last["state"] not in _JOB_FINAL:  # a watch may end on a stale record
+            last = c.get_job(job_id)
+            if last["state"] not in _JOB_FINAL:
+                time.sleep(0.1)
+    except KeyboardInterrupt:
+        bar.close()
+        typer.secho(f"stopped watching; job {job_id} goes on (cancel it with `retrieval jobs cancel {job_id}`)",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
+    finally:
+        bar.close()
+    return last
+
+
+def _job_outcome(j: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(_dumps(j))
+    else:
+        typer.echo(f"{j['id']} {j['kind']} {j['state']}" + (f": {_dumps(j['result'], None)}" if j.get("result")
+                                                            else ""))
+    if j["state"] != "succeeded":
+        typer.secho(f"error: job {j['id']} {j['state']}" + (f": {j['error']}" if j.get("error") else ""),
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+               as_json: bool = JSON_OUT, address: str = ADDRESS) -> None:
+    """Draw a job's progress until it ends; exit 1 when it failed or was cancelled.
+
+    Example: retrieval jobs watch 3f2a...   (Ctrl-C stops watching, not the job)
+    """
+    with _errors(), _client(address) as c:
+        j = _watch(c, job_id, quiet)
+    _job_outcome(j, as_json)
+
+
+# --- graphs -----------------------------------------------------------------------------------------
+graphs_app = typer.Typer(help="Graphs: create, import edge lists, FastRP similarity, link prediction.",
+                         no_args_is_help=True)
+app.add_typer(graphs_app, name="graphs")
+
+
+def _graph_row(g: dict) -> dict:
+    return {"name": g.get("name"), "nodes": g.get("n"), "edges": g.get("m"), "directed": g.get("directed"),
+            "weighted": g.get("weighted"), "features": g.get("feature_dim") or 0,
+            "embeddings": ",".join(g.get("embeddings") or []) or "-", "models": ",".join(g.get("models") or []) or "-"}
+
+
+@graphs_app.command("list")
+def graphs_list(as_json: bool = JSON_OUT, address: str = ADDRESS) -> None:
+    """Graphs on the server: nodes, edges, embeddings and link models."""
+    with _errors(), _client(address) as c:
+        gs = c.list_graphs()
+    if as_json:
+        typer.echo(_dumps(gs))
+    else:
+        _table([_graph_row(g) for g in gs], ["name", "nodes", "edges", "directed", "weighted", "features",
+                                             "embeddings", "models"], empty="no graphs")
+
+
+@graphs_app.command("describe")
+def graphs_describe(name: str, address: str = ADDRESS) -> None:
+    """Everything the server knows about a graph, as JSON."""
+    with _errors(), _client(address) as c:
+        typer.echo(_dumps(c.describe_graph(name)))
+
+
+@graphs_app.command("create")
+def graphs_create(
+    name: str,
+    nodes: int = typer.Option(0, "--nodes", "-n", help="number of (isolated) nodes to start with"),
+    directed: bool = typer.Option(False, "--directed", help="directed edges (default: undirected)"),
+    weighted: bool = typer.Option(False, "--weighted", help="edges carry weights"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Create an empty graph.
+
+    Example: retrieval graphs create cora --nodes 2708
+    """
+    with _errors(), _client(address) as c:
+        g = c.create_graph(name, nodes, directed=directed, weighted=weighted)
+    typer.echo(_dumps(g) if as_json else f"created graph {name} ({g.get('n')} nodes)")
+
+
+@graphs_app.command("drop")
+def graphs_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+                address: str = ADDRESS) -> None:
+    """Drop a graph with its embeddings and models."""
+    if not yes and not typer.confirm(f"drop graph {name!r}?"):
+        raise typer.Exit(1)
+    with _errors(), _client(address) as c:
+        c.drop_graph(name)
+    typer.echo(f"dropped {name}")
+
+
+def read_edge_list(path: Path, delimiter: str | None = None, header: bool | None = None,
+                   weighted: bool = False, format: str = "auto"):
+    """An edge file -> ``(src, dst, weights or None)``: int64 ``(m,)`` node ids as written in the file
+    (not rebased), float weights (third column, only when ``weighted``).
+
+    Text edge lists (``.csv .tsv .txt .edges``, gzipped too) are parsed by
+    :func:`retrieval.graph.readers.parse_edge_text`: ``delimiter`` None splits on whitespace, commas and
+    semicolons; ``header`` None skips a first line whose first two fields are not numbers, True always
+    skips the first line, False refuses a non-numeric one; ``#`` / ``%`` lines are comments. Other
+    formats (``format`` or the suffix: ``mat``, ...) are read with :func:`retrieval.graph.readers.read_graph`
+    and give each edge once. Raises :class:`InvalidArgument` naming the file and line."""
+    import numpy as np
+
+    from retrieval.graph import readers
+
+    if not path.exists():
+        raise _BadInput(f"edges file {str(path)!r} does not exist")
+    fmt = readers.detect_format(path) if format == "auto" else format
+    if fmt != "edgelist":
+        g = readers.read_graph(path, fmt).graph
+        src, dst, w = g.edges()
+        return src.astype(np.int64), dst.astype(np.int64), (w if weighted else None)
+    lines = readers._read_text(path).splitlines()
+    for n, line in enumerate(lines):
+        t = line.strip()
+        if not t or t[0] in "#%":
+            continue
+        if header:
+            lines[n] = ""  # keeps the line numbers of the errors
+        elif header is False:
+            parts = t.split(delimiter) if delimiter else t.replace(",", " ").replace(";", " ").split()
+            if not all(p.strip().lstrip("+-").isdigit() for p in parts[:2]):
+                raise _BadInput(f"edges file {str(path)!r} line {n + 1}: --no-header, but {t!r} is not "
+                                "'src dst [weight]' with integer node ids")
+        break
+    src, dst, w = readers.parse_edge_text("\n".join(lines), f"edges file {str(path)!r}", weighted=bool(weighted),
+                                          delimiter=delimiter)
+    return src, dst, w
+
+
+@graphs_app.command("import")
+def graphs_import(
+    name: str,
+    edges_file: Path = typer.Argument(..., help="edge list: 'src dst [weight]' per line, CSV / TSV / spaces "
+                                      "(gzipped too), or a MATLAB .mat adjacency"),
+    delimiter: Optional[str] = typer.Option(None, "--delimiter", help="field separator (default: whitespace, "
+                                            r"commas and semicolons; '\t' for tab)"),
+    format: str = typer.Option("auto", "--format", help="edgelist (text), mat, ... (default: from the suffix)"),
+    header: Optional[bool] = typer.Option(None, "--header/--no-header", help="the first line is a header "
+                                          "(default: detected)"),
+    directed: bool = typer.Option(False, "--directed", help="when the graph is created here: directed"),
+    weighted: bool = typer.Option(False, "--weighted", help="when the graph is created here: read weights from the "
+                                  "third column"),
+    duplicates: str = typer.Option("", "--duplicates", help="what the server does with repeated edges "
+                                   "(server default when empty)"),
+    batch_size: int = typer.Option(100_000, "--batch-size", help="edges per append call (each stored atomically)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Append the edges of a CSV / TSV edge list to graph NAME (created with enough nodes when it does not
+    exist; grown with nodes when the file names higher ids).
+
+    Example: retrieval graphs import karate karate.tsv --no-header
+    """
+    from retrieval.errors import NotFound
+
+    with _errors():
+        if batch_size < 1:
+            raise _BadInput(f"--batch-size must be >= 1, got {batch_size}")
+        if delimiter is not None:
+            delimiter = {"\\t": "\t", "tab": "\t", "space": " "}.get(delimiter, delimiter)
+        with _client(address) as c:
+            try:
+                info = c.describe_graph(name)
+                created = False
+            except NotFound:
+                info, created = None, True
+            is_weighted = bool(info["weighted"]) if info is not None else weighted
+            src, dst, w = read_edge_list(edges_file, delimiter, header, is_weighted, format)
+            need = int(max(src.max(initial=-1), dst.max(initial=-1))) + 1
+            if info is None:
+                info = c.create_graph(name, need, directed=directed, weighted=weighted)
+            elif need > info["n"]:
+                info = c.add_nodes(name, need - info["n"])
+            m = len(src)
+            res = {"received": 0, "added": 0}
+            bar = _bar(total=m, unit="edge", desc=f"import {name}", disable=quiet)
+            try:
+                for s0 in range(0, max(m, 1), batch_size):
+                    r = c.append_edges(name, src[s0:s0 + batch_size], dst[s0:s0 + batch_size],
+                                       None if w is None else w[s0:s0 + batch_size], duplicates=duplicates)
+                    res["received"] += r["received"]
+                    res["added"] += r["added"]
+                    bar.update(min(batch_size, m - s0))
+            finally:
+                bar.close()
+            info = c.describe_graph(name)
+    out = {"graph": name, "created": created, **res, "nodes": info["n"], "edges": info["m"]}
+    if as_json:
+        typer.echo(_dumps(out))
+    else:
+        typer.echo(f"{'created' if created else 'appended to'} graph {name}: {res['added']} of {res['received']} "
+                   f"edges added; now {info['n']} nodes, {info['m']} edges")
+
+
+@graphs_app.command("fastrp")
+def graphs_fastrp(
+    name: str,
+    dim: int = typer.Option(128, "--dim", help="embedding dimension"),
+    embedding: str = typer.Option("fastrp", "--embedding", help="name of the embedding"),
+    use_features: bool = typer.Option(False, "--use-features", help="mix in the node features"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Compute FastRP node embeddings (a job, watched to the end) for `graphs similar`."""
+    params = {} if seed is None else {"seed": seed}
+    with _errors(), _client(address) as c:
+        j = c.run_fastrp(name, dim, embedding=embedding, use_features=use_features, wait=False, **params)
+        j = _watch(c, j["id"], quiet)
+    _job_outcome(j, as_json)
+
+
+@graphs_app.command("train")
+def graphs_train(
+    name: str,
+    model: str = typer.Option("ncn", "--model", help="name of the stored link model"),
+    preset: str = typer.Option("", "--preset", help="hyper-parameter preset, e.g. cora"),
+    config: Optional[str] = typer.Option(None, "--config", help='JSON overrides, e.g. '
+                                         '\'{"input": "learnable", "epochs": 20}\' (graphs without node features '
+                                         "need input learnable or fastrp)"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("", "--device", help="cpu, cuda, ... (server default)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Train a link-prediction model (a job, watched to the end) for `graphs predict`."""
+    with _errors():
+        cfg = None
+        if config is not None:
+            try:
+                cfg = json.loads(config)
+            except json.JSONDecodeError as e:
+                raise _BadInput(f"--config {config!r} is not valid JSON: {e}") from None
+            if not isinstance(cfg, dict):
+                raise _BadInput(f"--config must be a JSON object, got {config!r}")
+        with _client(address) as c:
+            j = c.train_link_model(name, model=model, preset=preset, config=cfg, seed=seed, device=device, wait=False)
+            j = _watch(c, j["id"], quiet)
+    _job_outcome(j, as_json)
+
+
+def _hits_out(nodes: list[int], hits, score: str, as_json: bool, plural: str | None = None) -> None:
+    plural = plural or score + "s"
+    res = [{"node": u, "ids": ids.tolist(), plural: s.tolist()} for u, (ids, s) in zip(nodes, hits)]
+    if as_json:
+        typer.echo(_dumps(res))
+        return
+    rows = [{"node": r["node"], "rank": j + 1, "id": i, score: float(d)}
+            for r in res for j, (i, d) in enumerate(zip(r["ids"], r[plural]))]
+    _table(rows, ["node", "rank", "id", score], empty="no hits")
+
+
+@graphs_app.command("similar")
+def graphs_similar(
+    name: str,
+    nodes: list[str] = typer.Argument(..., help="query node ids"),
+    k: int = typer.Option(10, "-k", "--k"),
+    embedding: str = typer.Option("fastrp", "--embedding", help="which embedding (see `graphs fastrp`)"),
+    ef: int = typer.Option(0, "--ef"),
+    exact: bool = typer.Option(False, "--exact", help="brute force instead of the index"),
+    include_self: bool = typer.Option(False, "--include-self"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Nearest nodes by embedding (distance 1 - cosine).
+
+    Example: retrieval graphs fastrp karate --dim 32 && retrieval graphs similar karate 0 5 -k 5
+    """
+    with _errors():
+        qs = _parse_ids(nodes, "nodes")
+        with _client(address) as c:
+            hits = c.similar_nodes(name, qs, k=k, embedding=embedding, ef=ef, exact=exact, include_self=include_self)
+    _hits_out(qs, hits, "distance", as_json)
+
+
+@graphs_app.command("predict")
+def graphs_predict(
+    name: str,
+    nodes: list[str] = typer.Argument(..., help="node ids to predict new neighbours for"),
+    k: int = typer.Option(10, "-k", "--k"),
+    model: str = typer.Option("ncn", "--model", help="which link model (see `graphs train`)"),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="only these nodes: '1,2,3' or a .npy file"),
+    embedding: str = typer.Option("", "--embedding", help="candidates: nearest nodes in this embedding"),
+    num_candidates: int = typer.Option(0, "--num-candidates", help="with --embedding: how many"),
+    include_neighbors: bool = typer.Option(False, "--include-neighbors", help="existing neighbours may be returned"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Top-k predicted new neighbours per node with their link probabilities.
+
+    Example: retrieval graphs train karate --config '{"epochs": 5}' && retrieval graphs predict karate 0 -k 5
+    """
+    with _errors():
+        qs = _parse_ids(nodes, "nodes")
+        cand = _parse_ids([candidates], "--candidates") if candidates is not None else None
+        with _client(address) as c:
+            hits = c.predict_links(name, qs, k=k, model=model, candidates=cand, embedding=embedding,
+                                   num_candidates=num_candidates, include_neighbors=include_neighbors)
+    _hits_out(qs, hits, "probability", as_json, "probabilities")
+
+
+# --- cross-encoder indexes --------------------------------------------------------------------------
+ce_app = typer.Typer(help="Cross-encoder k-NN indexes: list, describe, drop, search.", no_args_is_help=True)
+app.add_typer(ce_app, name="ce")
+
+
+@ce_app.command("list")
+def ce_list(as_json: bool = JSON_OUT, address: str = ADDRESS) -> None:
+    """Cross-encoder indexes on the server."""
+    with _errors(), _client(address) as c:
+        idx = c.list_ce_indexes()
+    if as_json:
+        typer.echo(_dumps(idx))
+    else:
+        _table([{"name": i["name"], "items": i["n_items"], "k_q": i["k_q"], "k_i": i["k_i"],
+                 "scorer": (i.get("scorer") or {}).get("name"), "modes": ",".join(i.get("modes") or [])}
+                for i in idx], ["name", "items", "k_q", "k_i", "scorer", "modes"], empty="no cross-encoder indexes")
+
+
+@ce_app.command("describe")
+def ce_describe(name: str, address: str = ADDRESS) -> None:
+    """Everything the server knows about a cross-encoder index, as JSON."""
+    with _errors(), _client(address) as c:
+        typer.echo(_dumps(c.describe_ce_index(name)))
+
+
+@ce_app.command("drop")
+def ce_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+            address: str = ADDRESS) -> None:
+    """Drop a cross-encoder index."""
+    if not yes and not typer.confirm(f"drop cross-encoder index {name!r}?"):
+        raise typer.Exit(1)
+    with _errors(), _client(address) as c:
+        c.drop_ce_index(name)
+    typer.echo(f"dropped {name}")
+
+
+@ce_app.command("search")
+def ce_search(
+    name: str,
+    queries: list[str] = typer.Argument(..., help="query texts"),
+    k: int = typer.Option(10, "-k", "--k"),
+    mode: str = typer.Option("", "--mode", help="search mode (see `ce describe`: modes); server default"),
+    budget: Optional[int] = typer.Option(None, "--budget", help="cross-encoder calls per query (server default)"),
+    payloads: bool = typer.Option(False, "--payloads", help="show the items' payloads"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Top-k items per query text by exact cross-encoder score, within a budget of scorer calls.
+
+    Example: retrieval ce search faq "how do I reset my password" -k 5 --budget 100
+    """
+    with _errors(), _client(address) as c:
+        res = c.ce_search_batch(name, list(queries), k=k, mode=mode, budget=budget, with_payloads=payloads)
+    if as_json:
+        typer.echo(_dumps([{"query": q, **r} for q, r in zip(queries, res)]))
+        return
+    rows = []
+    for q, r in zip(queries, res):
+        for j, (i, s) in enumerate(zip(r["ids"].tolist(), r["scores"].tolist())):
+            row = {"query": q, "rank": j + 1, "id": i, "score": float(s)}
+            if payloads:
+                row["payload"] = (r.get("payloads") or [None] * (j + 1))[j]
+            rows.append(row)
+    _table(rows, ["query", "rank", "id", "score"] + (["payload"] if payloads else []), empty="no hits")
+
+
+# --- draft datastores -------------------------------------------------------------------------------
+drafts_app = typer.Typer(help="Draft datastores (speculative decoding): list, describe, drop.", no_args_is_help=True)
+app.add_typer(drafts_app, name="drafts")
+
+
+@drafts_app.command("list")
+def drafts_list(as_json: bool = JSON_OUT, address: str = ADDRESS) -> None:
+    """Draft datastores on the server."""
+    with _errors(), _client(address) as c:
+        ds = c.list_datastores()
+    if as_json:
+        typer.echo(_dumps(ds))
+    else:
+        _table([{"name": d["name"], "tokens": d["n_tokens"], "docs": d["n_docs"], "vocab": d["vocab_size"],
+                 "MiB": round(d["bytes_on_disk"] / 2**20, 2)} for d in ds],
+               ["name", "tokens", "docs", "vocab", "MiB"], empty="no datastores")
+
+
+@drafts_app.command("describe")
+def drafts_describe(name: str, address: str = ADDRESS) -> None:
+    """Everything the server knows about a datastore (its manifest), as JSON."""
+    with _errors(), _client(address) as c:
+        typer.echo(_dumps(c.describe_datastore(name)))
+
+
+@drafts_app.command("drop")
+def drafts_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+                address: str = ADDRESS) -> None:
+    """Drop a draft datastore."""
+    if not yes and not typer.confirm(f"drop datastore {name!r}?"):
+        raise typer.Exit(1)
+    with _errors(), _client(address) as c:
+        c.drop_datastore(name)
+    typer.echo(f"dropped {name}")
+
+
+
+from index_builder.cli import argv_with_ray_default, build_command, ground_truth_command  # noqa: E402
 
 app.command("build", help="Build a vector collection from files, offline (same as `python -m index_builder "
             "build`), into a data folder (--data-dir) or a running server (--push).")(build_command)
+app.command("ground-truth", help="Exact k-NN of queries in a base, offline (same as `python -m index_builder "
+            "ground-truth`), resumable. Example: retrieval ground-truth --base xb.npy --queries xq.npy --out gt.npy "
+            "--k 100")(ground_truth_command)
 
 
 def main() -> None:
