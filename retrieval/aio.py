@@ -24,6 +24,7 @@ serialise them).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
@@ -35,8 +36,10 @@ import numpy as np
 
 from retrieval import client_convert as cc
 from retrieval import errors
-from retrieval.client_convert import Hits, Points
+from retrieval.client_convert import Hits, JobTimeout, Points
 from retrieval.v1 import collections_pb2_grpc, jobs_pb2_grpc, points_pb2_grpc, search_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 def make_aio_channel(address: str, tls: bool | None = None, root_certificates=None, client_cert=None,
@@ -267,26 +270,81 @@ class AsyncClient:
     async def watch_job(self, job_id: str, timeout: float | None = None) -> AsyncIterator[dict]:
         """The job's record now and at every change, until it ends: ``async for rec in c.watch_job(id)``."""
         self._check_open()
+        call = self._jobs.Watch(cc.job_ref(job_id), timeout=timeout, metadata=self._md)
         try:
-            async for msg in self._jobs.Watch(cc.job_ref(job_id), timeout=timeout, metadata=self._md):
+            async for msg in call:
                 yield cc.job(msg)
         except grpc.RpcError as e:
             if self._closed:
                 raise cc.closed_error() from None
             cc.raise_rpc(e)
+        finally:
+            call.cancel()  # no-op when the stream ended; ends it when the caller stopped early
 
-    async def wait_job(self, job_id: str, timeout: float | None = None) -> dict:
+    async def wait_job(self, job_id: str, timeout: float | None = None, progress: bool | None = False) -> dict:
+        """As :meth:`retrieval.Client.wait_job` (the job is left running when ``timeout`` passes)."""
         last = None
-        async for last in self.watch_job(job_id, timeout):
-            pass
+        bar = cc.JobBar(cc.show_progress(progress), {"id": job_id})
+        try:
+            async for last in self.watch_job(job_id, timeout):
+                bar.update(last)
+        finally:
+            bar.close()
         return last if last is not None else await self.get_job(job_id)
 
+    async def run_job(self, kind: str, *, progress: bool | None = None, detach: bool = False,
+                      timeout: float | None = None, **params) -> dict:
+        """Start a job of ``kind`` and wait for it (see :meth:`_run_job`)."""
+        return await self._run_job(await self.start_job(kind, **params), progress, detach, timeout)
+
+    async def _run_job(self, job: dict, progress: bool | None = None, detach: bool = False,
+                       timeout: float | None = None) -> dict:
+        """As :meth:`retrieval.Client._run_job`: follow a job this client just started until it ends
+        and return its final record; ``progress`` (a tqdm bar on stderr; None: when stderr is a
+        terminal), ``detach`` (return ``job`` at once), ``timeout`` (seconds; past it the job is
+        cancelled and :class:`JobTimeout` raised). Cancelling the awaiting task
+        (``asyncio.CancelledError``, e.g. ``asyncio.wait_for`` giving up) cancels the server job too."""
+        if detach:
+            return job
+        try:
+            return await self._follow_job(job, progress, timeout)
+        except (asyncio.CancelledError, KeyboardInterrupt, JobTimeout):
+            await asyncio.shield(self._cancel_quietly(job["id"]))
+            raise
+
+    async def _follow_job(self, job: dict, progress: bool | None, timeout: float | None) -> dict:
+        t_end = None if timeout is None else time.monotonic() + timeout
+        bar = cc.JobBar(cc.show_progress(progress), job)
+        rec = job
+        try:
+            while rec["state"] not in cc.JOB_FINAL:
+                left = None if t_end is None else t_end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise cc.job_timeout_error(rec, timeout)
+                try:
+                    async for rec in self.watch_job(job["id"], left):
+                        bar.update(rec)
+                except errors.RetrievalError as e:
+                    if getattr(e, "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise cc.job_timeout_error(rec, timeout) from None
+                    raise
+                if rec["state"] not in cc.JOB_FINAL:  # a watch may end on a stale record
+                    await asyncio.sleep(0.05)
+                    rec = await self.get_job(job["id"])
+                    bar.update(rec)
+            return rec
+        finally:
+            bar.close()
+
+    async def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            await self._call(self._jobs.Cancel, cc.job_ref(job_id), min(self.timeout, 10.0))
+            log.info("cancelled job %s", job_id)
+        except (errors.RetrievalError, ValueError) as e:
+            log.warning("could not cancel job %s: %s", job_id, e)
+
     async def _finish_job(self, job: dict) -> dict:
-        job = await self.wait_job(job["id"])
-        while job["state"] not in cc.JOB_FINAL:  # a watch may end on a stale record
-            await asyncio.sleep(0.05)
-            job = await self.get_job(job["id"])
-        return job
+        return await self._run_job(job, progress=False)
 
     async def job_kinds(self) -> list[dict]:
         return cc.job_kinds(await self._call(self._jobs.Kinds, cc.job_kinds_request()))
@@ -318,12 +376,14 @@ class AsyncClient:
 
     async def build_datastore(self, name: str, inputs, tokenizer: str | None = None, vocab_size: int | None = None,
                               input_format: str = "auto", text_fields=None, overwrite: bool = False,
-                              wait: bool = True) -> dict:
+                              wait: bool = True, *, progress: bool | None = None, detach: bool = False,
+                              timeout: float | None = None) -> dict:
+        """As :meth:`retrieval.Client.build_datastore`."""
         from retrieval.drafting import convert as dconv
 
         req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite)
         job = cc.job(await self._call(self._stub("Drafts").BuildDatastore, req))
-        return await self._finish_job(job) if wait else job
+        return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def list_datastores(self) -> list[dict]:
         from retrieval.drafting import convert as dconv
@@ -353,13 +413,15 @@ class AsyncClient:
                              items_path: str | None = None, anchor_queries: list[str] | None = None,
                              query_log: list[str] | None = None, k_q: int | None = None, query_seed: int = 0,
                              dual_encoder: dict | None = None, params: dict | None = None, wait: bool = True,
-                             timeout: float | None = None) -> dict:
+                             timeout: float | None = None, *, progress: bool | None = None,
+                             detach: bool = False) -> dict:
+        """As :meth:`retrieval.Client.build_ce_index`."""
         from retrieval.crossencoder import convert as cconv
 
         req = cconv.build_request_to_proto(name, scorer, items, items_path, anchor_queries, query_log, k_q,
                                            query_seed, dual_encoder, params)
         job = cc.job(await self._ce_long_call("BuildIndex", req, timeout))
-        return await self.wait_job(job["id"]) if wait else job
+        return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def ce_add_items(self, index: str, ids, texts, payloads: list | None = None,
                            timeout: float | None = None) -> dict:
@@ -496,7 +558,9 @@ class AsyncClient:
                                                            cc.neighbors_request(graph, nodes, direction)))
 
     async def run_fastrp(self, graph: str, dim: int, embedding: str = "fastrp", use_features: bool = False,
-                         index=None, metric: str = "", wait: bool = True, **params) -> dict:
+                         index=None, metric: str = "", wait: bool = True, *, progress: bool | None = None,
+                         detach: bool = False, timeout: float | None = None, **params) -> dict:
+        """As :meth:`retrieval.Client.run_fastrp`."""
         from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
@@ -505,7 +569,7 @@ class AsyncClient:
         if index is not None:
             req.index.CopyFrom(cc.index_spec(index))
         job = cc.job(await self._call(self._stub("Graphs").RunFastRP, req))
-        return await self._finish_job(job) if wait else job
+        return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def similar_nodes(self, graph: str, nodes, k: int = 10, embedding: str = "fastrp", ef: int = 0,
                             exact: bool = False, include_self: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -516,7 +580,9 @@ class AsyncClient:
 
     async def train_link_model(self, graph: str, model: str = "ncn", preset: str = "", config: dict | None = None,
                                seed: int = 0, val_frac: float | None = None, test_frac: float | None = None,
-                               device: str = "", wait: bool = True) -> dict:
+                               device: str = "", wait: bool = True, *, progress: bool | None = None,
+                               detach: bool = False, timeout: float | None = None) -> dict:
+        """As :meth:`retrieval.Client.train_link_model`."""
         from retrieval.graph import convert as gconv
 
         p = {"graph": graph, "model": model, "preset": preset, "config": config or {}, "seed": seed, "device": device}
@@ -525,7 +591,7 @@ class AsyncClient:
         if test_frac is not None:
             p["test_frac"] = test_frac
         job = cc.job(await self._call(self._stub("Graphs").TrainLinkModel, gconv.train_params_to_request(p)))
-        return await self._finish_job(job) if wait else job
+        return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def score_links(self, graph: str, src, dst, model: str = "ncn") -> np.ndarray:
         return cc.link_probabilities(await self._call(self._stub("Graphs").ScoreLinks,
@@ -541,4 +607,4 @@ class AsyncClient:
         return gconv.hits_from_proto((await self._call(self._stub("Graphs").PredictLinks, req)).results)
 
 
-__all__ = ["AsyncClient", "Hits", "Points", "make_aio_channel"]
+__all__ = ["AsyncClient", "Hits", "JobTimeout", "Points", "make_aio_channel"]

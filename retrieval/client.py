@@ -42,6 +42,12 @@ one Client 1,199 QPS vs 562 for one thread (2.1x); one stream + unary fallback 5
 :meth:`Client.close` while other threads are mid-call ends their calls with ``Cancelled``. A
 :class:`DraftSession` (one generation's stream) is used by one thread at a time.
 
+Long work runs as server jobs (FastRP, link-model training, cross-encoder and datastore builds,
+``run_job`` for any kind): the method that starts one waits for it with a tqdm bar on stderr driven by
+``Jobs.Watch`` (``progress``: None, the default, draws it only when stderr is a terminal), and cancels
+the job on the server when the wait is given up (Ctrl-C, its ``timeout``: :class:`JobTimeout`);
+``detach=True`` returns the job's record at once and leaves it running.
+
 For asyncio applications, :class:`retrieval.AsyncClient` (:mod:`retrieval.aio`) has the same methods
 as coroutines, built on the same request builders and parsers (:mod:`retrieval.client_convert`).
 """
@@ -49,6 +55,7 @@ as coroutines, built on the same request builders and parsers (:mod:`retrieval.c
 from __future__ import annotations
 
 import json  # noqa: F401
+import logging
 import os
 import queue
 import random
@@ -61,9 +68,11 @@ import numpy as np
 
 from retrieval import client_convert as cc
 from retrieval import convert, errors
-from retrieval.client_convert import Hits, Points  # re-exported: retrieval.client.Hits
+from retrieval.client_convert import Hits, JobTimeout, Points  # re-exported: retrieval.client.Hits
 from retrieval.v1 import (collections_pb2, collections_pb2_grpc, common_pb2, jobs_pb2,  # noqa: F401
                           jobs_pb2_grpc, points_pb2, points_pb2_grpc, search_pb2, search_pb2_grpc)
+
+log = logging.getLogger(__name__)
 
 # the shared helpers under their historical names (engine sections below use them)
 _CODES = cc.CODES
@@ -487,17 +496,87 @@ class Client:
         if self._closed:
             raise cc.closed_error()
         try:
-            for msg in self._jobs.Watch(cc.job_ref(job_id), timeout=timeout):
+            call = self._jobs.Watch(cc.job_ref(job_id), timeout=timeout)
+        except ValueError:  # "Cannot invoke RPC on closed channel!"
+            raise cc.closed_error() from None
+        try:
+            for msg in call:
                 yield cc.job(msg)
         except grpc.RpcError as e:
             _raise(e)
+        finally:
+            call.cancel()  # no-op when the stream ended; ends it when the caller stopped early
 
-    def wait_job(self, job_id: str, timeout: float | None = None) -> dict:
-        """Block until the job ends; returns its final record (check ``state`` and ``error``)."""
+    def wait_job(self, job_id: str, timeout: float | None = None, progress: bool | None = False) -> dict:
+        """Block until the job ends; returns its final record (check ``state`` and ``error``).
+        ``timeout``: seconds (the watch's deadline; the job is left running when it passes: it is
+        not this call's job to cancel). ``progress``: a tqdm bar on stderr (None: when stderr is a
+        terminal)."""
         last = None
-        for last in self.watch_job(job_id, timeout):
-            pass
+        bar = cc.JobBar(cc.show_progress(progress), {"id": job_id})
+        try:
+            for last in self.watch_job(job_id, timeout):
+                bar.update(last)
+        finally:
+            bar.close()
         return last if last is not None else self.get_job(job_id)
+
+    def run_job(self, kind: str, *, progress: bool | None = None, detach: bool = False,
+                timeout: float | None = None, **params) -> dict:
+        """Start a job of ``kind`` (see :meth:`job_kinds`; e.g. ``build_index``) and wait for it, like
+        every job-starting method: see :meth:`_run_job` for ``progress`` / ``detach`` / ``timeout``."""
+        return self._run_job(self.start_job(kind, **params), progress, detach, timeout)
+
+    def _run_job(self, job: dict, progress: bool | None = None, detach: bool = False,
+                 timeout: float | None = None) -> dict:
+        """Follow a job this client just started (record ``job``) until it ends; returns its final
+        record (``state`` "succeeded" | "failed" | "cancelled"; a failed job is returned, not raised).
+
+        ``progress``: a tqdm bar on stderr driven by ``Jobs.Watch`` (None, the default: only when
+        stderr is a terminal; True: always; False: never). ``detach``: return ``job`` at once and
+        leave the job running. ``timeout``: seconds to wait (None: no limit); past it the job is
+        cancelled on the server and :class:`JobTimeout` raised. A ``KeyboardInterrupt`` (Ctrl-C)
+        while waiting cancels the job too, then propagates."""
+        if detach:
+            return job
+        try:
+            return self._follow_job(job, progress, timeout)
+        except (KeyboardInterrupt, JobTimeout):
+            self._cancel_quietly(job["id"])
+            raise
+
+    def _follow_job(self, job: dict, progress: bool | None, timeout: float | None) -> dict:
+        t_end = None if timeout is None else time.monotonic() + timeout
+        bar = cc.JobBar(cc.show_progress(progress), job)
+        rec = job
+        try:
+            while rec["state"] not in cc.JOB_FINAL:
+                left = None if t_end is None else t_end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise cc.job_timeout_error(rec, timeout)
+                try:
+                    for rec in self.watch_job(job["id"], left):
+                        bar.update(rec)
+                except errors.RetrievalError as e:
+                    if getattr(e, "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise cc.job_timeout_error(rec, timeout) from None
+                    raise
+                if rec["state"] not in cc.JOB_FINAL:  # a watch may end on a stale record
+                    time.sleep(0.05)
+                    rec = self.get_job(job["id"])
+                    bar.update(rec)
+            return rec
+        finally:
+            bar.close()
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        """Cancel a job this client gave up on; a job that ended meanwhile, or a server that cannot be
+        reached, is logged, not raised (the interrupt or timeout is what the caller must see)."""
+        try:
+            self._call(self._jobs.Cancel, cc.job_ref(job_id), min(self.timeout, 10.0))
+            log.info("cancelled job %s", job_id)
+        except (errors.RetrievalError, ValueError) as e:
+            log.warning("could not cancel job %s: %s", job_id, e)
 
     def job_kinds(self) -> list[dict]:
         return cc.job_kinds(self._call(self._jobs.Kinds, cc.job_kinds_request()))
@@ -545,20 +624,16 @@ class Client:
         return [dconv.draft_from_proto(r.draft) for r in self._call(self._drafts_stub().DraftBatch, req).replies]
 
     def build_datastore(self, name: str, inputs, tokenizer: str | None = None, vocab_size: int | None = None,
-                        input_format: str = "auto", text_fields=None, overwrite: bool = False, wait: bool = True) -> dict:
-        """Build a corpus datastore from files the server can read (a job). ``wait``: block until it ends
-        and return the final job record, else the record at once."""
+                        input_format: str = "auto", text_fields=None, overwrite: bool = False, wait: bool = True, *,
+                        progress: bool | None = None, detach: bool = False, timeout: float | None = None) -> dict:
+        """Build a corpus datastore from files the server can read (a job, kind ``build_datastore``).
+        Returns the final job record; ``detach`` (or ``wait=False``): the record at once.
+        ``progress`` / ``timeout`` / Ctrl-C: as in :meth:`_run_job`."""
         from retrieval.drafting import convert as dconv
 
         req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite)
         job = convert.job_from_proto(self._call(self._drafts_stub().BuildDatastore, req))
-        if not wait:
-            return job
-        job = self.wait_job(job["id"])
-        while job["state"] not in ("succeeded", "failed", "cancelled"):  # a watch may end on a stale record
-            time.sleep(0.05)
-            job = self.get_job(job["id"])
-        return job
+        return self._run_job(job, progress, detach or not wait, timeout)
 
     def list_datastores(self) -> list[dict]:
         from retrieval.drafting import convert as dconv
@@ -598,18 +673,21 @@ class Client:
     def build_ce_index(self, name: str, scorer: dict, items: list[dict] | None = None, items_path: str | None = None,
                        anchor_queries: list[str] | None = None, query_log: list[str] | None = None,
                        k_q: int | None = None, query_seed: int = 0, dual_encoder: dict | None = None,
-                       params: dict | None = None, wait: bool = True, timeout: float | None = None) -> dict:
+                       params: dict | None = None, wait: bool = True, timeout: float | None = None, *,
+                       progress: bool | None = None, detach: bool = False) -> dict:
         """Build a cross-encoder index (a job, kind ``crossencoder_build``). ``scorer``:
         ``{"name": "minilm-joint" | "hf" | "joint-encoder", "model_dir"?, "batch_size"?, "device"?,
         "precision"?, "max_length"?}``; ``items``: ``[{"id", "text", "payload"?}]`` (or ``items_path`` on
-        the server); ``params``: build params (``k_i``, ``anchor_method``, ...). ``wait``: block until the
-        job ends and return its final record, else the record at once."""
+        the server); ``params``: build params (``k_i``, ``anchor_method``, ...). Returns the job's final
+        record; ``detach`` (or ``wait=False``): the record at once. ``timeout``: seconds for the call
+        that starts it and for the wait (None: 600 s to start, no limit to wait); ``progress`` /
+        ``timeout`` / Ctrl-C: as in :meth:`_run_job`."""
         from retrieval.crossencoder import convert as cconv
 
         req = cconv.build_request_to_proto(name, scorer, items, items_path, anchor_queries, query_log, k_q,
                                            query_seed, dual_encoder, params)
         job = convert.job_from_proto(self._ce_long_call(self._ce_stub().BuildIndex, req, timeout))
-        return self.wait_job(job["id"]) if wait else job
+        return self._run_job(job, progress, detach or not wait, timeout)
 
     def ce_add_items(self, index: str, ids, texts, payloads: list | None = None, timeout: float | None = None) -> dict:
         """Add items (``k_q`` cross-encoder calls each); returns added, calls, seconds, truncated_items."""
@@ -768,10 +846,12 @@ class Client:
         return gconv.neighbors_from_proto(self._call(self._graphs_stub().Neighbors, req))
 
     def run_fastrp(self, graph: str, dim: int, embedding: str = "fastrp", use_features: bool = False, index=None,
-                   metric: str = "", wait: bool = True, **params) -> dict:
+                   metric: str = "", wait: bool = True, *, progress: bool | None = None, detach: bool = False,
+                   timeout: float | None = None, **params) -> dict:
         """FastRP as a job (kind ``fastrp``); ``params``: iteration_weights, beta, s, self_influence,
-        property_ratio, normalize, propagate_normalized, standardize, seed. ``wait``: return the final
-        job record (else the record at once)."""
+        property_ratio, normalize, propagate_normalized, standardize, seed. Returns the final job
+        record; ``detach`` (or ``wait=False``): the record at once. ``progress`` / ``timeout`` /
+        Ctrl-C: as in :meth:`_run_job` (the job is cancelled when the wait is given up)."""
         from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
@@ -780,14 +860,10 @@ class Client:
         if index is not None:
             req.index.CopyFrom(_index_spec(index))
         job = convert.job_from_proto(self._call(self._graphs_stub().RunFastRP, req))
-        return self._finish_job(job) if wait else job
+        return self._run_job(job, progress, detach or not wait, timeout)
 
     def _finish_job(self, job: dict) -> dict:
-        job = self.wait_job(job["id"])
-        while job["state"] not in ("succeeded", "failed", "cancelled"):  # a watch may end on a stale record
-            time.sleep(0.05)
-            job = self.get_job(job["id"])
-        return job
+        return self._run_job(job, progress=False)
 
     def similar_nodes(self, graph: str, nodes, k: int = 10, embedding: str = "fastrp", ef: int = 0,
                       exact: bool = False, include_self: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -799,9 +875,12 @@ class Client:
 
     def train_link_model(self, graph: str, model: str = "ncn", preset: str = "", config: dict | None = None,
                          seed: int = 0, val_frac: float | None = None, test_frac: float | None = None,
-                         device: str = "", wait: bool = True) -> dict:
+                         device: str = "", wait: bool = True, *, progress: bool | None = None, detach: bool = False,
+                         timeout: float | None = None) -> dict:
         """Train an NCN / NCNC / GCN link model (job kind ``link_model_train``); ``config``: NCNConfig
-        overrides, e.g. ``{"predictor": "ncnc", "input": "learnable", "epochs": 50}``."""
+        overrides, e.g. ``{"predictor": "ncnc", "input": "learnable", "epochs": 50}``. Returns the final
+        job record; ``detach`` (or ``wait=False``): the record at once. ``progress`` / ``timeout`` /
+        Ctrl-C: as in :meth:`_run_job`."""
         from retrieval.graph import convert as gconv
 
         p = {"graph": graph, "model": model, "preset": preset, "config": config or {}, "seed": seed, "device": device}
@@ -810,7 +889,7 @@ class Client:
         if test_frac is not None:
             p["test_frac"] = test_frac
         job = convert.job_from_proto(self._call(self._graphs_stub().TrainLinkModel, gconv.train_params_to_request(p)))
-        return self._finish_job(job) if wait else job
+        return self._run_job(job, progress, detach or not wait, timeout)
 
     def score_links(self, graph: str, src, dst, model: str = "ncn") -> np.ndarray:
         """Link probabilities float32 ``[P]`` for the pairs ``(src[i], dst[i])``."""

@@ -444,6 +444,78 @@ job = convert.job_from_proto
 JOB_FINAL = ("succeeded", "failed", "cancelled")
 
 
+class JobTimeout(errors.RetrievalError, TimeoutError):
+    """A job-running client method gave up waiting after its ``timeout``; the job was cancelled on the
+    server (``job_id``; ``job`` is its last record seen)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, message: str, job_id: str = "", job: dict | None = None) -> None:
+        super().__init__(message)
+        self.job_id, self.job = job_id, job
+
+
+def show_progress(progress: bool | None) -> bool:
+    """``progress`` None: draw a bar only when stderr is a terminal (tests and logs stay clean)."""
+    if progress is None:
+        import sys
+
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, ValueError):  # replaced or closed stderr
+            return False
+    return bool(progress)
+
+
+def _count(x):
+    """A job's done / total for display: an int when it is whole (no ``10000.0/10000.0``)."""
+    if x is None:
+        return None
+    x = float(x)
+    return int(x) if x.is_integer() else round(x, 3)
+
+
+class JobBar:
+    """A tqdm bar (on stderr) following a job's records from ``Jobs.Watch``: ``update(rec)`` for each,
+    ``close()`` at the end. ``enabled`` False: does nothing. Used by one thread / task at a time."""
+
+    def __init__(self, enabled: bool, job: dict) -> None:
+        self._bar = None
+        if not enabled:
+            return
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=_count(job.get("total")), desc=f"{job.get('kind') or 'job'} {job.get('id', '')}",
+                         file=sys.stderr, dynamic_ncols=True, leave=True)
+        self.update(job)
+
+    def update(self, rec: dict) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        total = _count(rec.get("total"))
+        if total is not None and total != bar.total:
+            bar.total = total
+        done = _count(rec.get("done")) or 0
+        bar.n = min(done, total) if total is not None else done
+        bar.set_postfix_str(f"{rec.get('state', '')}{': ' + rec['message'] if rec.get('message') else ''}",
+                            refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def job_timeout_error(job: dict, timeout: float) -> JobTimeout:
+    return JobTimeout(f"job {job['id']} ({job.get('kind', '')}) did not finish within timeout={timeout:g} s; "
+                      "it was cancelled on the server (pass detach=True to leave a job running)",
+                      job["id"], job)
+
+
 def job_list(resp) -> list[dict]:
     return [convert.job_from_proto(j) for j in resp.jobs]
 
