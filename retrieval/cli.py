@@ -265,7 +265,13 @@ def server_status(c, metrics_url: str | None = None) -> dict:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(metrics_url, timeout=c.timeout) as r:
+            ctx = None
+            if metrics_url.startswith("https:"):  # the same CA as the gRPC connection (--ca-file)
+                import ssl
+
+                ca = _CONN.get("root_certificates")
+                ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+            with urllib.request.urlopen(metrics_url, timeout=c.timeout, context=ctx) as r:
                 out["metrics"] = parse_metrics(r.read().decode())
         except OSError as e:
             out["metrics_error"] = f"cannot read {metrics_url}: {e}"

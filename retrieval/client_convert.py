@@ -47,7 +47,11 @@ def error_from_rpc(e: grpc.RpcError) -> errors.RetrievalError:
     """The package's exception for a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
     code = e.code() if hasattr(e, "code") else None
     cls = CODES.get(code, errors.RetrievalError)
-    err = cls(e.details() if hasattr(e, "details") else str(e))
+    details = e.details() if hasattr(e, "details") else str(e)
+    if code == grpc.StatusCode.UNAVAILABLE and details and "Socket closed" in details:
+        details += (" (the server closed the connection; if it serves TLS, connect with tls=True or "
+                    "root_certificates=..., on the command line --tls / --ca-file)")
+    err = cls(details)
     if cls is errors.RetrievalError and code is not None:
         err.code = code
     return err

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 
@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     durability: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL: an acknowledged write survives a power cut; NORMAL: survives kill -9 only")
     grace_s: float = Field(5.0, ge=0, description="seconds in-flight calls get on shutdown")
+
+    @field_validator("durability", mode="before")
+    @classmethod
+    def _durability_any_case(cls, v):
+        return v.upper() if isinstance(v, str) else v  # --durability full, NORMAL, Normal...
     max_concurrent_jobs: int = Field(1, ge=1, description="jobs running at the same time")
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, with "

@@ -103,6 +103,10 @@ class CollectionConfig:
                    index=registry.spec_from_dict(d["index"]), shards=int(d["shards"]),
                    created_at=float(d.get("created_at", 0)))
 
+    def __post_init__(self) -> None:
+        if isinstance(self.metric, str):  # "COSINE", "Cosine" and "cosine" name one metric
+            object.__setattr__(self, "metric", self.metric.lower())
+
     def validate(self) -> "CollectionConfig":
         validate_name(self.name, "collection name")
         if not isinstance(self.dimension, int) or not 1 <= self.dimension <= MAX_DIM:

@@ -224,6 +224,13 @@ def test_tls_with_key(tls_server, pki, api_keys):
                 c.count("t")
 
 
+def test_plaintext_client_against_tls_server_is_told_about_tls(tls_server, api_keys):
+    with Client(tls_server, api_key=api_keys["rw"], timeout=5) as c:
+        with pytest.raises(errors.Unavailable) as e:
+            c.count("t")
+    assert "tls=True" in str(e.value) and "--ca-file" in str(e.value), str(e.value)
+
+
 @pytest.fixture(scope="module")
 def mtls_server(tmp_path_factory, pki):
     srv = ServerProcess(tmp_path_factory.mktemp("mtls") / "data",
