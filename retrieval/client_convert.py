@@ -250,7 +250,8 @@ def vectors_in(x, what: str = "vectors", ndim: int = 2) -> np.ndarray:
     if ndim == 2 and a.ndim == 1:
         a = a.reshape(1, -1)
     if a.ndim != ndim:
-        raise errors.InvalidArgument(f"{what} must be a {ndim}-D float array, got shape {a.shape}")
+        hint = "; for several queries use search_batch" if ndim == 1 and a.ndim == 2 and len(a) > 1 else ""
+        raise errors.InvalidArgument(f"{what} must be a {ndim}-D float array, got shape {a.shape}{hint}")
     return a
 
 

@@ -19,3 +19,24 @@ def test_metric_in_any_case(client):
     assert client.search("metric-case", np.array([1, 0.1, 0], np.float32), k=1).ids.tolist() == [1]
     assert client.describe_collection("metric-case")["metric"] == "cosine"
     client.drop_collection("metric-case")
+
+
+def test_index_parameters_in_any_case_and_unknown_ones_named():
+    import pytest
+
+    from retrieval.errors import InvalidArgument
+    from retrieval.indexes import registry
+
+    assert registry.spec_from_dict({"type": "hnsw", "M": 32, "EF_construction": 100}) == \
+        registry.spec_from_dict({"type": "hnsw", "m": 32, "ef_construction": 100})
+    with pytest.raises(InvalidArgument, match=r"unknown parameter 'efc' for index type 'hnsw'; valid: ef_construction, m"):
+        registry.spec_from_dict({"type": "hnsw", "efc": 100})
+
+
+def test_search_with_two_queries_points_to_search_batch(client):
+    import pytest
+
+    from retrieval.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=r"got shape \(2, 4\); for several queries use search_batch"):
+        client.search("anything", np.zeros((2, 4), np.float32))

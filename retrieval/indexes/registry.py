@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from retrieval.errors import InvalidArgument
@@ -73,8 +74,17 @@ def spec_from_dict(d: dict | str | None) -> IndexSpec:
     kind = d.pop("type", "hnsw")
     if kind not in SPECS:
         raise InvalidArgument(f"unknown index type {kind!r}; valid: {', '.join(sorted(SPECS))}")
+    cls = SPECS[kind]
+    names = {f.name.lower(): f.name for f in dataclasses.fields(cls)}
+    params = {}
+    for key, value in d.items():  # parameter names in any case: {"type": "hnsw", "M": 32} is m = 32
+        name = names.get(str(key).lower())
+        if name is None:
+            raise InvalidArgument(f"unknown parameter {str(key)[:80]!r} for index type {kind!r}; valid: "
+                                  f"{', '.join(sorted(names.values())) or 'none'}")
+        params[name] = value
     try:
-        return SPECS[kind](**d)
+        return cls(**params)
     except TypeError as e:
         raise InvalidArgument(f"bad parameters for index type {kind!r}: {e}") from None
 

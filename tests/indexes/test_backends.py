@@ -205,8 +205,9 @@ def test_registry_errors():
         registry.spec_from_dict({"type": "annoy"})
     with pytest.raises(InvalidArgument, match="unknown index type"):
         registry.backend("annoy")
-    with pytest.raises(InvalidArgument, match="bad parameters for index type 'hnsw'"):
-        registry.spec_from_dict({"type": "hnsw", "M": 16})
+    with pytest.raises(InvalidArgument, match="unknown parameter 'M_max' for index type 'hnsw'"):
+        registry.spec_from_dict({"type": "hnsw", "M_max": 16})
+    assert registry.spec_from_dict({"type": "hnsw", "M": 16}) == HnswSpec(m=16)  # names in any case
     with pytest.raises(InvalidArgument, match="faiss cannot build factory string 'IVFxyz,Nope'"):
         registry.create(FaissSpec("IVFxyz,Nope"), 8, "l2")
     with pytest.raises(InvalidArgument, match="hnsw m must be in"):
