@@ -1027,15 +1027,20 @@ def graphs_create(
     typer.echo(_dumps(g) if as_json else f"created graph {name} ({g.get('n')} nodes)")
 
 
+def _drop(what: str, yes: bool, address: str, call, name: str) -> None:
+    """Ask (unless ``yes``), run ``call(client)``, say what was dropped: the drop commands' one shape."""
+    if not yes and not typer.confirm(f"drop {what}?"):
+        raise typer.Exit(1)
+    with _errors(), _client(address) as c:
+        call(c)
+    typer.echo(f"dropped {name}")
+
+
 @graphs_app.command("drop")
 def graphs_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
                 address: str = ADDRESS) -> None:
     """Drop a graph with its embeddings and models."""
-    if not yes and not typer.confirm(f"drop graph {name!r}?"):
-        raise typer.Exit(1)
-    with _errors(), _client(address) as c:
-        c.drop_graph(name)
-    typer.echo(f"dropped {name}")
+    _drop(f"graph {name!r}", yes, address, lambda c: c.drop_graph(name), name)
 
 
 def read_edge_list(path: Path, delimiter: str | None = None, header: bool | None = None,
@@ -1282,11 +1287,7 @@ def ce_describe(name: str, address: str = ADDRESS) -> None:
 def ce_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
             address: str = ADDRESS) -> None:
     """Drop a cross-encoder index."""
-    if not yes and not typer.confirm(f"drop cross-encoder index {name!r}?"):
-        raise typer.Exit(1)
-    with _errors(), _client(address) as c:
-        c.drop_ce_index(name)
-    typer.echo(f"dropped {name}")
+    _drop(f"cross-encoder index {name!r}", yes, address, lambda c: c.drop_ce_index(name), name)
 
 
 @ce_app.command("search")
@@ -1348,11 +1349,7 @@ def drafts_describe(name: str, address: str = ADDRESS) -> None:
 def drafts_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
                 address: str = ADDRESS) -> None:
     """Drop a draft datastore."""
-    if not yes and not typer.confirm(f"drop datastore {name!r}?"):
-        raise typer.Exit(1)
-    with _errors(), _client(address) as c:
-        c.drop_datastore(name)
-    typer.echo(f"dropped {name}")
+    _drop(f"datastore {name!r}", yes, address, lambda c: c.drop_datastore(name), name)
 
 
 
