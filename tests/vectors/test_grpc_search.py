@@ -382,9 +382,12 @@ def test_read_your_writes_before_indexing(client):
     name = "ryw"
     client.create_collection(name, dimension=32, metric="l2", index={"type": "hnsw", "m": 16, "ef_construction": 200})
     rng = np.random.default_rng(31)
-    x = rng.standard_normal((6000, 32)).astype(np.float32)
-    ids = np.arange(6000, dtype=np.uint64) + np.uint64(2**63)
-    client.upsert(name, ids, x)
+    # enough points that the indexer (now beside searches, not in front of them) is still busy when
+    # the search comes: 20k at ef_construction 200
+    x = rng.standard_normal((20000, 32)).astype(np.float32)
+    ids = np.arange(20000, dtype=np.uint64) + np.uint64(2**63)
+    client.upsert(name, ids[:10000], x[:10000])
+    client.upsert(name, ids[10000:], x[10000:])
     D_, I = client.search_batch(name, x[-20:], k=1)     # the last points of the batch are indexed last
     info = client.describe_collection(name)
     assert info["pending"] > 20, "the indexer finished before the search; the test did not test anything"
