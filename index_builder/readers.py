@@ -54,6 +54,7 @@ from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 import numpy as np
 
+from retrieval.core.registry import Registry
 from retrieval.errors import InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
@@ -994,24 +995,18 @@ class ConcatReader(VectorReader):
 # registry
 # --------------------------------------------------------------------------------------------------
 
-READERS: dict[str, type[VectorReader]] = {
-    cls.format: cls
-    for cls in (NpyReader, FvecsReader, BvecsReader, IvecsReader, Hdf5Reader, ParquetReader)
-}
+READERS: Registry[type[VectorReader]] = Registry("input format")
 """Reader classes by format name."""
+for _cls in (NpyReader, FvecsReader, BvecsReader, IvecsReader, Hdf5Reader, ParquetReader):
+    READERS.register(_cls.format, _cls)
 
 EXTENSIONS: dict[str, str] = {ext: cls.format for cls in READERS.values() for ext in cls.extensions}
 """Format name by lower-case file extension."""
 
 
 def reader_class(format: str) -> type[VectorReader]:
-    """The reader class registered as ``format``; NotFound (listing the valid names) otherwise."""
-    try:
-        return READERS[format]
-    except KeyError:
-        raise NotFound(
-            f"unknown input format {format!r}; valid formats: {', '.join(sorted(READERS))}"
-        ) from None
+    """The reader class registered as ``format``; InvalidArgument (listing the valid names) otherwise."""
+    return READERS.get(format)
 
 
 def format_for_path(path: str | os.PathLike[str]) -> str:
@@ -1021,7 +1016,7 @@ def format_for_path(path: str | os.PathLike[str]) -> str:
     if fmt is None:
         raise InvalidArgument(
             f"cannot tell the format of {str(path)!r} from its extension {ext!r}; known extensions: "
-            f"{', '.join(sorted(EXTENSIONS))} (or pass format= one of {', '.join(sorted(READERS))})"
+            f"{', '.join(sorted(EXTENSIONS))} (or pass format= one of {READERS.choices()})"
         )
     return fmt
 

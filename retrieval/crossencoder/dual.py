@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from retrieval.core.registry import Registry
 from retrieval.crossencoder.scorers import (
     ScorerFingerprint,
     _check_model_dir,
@@ -67,25 +68,18 @@ class DualEncoder(Protocol):
         ...
 
 
-DUAL_ENCODERS: dict[str, Callable[..., DualEncoder]] = {}
+DUAL_ENCODERS: Registry[Callable[..., DualEncoder]] = Registry("dual encoder backend")
 
 
 def register_dual_encoder(name: str) -> Callable[[Callable[..., DualEncoder]], Callable[..., DualEncoder]]:
-    def deco(factory: Callable[..., DualEncoder]) -> Callable[..., DualEncoder]:
-        if name in DUAL_ENCODERS:
-            raise ValueError(f"dual encoder backend {name!r} registered twice")
-        DUAL_ENCODERS[name] = factory
-        return factory
-
-    return deco
+    return DUAL_ENCODERS.register(name)
 
 
 def make_dual_encoder(name: str, **params: Any) -> DualEncoder:
     """Construct the dual-encoder backend registered as ``name``; unknown names list the valid ones."""
-    if name not in DUAL_ENCODERS:
-        raise NotFound(f"unknown dual encoder backend {name!r}; valid backends: {', '.join(sorted(DUAL_ENCODERS))}")
+    factory = DUAL_ENCODERS.get(name)
     try:
-        return DUAL_ENCODERS[name](**params)
+        return factory(**params)
     except TypeError as e:
         raise InvalidArgument(f"bad parameters for dual encoder backend {name!r}: {e}") from e
 
@@ -97,7 +91,7 @@ def dual_encoder_from_spec(spec: DualEncoder | dict[str, Any] | None) -> DualEnc
         params = dict(spec)
         name = params.pop("name", None)
         if not isinstance(name, str):
-            raise InvalidArgument(f"a dual encoder spec needs a 'name' ({', '.join(sorted(DUAL_ENCODERS))}), got {spec!r}")
+            raise InvalidArgument(f"a dual encoder spec needs a 'name' ({DUAL_ENCODERS.choices()}), got {spec!r}")
         return make_dual_encoder(name, **params)
     if isinstance(spec, DualEncoder):
         return spec

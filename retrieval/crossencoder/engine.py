@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.crossencoder.build import build_index, read_items_jsonl
+from retrieval.crossencoder.convert import REMOTE_DUAL_ENCODERS, REMOTE_SCORERS
 from retrieval.crossencoder.dual import DualEncoder, dual_encoder_from_spec
 from retrieval.crossencoder.index import BuildParams, CrossEncoderIndex, read_meta
 from retrieval.crossencoder.scorers import Scorer, scorer_from_spec
@@ -44,9 +45,6 @@ logger = logging.getLogger(__name__)
 
 JOB_KIND = "crossencoder_build"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_REMOTE_SCORERS = ("minilm-joint", "hf", "joint-encoder")
-_REMOTE_DES = ("minilm", "sentence-encoder")
-
 
 def _spec_key(spec: dict[str, Any] | None) -> str:
     return json.dumps(spec, sort_keys=True)
@@ -147,14 +145,14 @@ class CrossEncoderEngine:
             if name in self._building:
                 raise AlreadyExists(f"cross-encoder index {name!r} is already being built")
         spec = params.get("scorer")
-        if not isinstance(spec, dict) or spec.get("name") not in _REMOTE_SCORERS:
-            raise InvalidArgument(f"scorer must be a spec with name one of {', '.join(_REMOTE_SCORERS)}, got {spec!r}")
+        if not isinstance(spec, dict) or spec.get("name") not in REMOTE_SCORERS:
+            raise InvalidArgument(f"scorer must be a spec with name one of {', '.join(REMOTE_SCORERS)}, got {spec!r}")
         for s, what in ((spec, "scorer"), (params.get("dual_encoder"), "dual_encoder")):
             if s and s.get("model_dir") and not Path(s["model_dir"]).is_dir():
                 raise NotFound(f"{what} model directory {s['model_dir']!r} does not exist on the server")
         de = params.get("dual_encoder")
-        if de is not None and (not isinstance(de, dict) or de.get("name") not in _REMOTE_DES):
-            raise InvalidArgument(f"dual_encoder must be a spec with name one of {', '.join(_REMOTE_DES)}, got {de!r}")
+        if de is not None and (not isinstance(de, dict) or de.get("name") not in REMOTE_DUAL_ENCODERS):
+            raise InvalidArgument(f"dual_encoder must be a spec with name one of {', '.join(REMOTE_DUAL_ENCODERS)}, got {de!r}")
         bp = BuildParams.from_any(params.get("params") or {})
         if bp.anchor_method == "kmeans-de" and de is None:
             raise InvalidArgument("anchor_method 'kmeans-de' needs a dual_encoder")

@@ -48,6 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from retrieval.core.registry import Registry
 from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
@@ -275,27 +276,19 @@ class BaseScorer:
 # ------------------------------------------------------------------------------------------------
 # Registry
 # ------------------------------------------------------------------------------------------------
-SCORERS: dict[str, Callable[..., Scorer]] = {}
+SCORERS: Registry[Callable[..., Scorer]] = Registry("scorer backend")
 
 
 def register_scorer(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
     """Class decorator: make a backend constructible by ``make_scorer(name, **params)``."""
-
-    def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        if name in SCORERS:
-            raise ValueError(f"scorer backend {name!r} registered twice")
-        SCORERS[name] = factory
-        return factory
-
-    return deco
+    return SCORERS.register(name)
 
 
 def make_scorer(name: str, **params: Any) -> Scorer:
     """Construct the backend registered as ``name``; unknown names list the valid ones."""
-    if name not in SCORERS:
-        raise NotFound(f"unknown scorer backend {name!r}; valid backends: {', '.join(sorted(SCORERS))}")
+    factory = SCORERS.get(name)
     try:
-        return SCORERS[name](**params)
+        return factory(**params)
     except TypeError as e:  # wrong parameter names
         raise InvalidArgument(f"bad parameters for scorer backend {name!r}: {e}") from e
 
@@ -306,7 +299,7 @@ def scorer_from_spec(spec: Scorer | dict[str, Any]) -> Scorer:
         params = dict(spec)
         name = params.pop("name", None)
         if not isinstance(name, str):
-            raise InvalidArgument(f"a scorer spec needs a 'name' naming a backend ({', '.join(sorted(SCORERS))}), got {spec!r}")
+            raise InvalidArgument(f"a scorer spec needs a 'name' naming a backend ({SCORERS.choices()}), got {spec!r}")
         return make_scorer(name, **params)
     if isinstance(spec, Scorer):
         return spec

@@ -5,37 +5,24 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from retrieval.core.registry import Registry
 from retrieval.errors import InvalidArgument
 from retrieval.indexes.base import ExactSpec, FaissSpec, HnswSpec, IndexSpec, VectorIndex
 
+#: index classes by type name, imported on first use (faiss and torch load only when asked for)
+BACKENDS: Registry[type[VectorIndex]] = Registry("index type")
+BACKENDS.register_lazy("hnsw", "retrieval.indexes.hnsw:HnswIndex")
+BACKENDS.register_lazy("faiss", "retrieval.indexes.faiss_index:FaissIndex")
+BACKENDS.register_lazy("exact", "retrieval.indexes.exact:ExactIndex")
 
-def _hnsw():
-    from retrieval.indexes.hnsw import HnswIndex
-
-    return HnswIndex
-
-
-def _faiss():
-    from retrieval.indexes.faiss_index import FaissIndex
-
-    return FaissIndex
-
-
-def _exact():
-    from retrieval.indexes.exact import ExactIndex
-
-    return ExactIndex
+#: the spec dataclass of each index type
+SPECS: Registry[type[IndexSpec]] = Registry("index type")
+for _spec in (HnswSpec, FaissSpec, ExactSpec):
+    SPECS.register(_spec.kind, _spec)
 
 
-BACKENDS = {"hnsw": _hnsw, "faiss": _faiss, "exact": _exact}
-SPECS = {"hnsw": HnswSpec, "faiss": FaissSpec, "exact": ExactSpec}
-
-
-def backend(kind: str):
-    try:
-        return BACKENDS[kind]()
-    except KeyError:
-        raise InvalidArgument(f"unknown index type {kind!r}; valid: {', '.join(sorted(BACKENDS))}") from None
+def backend(kind: str) -> type[VectorIndex]:
+    return BACKENDS.get(kind)
 
 
 def create(spec: IndexSpec, d: int, metric: str, threads: int = 0) -> VectorIndex:
@@ -72,9 +59,7 @@ def spec_from_dict(d: dict | str | None) -> IndexSpec:
         raise InvalidArgument(f"index spec must be a name or a dict, got {type(d).__name__}")
     d = dict(d)
     kind = d.pop("type", "hnsw")
-    if kind not in SPECS:
-        raise InvalidArgument(f"unknown index type {kind!r}; valid: {', '.join(sorted(SPECS))}")
-    cls = SPECS[kind]
+    cls = SPECS.get(kind)
     names = {f.name.lower(): f.name for f in dataclasses.fields(cls)}
     params = {}
     for key, value in d.items():  # parameter names in any case: {"type": "hnsw", "M": 32} is m = 32

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retrieval import crashes
+from retrieval.core.registry import Registry
 from retrieval.errors import Cancelled, InvalidArgument, NotFound, RetrievalError
 from retrieval.jobs.context import JobContext
 
@@ -111,7 +112,7 @@ class ServerJobContext(JobContext):
 class JobManager:
     def __init__(self, data_dir: Path, max_concurrent: int = 1) -> None:
         self.root = Path(data_dir) / "jobs"
-        self.kinds: dict[str, JobKind] = {}
+        self.kinds: Registry[JobKind] = Registry("job kind")
         self._jobs: dict[str, JobRecord] = {}
         self._ctx: dict[str, ServerJobContext] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -125,9 +126,7 @@ class JobManager:
 
     # ------------------------------------------------------------------------------------------
     def register(self, kind: JobKind) -> None:
-        if kind.name in self.kinds:
-            raise ValueError(f"job kind {kind.name!r} is registered twice")
-        self.kinds[kind.name] = kind
+        self.kinds.register(kind.name, kind)
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -142,7 +141,7 @@ class JobManager:
         for rec in sorted(self._jobs.values(), key=lambda r: r.created_at):
             if rec.state in FINAL:
                 continue
-            kind = self.kinds.get(rec.kind)
+            kind = self.kinds.find(rec.kind)
             if kind is not None and kind.resumable:
                 if rec.state == "running" and rec.resumed_done is not None:  # died after a resume: progress since?
                     rec.stalled_resumes = rec.stalled_resumes + 1 if rec.done <= rec.resumed_done else 0
@@ -193,8 +192,6 @@ class JobManager:
         while its job is being validated does not undo the start: a job that passed validation (which may
         reserve its output's name) is always queued."""
         k = self.kinds.get(kind)
-        if k is None:
-            raise InvalidArgument(f"unknown job kind {kind!r}; valid: {', '.join(sorted(self.kinds)) or 'none'}")
         if not isinstance(params, dict):
             raise InvalidArgument("job params must be a JSON object")
         return await asyncio.shield(asyncio.ensure_future(self._validate_and_queue(k, dict(params))))
@@ -209,7 +206,7 @@ class JobManager:
         return rec
 
     async def _run(self, rec: JobRecord) -> None:
-        kind = self.kinds[rec.kind]
+        kind = self.kinds.get(rec.kind)
         work = self.root / rec.id
         ctx = ServerJobContext(self, rec, work)
         self._ctx[rec.id] = ctx

@@ -26,7 +26,7 @@ def test_sweeps_use_config_then_defaults():
     assert sw[1].query[0] == {"nprobe": 1}
     with pytest.raises(InvalidArgument, match="keys 'build' and/or 'query'"):
         config.sweeps(["hnswlib"], {"hnswlib": {"search": {}}})
-    with pytest.raises(NotFound, match="unknown algorithm"):
+    with pytest.raises(InvalidArgument, match="unknown algorithm"):
         config.sweeps(["nope"], None)
 
 

@@ -367,7 +367,7 @@ def test_folder_duplicate_ids_across_files_and_row_numbers(tmp_path, x):
 def test_registry_errors(tmp_path):
     assert set(readers.READERS) == {"npy", "fvecs", "bvecs", "ivecs", "hdf5", "parquet"}
     assert readers.format_for_path("x/y.H5") == "hdf5"
-    with pytest.raises(NotFound, match="unknown input format 'csv'; valid formats: bvecs, fvecs, hdf5, ivecs, npy, parquet"):
+    with pytest.raises(InvalidArgument, match="unknown input format .csv.; valid: bvecs, fvecs, hdf5, ivecs, npy, parquet"):
         readers.reader_class("csv")
     (tmp_path / "a.txt").write_text("1 2 3")
     with pytest.raises(InvalidArgument, match=r"from its extension '.txt'; known extensions: .bvecs"):
