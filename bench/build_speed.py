@@ -95,7 +95,7 @@ def _reference(cfg: dict) -> dict:
         else:
             import faiss
 
-            from retrieval.indexes.faiss_index import default_train_size
+            from retrieval.indexes.faiss_factory import default_train_size
 
             faiss.omp_set_num_threads(threads)
             index = faiss.index_factory(d, cfg["index"]["factory"])

@@ -61,14 +61,14 @@ from typing import Any
 import numpy as np
 
 from index_builder.readers import DEFAULT_BLOCK_SIZE, DuplicateIdChecker, VectorReader, open_reader
-from retrieval.errors import (AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound,
-                              RetrievalError)
+from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec
 from retrieval.jobs import JobContext
 from retrieval.storage import atomic
 from retrieval.storage.names import validate_name
-from retrieval.vectors.collection import METRICS, CollectionConfig, Limits, shard_of
+from retrieval.vectors.collection import Limits, shard_of
+from retrieval.vectors.config import METRICS, CollectionConfig
 from retrieval.vectors.delta import NO_ID
 from retrieval.vectors.shard import prepare_vectors, write_snapshot
 
@@ -483,9 +483,9 @@ def _run_local(ctx: JobContext, spec: BuildSpec, config: CollectionConfig, facts
 
 def _run_ray(ctx: JobContext, spec: BuildSpec, config: CollectionConfig, facts: dict, work: Path,
              todo: list[int], threads: int, checkpoint_s: float, base: int, ray_address: str | None) -> dict[int, dict]:
-    from retrieval.vectors.ray_shards import _unwrap, connect
-
     import ray
+
+    from retrieval.vectors.ray_shards import connect, unwrap_error
 
     started = not ray.is_initialized()
     connect(ray_address)
@@ -503,7 +503,7 @@ def _run_ray(ctx: JobContext, spec: BuildSpec, config: CollectionConfig, facts: 
                     try:
                         out[refs[r]] = ray.get(r)
                     except Exception as e:
-                        err = _unwrap(e)
+                        err = unwrap_error(e)
                         raise (err if err is not e else RuntimeError(f"shard {refs[r]} failed: {e}")) from None
                 points = base + sum(v["points"] for v in out.values())
                 for i in todo:

@@ -30,19 +30,10 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
-def argv_with_ray_default(argv: list[str]) -> list[str]:
-    """``--ray`` given without an address means a local Ray instance: ``--ray`` -> ``--ray=local``."""
-    out = list(argv)
-    for i, a in enumerate(out):
-        if a == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
-            out[i] = "--ray=local"
-    return out
-
-
-def _client_options(api_key_file: Optional[Path], ca_file: Optional[Path]) -> dict:
+def _client_options(cli_ctx: typer.Context, api_key_file: Optional[Path], ca_file: Optional[Path]) -> dict:
     opts = {}
-    conn = getattr(sys.modules.get("retrieval.cli"), "_CONN", None)  # `retrieval --api-key-file F build ...`
-    if conn:
+    conn = cli_ctx.find_root().obj  # `retrieval --api-key-file F build ...`: the root command's options
+    if isinstance(conn, dict):
         opts.update({k: v for k, v in conn.items() if v is not None})
     if api_key_file is not None:
         opts["api_key_file"] = api_key_file
@@ -52,6 +43,7 @@ def _client_options(api_key_file: Optional[Path], ca_file: Optional[Path]) -> di
 
 
 def build_command(
+    cli_ctx: typer.Context,
     input: Path = typer.Option(..., "--input", "-i", help="a file (.npy .fvecs .bvecs .ivecs .hdf5 .parquet) or a "
                                "folder of files of one format"),
     collection: str = typer.Option(..., "--collection", "-c", help="name of the collection to build"),
@@ -122,7 +114,7 @@ def build_command(
             out = build(ctx, spec, data_dir=data_dir, push=push, work_dir=work_dir, replace=replace, threads=threads,
                         checkpoint_s=checkpoint_every, use_ray=ray is not None,
                         ray_address=None if ray in (None, "local") else ray, keep_work=keep_work,
-                        client_options=_client_options(api_key_file, ca_file))
+                        client_options=_client_options(cli_ctx, api_key_file, ca_file))
         finally:
             ctx.close()
             remove_scratch(tmp)
@@ -171,5 +163,7 @@ app.command("ground-truth")(ground_truth_command)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from retrieval.cli import argv_with_ray_default
+
     args = argv_with_ray_default(sys.argv[1:] if argv is None else argv)
     app(args=args, prog_name="python -m index_builder")

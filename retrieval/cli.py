@@ -80,6 +80,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", envvar="RETRIEVAL_API_KEY_FILE",
                                                 help="file holding the API key (or set $RETRIEVAL_API_KEY)"),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", envvar="RETRIEVAL_CA_FILE",
@@ -93,6 +94,7 @@ def main_options(
                                  help="print the installed version and exit"),
 ) -> None:
     """A gRPC retrieval service: vector search, cross-encoder search, graphs, drafts."""
+    ctx.obj = _CONN  # commands of plugins (retrieval build --push) connect with these options
     _CONN.update(api_key_file=api_key_file, root_certificates=ca_file, tls=tls or None,
                  client_cert=client_cert, client_key=client_key)
 
@@ -1353,13 +1355,18 @@ def drafts_drop(name: str, yes: bool = typer.Option(False, "--yes", "-y", help="
 
 
 
-from index_builder.cli import argv_with_ray_default, build_command, ground_truth_command  # noqa: E402
+from retrieval import plugins  # noqa: E402
 
-app.command("build", help="Build a vector collection from files, offline (same as `python -m index_builder "
-            "build`), into a data folder (--data-dir) or a running server (--push).")(build_command)
-app.command("ground-truth", help="Exact k-NN of queries in a base, offline (same as `python -m index_builder "
-            "ground-truth`), resumable. Example: retrieval ground-truth --base xb.npy --queries xq.npy --out gt.npy "
-            "--k 100")(ground_truth_command)
+plugins.add_commands(app)  # `retrieval build` and `retrieval ground-truth` (index_builder)
+
+
+def argv_with_ray_default(argv: list[str]) -> list[str]:
+    """``--ray`` given without an address means a local Ray instance: ``--ray`` -> ``--ray=local``."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--ray=local"
+    return out
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,27 +24,13 @@ import numpy as np
 from retrieval.device import faiss_num_gpus
 from retrieval.errors import InvalidArgument
 from retrieval.indexes.base import Capabilities, FaissSpec, IndexStats, QueryParams, pad_results
-from retrieval.indexes.validate import min_train_points
+from retrieval.indexes.faiss_factory import default_train_size, min_train_points
 
 logger = logging.getLogger(__name__)
 
 
 def _metric(metric: str) -> int:
     return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-
-
-def default_train_size(factory: str) -> int:
-    """Points to collect before training: 39 per IVF list (faiss's recommended minimum) and 10 per PQ
-    centroid (2,560 for 8-bit codes; faiss warns below 39 but trains well enough from 10)."""
-    n = 0
-    m = re.search(r"IVF(\d+)", factory)
-    if m:
-        n = max(n, 39 * int(m.group(1)))
-    m = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
-    if m:
-        nbits = int(m.group(2)) if m.group(2) else 8
-        n = max(n, 10 * (1 << nbits))
-    return n
 
 
 class FaissIndex:

@@ -44,6 +44,15 @@ from pathlib import Path
 
 from retrieval.errors import InvalidArgument
 from retrieval.indexes.base import ExactSpec, FaissSpec, HnswSpec, IndexSpec
+from retrieval.indexes.faiss_factory import (
+    _IMI,
+    _IVF,
+    _PQ,
+    _PRQ,
+    _code_bits,
+    default_train_size,
+    min_train_points,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,46 +96,11 @@ def _int(v, what: str) -> int:
 # ------------------------------------------------------------------------------------------------
 # Static checks of a factory string
 # ------------------------------------------------------------------------------------------------
-_IVF = re.compile(r"IVF(\d+)")
-_IMI = re.compile(r"IMI(\d+)x(\d+)")
 _HNSW = re.compile(r"HNSW(\d+)")
 _NSG = re.compile(r"NSG(\d+)")
 _TRANSFORM = re.compile(r"(?<![A-Z])(PCAW?R?|RR|ITQ|OPQ\d+_)(\d+)")  # vector transforms: output dimension
-# PQ16, PQ16x4, PQ16x4fs, OPQ16_64 (the OPQ part), RQ4x8, LSQ4x8, PRQ2x4x8, PLSQ2x4x8
-_PQ = re.compile(r"(?<![A-Z])(?:O?PQ|RQ|LSQ)(\d+)(?:x(\d+))?")
-_PRQ = re.compile(r"P(?:RQ|LSQ)(\d+)x(\d+)(?:x(\d+))?")
-
-
-def _code_bits(factory: str) -> list[int]:
-    """Bits per sub-code of every PQ-like part (8 when not written)."""
-    out = []
-    for m in _PQ.finditer(factory):
-        if m.group(0).startswith("OPQ"):
-            out.append(8)  # OPQ trains a PQ of 8-bit codes
-            continue
-        out.append(int(m.group(2)) if m.group(2) else 8)
-    for m in _PRQ.finditer(factory):
-        out.append(int(m.group(3)) if m.group(3) else 8)
-    return out
-
-
-def min_train_points(factory: str) -> int:
-    """The fewest training points faiss accepts for ``factory`` (it refuses fewer points than
-    centroids): the IVF list count, 2**bits per PQ-like code, 2**N for IMI2xN; 0 when untrained."""
-    n = 0
-    for m in _IVF.finditer(factory):
-        n = max(n, int(m.group(1)))
-    for m in _IMI.finditer(factory):
-        n = max(n, 1 << min(int(m.group(2)), 62))
-    for b in _code_bits(factory):
-        n = max(n, 1 << min(b, 62))
-    return n
-
-
 def check_faiss_factory(factory: str, d: int, train_size: int = 0) -> None:
     """Refuse, without running faiss, numbers that cannot work or would allocate too much."""
-    from retrieval.indexes.faiss_index import default_train_size
-
     where = f"faiss factory string {factory!r}"
     for m in re.finditer(r"\d+", factory):
         if len(m.group(0)) > 7 or int(m.group(0)) > MAX_NUMBER:

@@ -50,9 +50,10 @@ class VectorsService:
         points_pb2_grpc.add_PointsServicer_to_server(PointsServicer(ctx.collections), server)
         search_pb2_grpc.add_SearchServicer_to_server(
             SearchServicer(ctx.collections, ctx.settings.limits.max_message_bytes), server)
-        from index_builder.jobs import build_index_kind  # offline builds as a job: `build_index`
+        from retrieval import plugins  # job kinds of installed plugins (index_builder: `build_index`)
 
-        ctx.jobs.register(build_index_kind(ctx.collections, ctx.settings, ctx.data_dir))
+        for kind in plugins.job_kinds(ctx):
+            ctx.jobs.register(kind)
 
     async def stop(self) -> None:
         pass

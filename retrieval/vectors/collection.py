@@ -49,15 +49,13 @@ from retrieval.vectors import filters as flt
 from retrieval.vectors import importing
 from retrieval.vectors import payload_index as pidx
 from retrieval.vectors.coalesce import Coalescer, search_pool
+from retrieval.vectors.config import MAX_DIM, MAX_SHARDS, METRICS, CollectionConfig  # noqa: F401 (re-exported)
 from retrieval.vectors.delta import NO_ID
 from retrieval.vectors.handles import ShardFactory, ShardHandle, local_shard
 from retrieval.vectors.shard import PAYLOAD_INDEXES_FILE, ShardSettings, merge_topk, read_payload_specs
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("l2", "ip", "cosine")
-MAX_DIM = 65536
-MAX_SHARDS = 64
 _MAX_NORM = float(np.sqrt(np.finfo(np.float32).max / 4.0))
 COALESCE_QUERIES = 16  # searches of at most this many queries are coalesced; larger ones go to the pool as they are
 
@@ -82,40 +80,6 @@ def _overloaded(message: str, retry_after_ms: int) -> ResourceExhausted:
     err = ResourceExhausted(f"{message}; retry after {ms} ms")
     err.retry_after_ms = ms
     return err
-
-
-@dataclass(frozen=True)
-class CollectionConfig:
-    name: str
-    dimension: int
-    metric: str
-    index: IndexSpec
-    shards: int = 1
-    created_at: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dimension": self.dimension, "metric": self.metric,
-                "index": registry.spec_to_dict(self.index), "shards": self.shards, "created_at": self.created_at}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "CollectionConfig":
-        return cls(name=d["name"], dimension=int(d["dimension"]), metric=d["metric"],
-                   index=registry.spec_from_dict(d["index"]), shards=int(d["shards"]),
-                   created_at=float(d.get("created_at", 0)))
-
-    def __post_init__(self) -> None:
-        if isinstance(self.metric, str):  # "COSINE", "Cosine" and "cosine" name one metric
-            object.__setattr__(self, "metric", self.metric.lower())
-
-    def validate(self) -> "CollectionConfig":
-        validate_name(self.name, "collection name")
-        if not isinstance(self.dimension, int) or not 1 <= self.dimension <= MAX_DIM:
-            raise InvalidArgument(f"dimension must be in [1, {MAX_DIM}], got {self.dimension}")
-        if self.metric not in METRICS:
-            raise InvalidArgument(f"unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
-        if not 1 <= self.shards <= MAX_SHARDS:
-            raise InvalidArgument(f"shards must be in [1, {MAX_SHARDS}], got {self.shards}")
-        return self
 
 
 @dataclass

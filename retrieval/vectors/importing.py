@@ -44,17 +44,12 @@ import numpy as np
 from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from retrieval.storage import atomic, snapshots
 from retrieval.storage.names import validate_name
+from retrieval.vectors.config import CollectionConfig
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "collection.json"
 _SQLITE_SIDE = ("points.sqlite", "points.sqlite-wal", "points.sqlite-shm")
-
-
-def _config_cls():
-    from retrieval.vectors.collection import CollectionConfig
-
-    return CollectionConfig
 
 
 def read_config(folder: Path):
@@ -64,7 +59,7 @@ def read_config(folder: Path):
         raise InvalidArgument(f"{str(folder)!r} is not a collection folder: it has no {CONFIG_FILE}")
     try:
         raw = json.loads(p.read_text())
-        config = _config_cls().from_json(raw).validate()
+        config = CollectionConfig.from_json(raw).validate()
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidArgument(f"{str(p)!r} is not a valid collection config: {e}") from None
     return config, raw
@@ -229,7 +224,7 @@ def stage(source: Path, staging: Path, name: str, move: bool = False):
         else:
             _copy_tree(source, staging)  # what is copied is checked as it is read (no link followed or copied)
         config = validate_folder(staging)
-        config = _config_cls()(name=name, dimension=config.dimension, metric=config.metric, index=config.index,
+        config = CollectionConfig(name=name, dimension=config.dimension, metric=config.metric, index=config.index,
                                shards=config.shards, created_at=config.created_at)
         write_config(staging, config, installed_at=time.time())
         atomic.fsync_tree(staging)  # whole on disk before it is renamed into place

@@ -108,7 +108,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout_s: 
     return gcs
 
 
-def _unwrap(e: BaseException) -> BaseException:
+def unwrap_error(e: BaseException) -> BaseException:
     """The error a Ray call raised inside the actor / task, when it is one of ours."""
     cause = getattr(e, "cause", None)
     if isinstance(cause, RetrievalError):
@@ -250,7 +250,7 @@ class RayShard:
         try:
             return await getattr(self.actor, method).remote(*args, **kw)
         except Exception as e:
-            err = _unwrap(e)
+            err = unwrap_error(e)
             if err is not e:
                 raise err from None
             import ray.exceptions as rex
