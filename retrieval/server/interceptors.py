@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import errno
 import inspect
 import itertools
 import json
 import logging
 import os
-import sqlite3
 import time
 
 import grpc
 
+from retrieval.core.faults import is_disk_full
 from retrieval.errors import InvalidArgument, RetrievalError
 from retrieval.server import metrics
 from retrieval.server.auth import Authenticator, KeyStore, is_read_method, split_method
@@ -117,23 +116,11 @@ OUT_OF_MEMORY = ("the server does not have the memory this request needs (see li
                  "make it smaller")
 
 
-def _disk_full(e: BaseException | None) -> bool:
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return False
-
-
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str, int | None]:
     """(code, message, retry-after hint) for an exception raised by a servicer."""
     if isinstance(e, RetrievalError):
         return e.code, str(e), retry_after_of(e)
-    if _disk_full(e):
+    if is_disk_full(e):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, DISK_FULL, None
     if isinstance(e, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, OUT_OF_MEMORY, None

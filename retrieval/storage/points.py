@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.core.faults import is_disk_full
 from retrieval.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
 from retrieval.storage import wal
 
@@ -60,7 +61,7 @@ def from_keys(keys) -> np.ndarray:
 
 def _translate(e: sqlite3.Error) -> Exception:
     msg = str(e)
-    if isinstance(e, sqlite3.OperationalError) and ("disk is full" in msg or "database or disk is full" in msg):
+    if is_disk_full(e):
         return ResourceExhausted("the disk holding the data folder is full; the write was not stored")
     if isinstance(e, sqlite3.OperationalError) and ("disk I/O error" in msg or "unable to open" in msg):
         return Unavailable(f"storage error, the write was not stored: {msg}")

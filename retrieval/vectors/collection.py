@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import logging
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval import crashes
+from retrieval.core.faults import is_disk_full
 from retrieval.device import torch_device
 from retrieval.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                               RetrievalError, Unavailable)
@@ -614,8 +614,7 @@ def _clear_marker(folder: Path) -> None:
 
 def _why(e: BaseException) -> str:
     """A failed open, for a person."""
-    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "disk is full" in str(e) \
-            or (e.__cause__ is not None and _why(e.__cause__).startswith("the disk")):
+    if is_disk_full(e):
         return "the disk holding the data folder is full"
     return f"{type(e).__name__}: {e}" if not isinstance(e, RetrievalError) else str(e)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import json
 import logging
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.core.faults import is_disk_full
 from retrieval.errors import Cancelled, FailedPrecondition
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec, QueryParams, VectorIndex
@@ -83,14 +83,6 @@ class _WriteActivity:
 
 WRITES = _WriteActivity()
 DISK_FULL_BACKOFF_S = 5.0
-
-
-def _disk_full(e: BaseException | None) -> bool:
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
@@ -586,7 +578,7 @@ class Shard:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if _disk_full(e):  # snapshots cannot be written; the store and searches are unaffected
+                if is_disk_full(e):  # snapshots cannot be written; the store and searches are unaffected
                     logger.warning("shard %s: disk full, index snapshot not written; retrying in %.0f s",
                                    self.name, DISK_FULL_BACKOFF_S)
                     await asyncio.sleep(DISK_FULL_BACKOFF_S)
