@@ -28,11 +28,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 class LimitsSettings(BaseModel):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message, both ways")
-    max_k: int = Field(1024, ge=1)
+    max_k: int = Field(1024, ge=1, description="neighbours per query, in every engine")
     max_batch: int = Field(10_000, ge=1, description="queries per search; points per upsert, get or delete")
     max_payload_bytes: int = Field(65_536, ge=2)
     max_ef: int = Field(100_000, ge=1)
     max_scroll: int = Field(10_000, ge=1)
+    max_ce_batch: int = Field(256, ge=1, description="queries per cross-encoder SearchBatch")
+    max_ce_budget: int = Field(100_000, ge=1, description="cross-encoder calls one query may spend")
     # Backpressure: past these the server answers RESOURCE_EXHAUSTED with a retry-after hint
     # (trailing metadata ``retry-after-ms``) instead of queueing without bound. 0 disables a limit.
     max_points_per_collection: int = Field(0, ge=0, description="stored points per collection; 0 = no limit")

@@ -7,11 +7,12 @@ job kind ``crossencoder_build``; ``BuildIndex`` stages inline items into a file 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 
 from retrieval import convert
+from retrieval.config import LimitsSettings
+from retrieval.core.calls import check_count, check_k, run_blocking
 from retrieval.crossencoder import convert as cconv
 from retrieval.crossencoder.engine import JOB_KIND, CrossEncoderEngine
 from retrieval.errors import InvalidArgument, ResourceExhausted
@@ -20,26 +21,11 @@ from retrieval.v1 import crossencoder_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 256       # queries per SearchBatch
-MAX_K = 1000
-MAX_BUDGET = 100_000  # calls per query
-
-
-async def _run(fn, *args, **kw):
-    return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kw))
-
-
-def _check_k(k: int) -> int:
-    k = int(k) or 10
-    if k > MAX_K:
-        raise ResourceExhausted(f"k = {k} exceeds the limit of {MAX_K}")
-    return k
-
-
 class CrossEncoderServicer(crossencoder_pb2_grpc.CrossEncoderServicer):
-    def __init__(self, engine: CrossEncoderEngine, jobs) -> None:
+    def __init__(self, engine: CrossEncoderEngine, jobs, limits: LimitsSettings | None = None) -> None:
         self.engine = engine
         self.jobs = jobs
+        self.limits = limits or LimitsSettings()
 
     async def BuildIndex(self, request, context):
         p = cconv.build_request_from_proto(request)
@@ -49,7 +35,7 @@ class CrossEncoderServicer(crossencoder_pb2_grpc.CrossEncoderServicer):
             if p["items_path"]:
                 raise InvalidArgument("send items inline or an items_path, not both")
             self.engine.check_name(p["name"])
-            staged = await _run(self.engine.stage_items, f"{p['name']}-{secrets.token_hex(4)}", items)
+            staged = await run_blocking(self.engine.stage_items, f"{p['name']}-{secrets.token_hex(4)}", items)
             p["items_path"], p["staged"] = staged, True
         try:
             rec = await self.jobs.start(JOB_KIND, p)
@@ -63,40 +49,40 @@ class CrossEncoderServicer(crossencoder_pb2_grpc.CrossEncoderServicer):
 
     async def AddItems(self, request, context):
         items = cconv.items_from_proto(request.items)
-        idx = await _run(self.engine.get, request.index)
-        res = await _run(idx.add_items, [i["id"] for i in items], [i["text"] for i in items],
+        idx = await run_blocking(self.engine.get, request.index)
+        res = await run_blocking(idx.add_items, [i["id"] for i in items], [i["text"] for i in items],
                          [i["payload"] for i in items])
         return cconv.add_result_to_proto(res)
 
     async def DeleteItems(self, request, context):
-        idx = await _run(self.engine.get, request.index)
-        n = await _run(idx.delete_items, [int(i) for i in request.ids])
+        idx = await run_blocking(self.engine.get, request.index)
+        n = await run_blocking(idx.delete_items, [int(i) for i in request.ids])
         return pb.DeleteCrossEncoderItemsResponse(deleted=n)
 
     def _params(self, msg):
         p = cconv.search_params_from_proto(msg)
-        if p.budget > MAX_BUDGET:
-            raise ResourceExhausted(f"budget = {p.budget} calls exceeds the limit of {MAX_BUDGET}")
+        if p.budget > self.limits.max_ce_budget:
+            raise ResourceExhausted(f"budget = {p.budget} calls exceeds the limit of {self.limits.max_ce_budget} "
+                                    "(limits.max_ce_budget)")
         return p
 
     async def Search(self, request, context):
-        k = _check_k(request.k)
+        k = check_k(request.k, self.limits.max_k)
         params = self._params(request.params)
-        idx = await _run(self.engine.get, request.index)
+        idx = await run_blocking(self.engine.get, request.index)
 
         def work():
             r = idx.search(request.query, k, params)
             pls = [p["payload"] for p in idx.get_items(r.ids[r.ids >= 0].tolist())] if request.with_payloads else None
             return cconv.hits_to_proto(r, pls)
 
-        return await _run(work)
+        return await run_blocking(work)
 
     async def SearchBatch(self, request, context):
-        if len(request.queries) > MAX_BATCH:
-            raise ResourceExhausted(f"{len(request.queries)} queries exceed the batch limit of {MAX_BATCH}")
-        k = _check_k(request.k)
+        check_count(len(request.queries), self.limits.max_ce_batch, "queries")
+        k = check_k(request.k, self.limits.max_k)
         params = self._params(request.params)
-        idx = await _run(self.engine.get, request.index)
+        idx = await run_blocking(self.engine.get, request.index)
 
         def work():
             out = pb.CrossEncoderSearchBatchResponse()
@@ -106,11 +92,11 @@ class CrossEncoderServicer(crossencoder_pb2_grpc.CrossEncoderServicer):
                 out.results.append(cconv.hits_to_proto(r, pls))
             return out
 
-        return await _run(work)
+        return await run_blocking(work)
 
     async def Describe(self, request, context):
-        d = await _run(self.engine.describe, request.index)
-        spec = await _run(self.engine.spec, request.index)
+        d = await run_blocking(self.engine.describe, request.index)
+        spec = await run_blocking(self.engine.spec, request.index)
         return cconv.info_to_proto(request.index, d, spec)
 
     async def ListIndexes(self, request, context):
@@ -120,16 +106,16 @@ class CrossEncoderServicer(crossencoder_pb2_grpc.CrossEncoderServicer):
                 out.indexes.append(cconv.info_to_proto(name, self.engine.describe(name), self.engine.spec(name)))
             return out
 
-        return await _run(work)
+        return await run_blocking(work)
 
     async def DropIndex(self, request, context):
-        await _run(self.engine.drop, request.index)
+        await run_blocking(self.engine.drop, request.index)
         return pb.DropCrossEncoderIndexResponse()
 
     async def SetAnchorItems(self, request, context):
         kw = cconv.set_anchor_items_from_proto(request)
-        idx = await _run(self.engine.get, request.index)
-        await _run(idx.set_anchor_items, **kw)
+        idx = await run_blocking(self.engine.get, request.index)
+        await run_blocking(idx.set_anchor_items, **kw)
         return await self.Describe(pb.CrossEncoderIndexRef(index=request.index), context)
 
 
@@ -144,7 +130,7 @@ def register(server, ctx) -> CrossEncoderEngine:
     # confined to the folders the settings allow when it reads them
     engine = CrossEncoderEngine(ctx.data_dir / "crossencoder",
                                 allowed_dirs=lambda: allowed_client_dirs(ctx.settings, ctx.data_dir))
-    crossencoder_pb2_grpc.add_CrossEncoderServicer_to_server(CrossEncoderServicer(engine, ctx.jobs), server)
+    crossencoder_pb2_grpc.add_CrossEncoderServicer_to_server(CrossEncoderServicer(engine, ctx.jobs, ctx.settings.limits), server)
 
     staging = (engine.root / "staging").resolve()
 
