@@ -11,12 +11,11 @@ import pytest
 from bench.ann import datasets
 from bench.ann.metrics import distances
 from retrieval.errors import InvalidArgument, NotFound
+from tests.reference import exact_knn
 
 
 def brute_ids(xq, xb, k, metric):
-    q, x = xq.astype(np.float64), xb.astype(np.float64)
-    d = (q * q).sum(1)[:, None] + (x * x).sum(1)[None] - 2 * q @ x.T if metric == "l2" else -(q @ x.T)
-    return np.argsort(d, axis=1, kind="stable")[:, :k]
+    return exact_knn(xq, xb, k, metric)[1]
 
 
 def test_bigann():

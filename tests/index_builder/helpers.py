@@ -9,6 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tests.reference import exact_knn as exact  # noqa: F401 (re-exported to the builder tests)
+from tests.reference import recall as id_recall  # noqa: F401
+from tests.reference import recall_by_distance
+
 ROOT = Path(__file__).resolve().parents[2]
 BIGANN = ROOT / "bench" / "datasets" / "vectors" / "bigann-128-euclidean-10k"
 GLOVE = ROOT / "bench" / "datasets" / "vectors" / "glove-50-angular-10k"
@@ -58,29 +62,6 @@ def write_parquet(path: Path, ids: np.ndarray, x: np.ndarray, row_group_size: in
     return path
 
 
-def exact(xq: np.ndarray, xb: np.ndarray, k: int, metric: str = "l2") -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN in float64: (D, row numbers), ``metric`` l2 (squared) or cosine (1 - cos)."""
-    q, b = np.asarray(xq, np.float64), np.asarray(xb, np.float64)
-    if metric == "cosine":
-        q = q / np.linalg.norm(q, axis=1, keepdims=True)
-        b = b / np.linalg.norm(b, axis=1, keepdims=True)
-        dist = 1 - q @ b.T
-    else:
-        dist = (q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None, :]
-    idx = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(dist, idx, 1), idx
-
-
-def recall(found: np.ndarray, true_dist: np.ndarray, found_dist: np.ndarray | None = None, k: int = 10) -> float:
-    """recall@k of ``found`` ids against exact answers, a hit counted by distance (ties tolerated):
-    a returned neighbour within 1e-3 (relative) of the true k-th distance counts."""
-    if found_dist is None:
-        raise ValueError("give found_dist")
-    kth = true_dist[:, k - 1 : k]
-    ok = (found[:, :k] >= 0) & (found_dist[:, :k] <= kth * (1 + 1e-3) + 1e-6)
-    return float(ok.sum() / (len(found) * k))
-
-
-def id_recall(found: np.ndarray, true_ids: np.ndarray, k: int = 10) -> float:
-    """|found[:, :k] ∩ true[:, :k]| / k, averaged over queries."""
-    return float(np.mean([len(set(f[:k].tolist()) & set(t[:k].tolist())) / k for f, t in zip(found, true_ids)]))
+def recall(found: np.ndarray, true_dist: np.ndarray, found_dist: np.ndarray, k: int = 10) -> float:
+    """recall@k of ``found`` ids against exact answers, counted by distance (ties tolerated)."""
+    return recall_by_distance(found, found_dist, true_dist, k)

@@ -10,6 +10,7 @@ from retrieval.errors import InvalidArgument
 from retrieval.indexes import registry
 from retrieval.indexes.base import ExactSpec, FaissSpec, HnswSpec, QueryParams, VectorIndex
 from retrieval.indexes.exact import knn
+from tests.reference import recall
 
 D_ = 32
 N = 2500
@@ -49,10 +50,6 @@ def exact_topk(xq, xb, metric, k, labels=None):
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
     lab = np.arange(len(xb)) if labels is None else np.asarray(labels)
     return np.take_along_axis(dist, order, 1), lab[order]
-
-
-def recall(I: np.ndarray, gt: np.ndarray, k: int = K) -> float:
-    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist())) / k for a, b in zip(I, gt)]))
 
 
 def build(spec, metric, xb, labels=None) -> VectorIndex:

@@ -1,5 +1,5 @@
-"""Shared helpers of the vector tests: a reference filter evaluator, brute-force k-NN, recall, and
-waiting for a collection's indexer."""
+"""Shared helpers of the vector tests: a reference filter evaluator, brute-force k-NN over ids, and
+waiting for a collection's indexer (distances and recall are :mod:`tests.reference`'s)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import time
 import numpy as np
 
 from retrieval.vectors.filters import Condition, Filter, Range
-
-NO_ID = -1  # the client's int64 view of the padding id 2**64 - 1
-
+from tests.reference import NO_ID, distances, recall  # noqa: F401 (re-exported to the vector tests)
 
 # --------------------------------------------------------------------------------------------------
 # Reference filter evaluator (the documented semantics, in plain Python)
@@ -82,17 +80,6 @@ def to_filter(d: dict) -> Filter:
 # --------------------------------------------------------------------------------------------------
 # Brute force
 # --------------------------------------------------------------------------------------------------
-def distances(xq: np.ndarray, xb: np.ndarray, metric: str) -> np.ndarray:
-    """float64 (nq, n) distances in the service's convention: l2 squared, ip 1 - <q, x>, cosine 1 - cos."""
-    q, b = np.asarray(xq, np.float64), np.asarray(xb, np.float64)
-    if metric == "l2":
-        return np.maximum((q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None], 0)
-    if metric == "cosine":
-        q = q / np.linalg.norm(q, axis=1, keepdims=True)
-        b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return 1 - q @ b.T
-
-
 def brute_knn(xq, ids, xb, k: int, metric: str):
     """Exact k-NN over (ids, xb) -> (D float64 (nq, k) with inf padding, I int64 (nq, k) with -1 padding)."""
     ids = np.asarray(ids, np.uint64).view(np.int64)
@@ -102,20 +89,13 @@ def brute_knn(xq, ids, xb, k: int, metric: str):
     if len(ids) == 0:
         return D, I
     dist = distances(xq, xb, metric)
+    if metric == "l2":
+        dist = np.maximum(dist, 0)  # as the service reports a point's own distance
     kk = min(k, len(ids))
     order = np.argsort(dist, axis=1, kind="stable")[:, :kk]
     D[:, :kk] = np.take_along_axis(dist, order, 1)
     I[:, :kk] = ids[order]
     return D, I
-
-
-def recall(I: np.ndarray, gt: np.ndarray) -> float:
-    """Mean |I_row & gt_row| / |gt_row| over rows (padding ignored; rows of gt with no entry count 1)."""
-    out = []
-    for a, b in zip(I, gt):
-        want = set(b[b != NO_ID].tolist())
-        out.append(len(set(a[a != NO_ID].tolist()) & want) / len(want) if want else 1.0)
-    return float(np.mean(out))
 
 
 def assert_same_neighbours(D, I, Dt, It, atol: float = 1e-4, rtol: float = 1e-4) -> None:

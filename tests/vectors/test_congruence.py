@@ -26,6 +26,7 @@ import pytest
 
 from retrieval.client import Client
 from retrieval.server.process import ServerProcess
+from tests.reference import exact_knn, recall
 from tests.vectors.helpers import wait_indexed
 
 K = 10
@@ -43,16 +44,11 @@ def seq_server(tmp_path_factory):
 
 
 def recall_at(I: np.ndarray, gt: np.ndarray) -> float:
-    return float(np.mean([len(set(a.tolist()) & set(b[:K].tolist())) / K for a, b in zip(I, gt)]))
+    return recall(I, gt, K)
 
 
 def exact_gt(xb, xq, metric):
-    q, b = xq.astype(np.float64), xb.astype(np.float64)
-    if metric == "l2":
-        dist = (q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None]
-    else:  # ip and cosine over normalised vectors
-        dist = -(q @ b.T)
-    return np.argsort(dist, axis=1, kind="stable")[:, :K]
+    return exact_knn(xq, xb, K, metric)[1]
 
 
 def service_results(client, name, metric, index, xb, xq):

@@ -20,21 +20,10 @@ from retrieval.vectors import filters as flt
 from retrieval.vectors.collection import CollectionConfig, CollectionManager, Limits, shard_of
 from retrieval.vectors.delta import NO_ID
 from retrieval.vectors.shard import Shard, ShardSettings
+from tests.reference import exact_knn, recall_by_distance
 
 HNSW = HnswSpec(m=16, ef_construction=100)
 N = 5000
-
-
-def exact_l2(xq, xb, k):
-    q, b = xq.astype(np.float64), xb.astype(np.float64)
-    d = (q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None, :]
-    i = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(d, i, 1), i
-
-
-def recall_by_distance(I, D, Dt, k=10):
-    kth = Dt[:, k - 1 : k]
-    return float(((I[:, :k] != NO_ID) & (D[:, :k] <= kth * (1 + 1e-3) + 1e-6)).mean())
 
 
 def payloads(n):
@@ -61,10 +50,10 @@ async def answers(col, xq, k=10):
 
 
 def check(ans, xb, xq, shards, exact_index: bool):
-    Dt, It = exact_l2(xq, xb, 10)
+    Dt, It = exact_knn(xq, xb, 10, "l2")
     r = ans["search"]
     assert recall_by_distance(r.ids, r.distances, Dt) >= (0.999 if exact_index else 0.95)
-    Dte, Ite = exact_l2(xq, xb[::2], 10)
+    Dte, Ite = exact_knn(xq, xb[::2], 10, "l2")
     rf = ans["filtered"]
     assert (rf.ids.astype(np.int64) % 2 == 0).all()
     assert recall_by_distance(rf.ids, rf.distances, Dte) >= (0.999 if exact_index else 0.95)
@@ -106,7 +95,7 @@ def test_two_shards_in_process_answer_like_one(tmp_path, sift):
         check(ans, xb, xq, int(name[1]), name[0] == "e")
     # exact: the sharded collection returns what the unsharded one does
     np.testing.assert_allclose(out["e2"]["search"].distances, out["e1"]["search"].distances, rtol=1e-5)
-    Dt, _ = exact_l2(xq, xb, 10)
+    Dt, _ = exact_knn(xq, xb, 10, "l2")
     r1, r2 = out["h1"]["search"], out["h2"]["search"]
     assert recall_by_distance(r2.ids, r2.distances, Dt) >= recall_by_distance(r1.ids, r1.distances, Dt) - 0.01
     assert all(s["location"] == "local" for s in out["h2"]["info"]["shard_info"])
@@ -233,7 +222,7 @@ def test_two_shards_on_ray_answer_like_in_process(tmp_path, sift, ray_cluster):
         assert all(s["location"].startswith("ray:actor") for s in remote[name]["info"]["shard_info"])
     np.testing.assert_array_equal(remote["e2"]["search"].ids, local["e2"]["search"].ids)
     np.testing.assert_allclose(remote["e2"]["search"].distances, local["e2"]["search"].distances, rtol=1e-6)
-    Dt, _ = exact_l2(xq, xb, 10)
+    Dt, _ = exact_knn(xq, xb, 10, "l2")
     rl, rr = local["h2"]["search"], remote["h2"]["search"]
     assert abs(recall_by_distance(rr.ids, rr.distances, Dt) - recall_by_distance(rl.ids, rl.distances, Dt)) <= 0.01
 
@@ -266,7 +255,7 @@ def test_ray_actor_restarts_and_reloads_its_shard(tmp_path, sift, ray_cluster):
             await m.close()
 
     before, after = asyncio.run(run())
-    Dt, _ = exact_l2(xq, xb[:3500], 10)
+    Dt, _ = exact_knn(xq, xb[:3500], 10, "l2")
     assert recall_by_distance(after.ids, after.distances, Dt) >= 0.95
     assert (after.ids == before.ids).mean() >= 0.97
 
@@ -297,7 +286,7 @@ def test_server_with_ray_serves_created_and_imported_collections(tmp_path, sift,
             for a in range(0, len(xb), 1000):
                 c.upsert("made", np.arange(a, a + 1000), xb[a : a + 1000])
             c.import_collection("built", str(imports / "w" / "collection"))
-            Dt, _ = exact_l2(xq, xb, 10)
+            Dt, _ = exact_knn(xq, xb, 10, "l2")
             for name, floor in (("made", 0.999), ("built", 0.95)):
                 info = c.describe_collection(name)
                 assert info["points"] == len(xb) and info["shards"] == 2
