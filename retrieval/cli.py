@@ -121,6 +121,8 @@ def serve(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on this port"),
     metrics_host: Optional[str] = typer.Option(None, "--metrics-host", help="address of the metrics endpoint "
                                                "(default 127.0.0.1)"),
+    http_port: Optional[int] = typer.Option(None, "--http-port", help="serve the HTTP/JSON API and the web "
+                                            "dashboard on this port (0 picks a free one; docs/http.md)"),
     ray: Optional[str] = typer.Option(None, "--ray", help="place collection shards as actors on the Ray cluster "
                                       "at this address ('local': start a local Ray instance)"),
 ) -> None:
@@ -140,7 +142,8 @@ def serve(
     try:
         settings = load_settings(config, host=host, port=port, data_dir=data_dir, log_level=log_level,
                                  access_log=access_log, durability=durability, log_format=log_format,
-                                 metrics_port=metrics_port, metrics_host=metrics_host, ray_address=ray)
+                                 metrics_port=metrics_port, metrics_host=metrics_host, ray_address=ray,
+                                 http_port=http_port)
         if security:
             settings = settings.model_copy(update={"security": settings.security.model_copy(update=security)})
     except (ValidationError, FileNotFoundError) as e:

@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus metrics over HTTP on this "
                                      "port (0 picks a free one); None = off")
     metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint")
+    http_port: int | None = Field(None, ge=0, le=65535, description="HTTP/JSON API and web dashboard on this "
+                                  "port, on ``host`` (0 picks a free one); None = off (docs/http.md)")
     limits: LimitsSettings = LimitsSettings()
     indexing: IndexingSettings = IndexingSettings()
     security: SecuritySettings = SecuritySettings()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import ipaddress
 import logging
 import os
 import signal
@@ -25,9 +24,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from retrieval import crashes
-from retrieval import jsonlimits
+from retrieval import crashes, jsonlimits
 from retrieval.config import Settings
+from retrieval.core.net import bind_address, unbracket
 from retrieval.errors import FailedPrecondition
 from retrieval.jobs.manager import JobManager
 from retrieval.server import auth, metrics
@@ -89,24 +88,13 @@ class HealthServicer(health.aio.HealthServicer):
             self._statuses = {name: health_pb2.HealthCheckResponse.NOT_SERVING for name in self._statuses}
         await super().enter_graceful_shutdown()
 
+    def statuses(self) -> dict[str, int]:
+        """The status of every service this server reports (``""``: the whole server), for the HTTP API."""
+        return dict(self._statuses)
+
     async def List(self, request, context):
         return health_pb2.HealthListResponse(statuses={
             name: health_pb2.HealthCheckResponse(status=status) for name, status in sorted(self._statuses.items())})
-
-
-def bind_address(host: str, port: int) -> str:
-    """``host:port`` for gRPC and for people: an IPv6 literal is bracketed (``[::1]:50051``)."""
-    h = _unbracket(host)
-    try:
-        v6 = ipaddress.ip_address(h).version == 6
-    except ValueError:
-        v6 = False
-    return f"[{h}]:{port}" if v6 else f"{h}:{port}"
-
-
-def _unbracket(host: str) -> str:
-    h = host.strip()
-    return h[1:-1] if h.startswith("[") and h.endswith("]") else h
 
 
 def shard_settings(s: Settings) -> ShardSettings:
@@ -187,7 +175,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     httpd = None
     if settings.metrics_port is not None:
         try:
-            httpd, mport = metrics.start_http(settings.metrics_port, _unbracket(settings.metrics_host),
+            httpd, mport = metrics.start_http(settings.metrics_port, unbracket(settings.metrics_host),
                                               settings.security)
         except OSError as e:
             await ctx.jobs.close()
@@ -200,6 +188,22 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
             logger.warning("metrics are served on %s, reachable from other machines (no API key protects them)",
                            settings.metrics_host)
         print(f"retrieval: metrics on {scheme}://{bind_address(settings.metrics_host, mport)}/metrics", flush=True)
+    http = None
+    if settings.http_port is not None:  # the HTTP/JSON API and dashboard, on this loop (retrieval.http)
+        from retrieval.http.server import HttpServer
+
+        http = HttpServer(ctx, auth.Authenticator(keys), admission, health_servicer.statuses)
+        try:
+            await http.start()
+        except FailedPrecondition:
+            if httpd is not None:
+                httpd.shutdown()
+                httpd.server_close()
+            await ctx.jobs.close()
+            await ctx.collections.close()
+            lock.close()
+            raise
+        print(f"retrieval: HTTP API and dashboard on {http.url}/", flush=True)
     refresher = asyncio.create_task(metrics.refresh_forever(ctx.collections, ctx.jobs, admission))
     await server.start()
     for name in ("", *names):
@@ -215,6 +219,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     finally:
         logger.info("shutting down (grace %.1f s)", settings.grace_s)
         await health_servicer.enter_graceful_shutdown()  # NOT_SERVING to every Check, Watch and List
+        if http is not None:
+            await http.stop(settings.grace_s)
         await server.stop(settings.grace_s)
         refresher.cancel()
         if httpd is not None:

@@ -63,7 +63,7 @@ MAX_KEY_LEN = 256
 #: Methods that never change state, by full service name. Services added later declare theirs with a
 #: ``read_methods`` attribute on their service entry, or with NO_SIDE_EFFECTS in the proto.
 READ_METHODS: dict[str, frozenset[str]] = {
-    "retrieval.v1.Collections": frozenset({"List", "Describe"}),
+    "retrieval.v1.Collections": frozenset({"List", "Describe", "ListPayloadIndexes"}),
     "retrieval.v1.Points": frozenset({"Get", "Count", "Scroll"}),
     "retrieval.v1.Search": frozenset({"Search", "SearchBatch", "SearchStream"}),
     "retrieval.v1.Jobs": frozenset({"Get", "List", "Watch", "Kinds"}),

@@ -67,6 +67,12 @@ def _request_id(metadata) -> str:
     return f"{_PREFIX}-{next(_ids)}"
 
 
+def new_request_id(given: str | None = None) -> str:
+    """The request id of a call: ``given`` (a client's ``x-request-id``, first 64 characters) or a new
+    one; shared by gRPC and the HTTP API (:mod:`retrieval.http`)."""
+    return _request_id([("x-request-id", given)] if given else ())
+
+
 # ------------------------------------------------------------------------------------------------
 # Logging: request ids on every record, optional JSON lines
 # ------------------------------------------------------------------------------------------------

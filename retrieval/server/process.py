@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 _READY = re.compile(r"retrieval: serving on (\S+)")
+_HTTP = re.compile(r"retrieval: HTTP API and dashboard on (\S+)")  # printed before the "serving on" line
 
 
 class ServerProcess:
@@ -34,6 +35,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.port: int | None = None
+        self.http_url: str | None = None  # e.g. "http://127.0.0.1:8080" when the server serves HTTP (http_port)
 
     def start(self, timeout: float = 120.0, port: int | None = None) -> str:
         """Start and wait for the "serving on" line; returns host:port. Reuses the last port if any."""
@@ -45,6 +47,7 @@ class ServerProcess:
         self._killed = False
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=self.env)
         found: list[str] = []
+        http: list[str] = []
         done = threading.Event()
 
         def read() -> None:
@@ -53,6 +56,9 @@ class ServerProcess:
                 line = raw.decode(errors="replace")
                 log.write(raw)
                 log.flush()
+                h = _HTTP.search(line)
+                if h and not found:
+                    http.append(h.group(1).rstrip("/"))
                 m = _READY.search(line)
                 if m and not found:
                     found.append(m.group(1))
@@ -69,6 +75,7 @@ class ServerProcess:
             code = self.proc.wait()
             raise RuntimeError(f"server exited with code {code} before serving; log:\n{self.log_tail()}")
         self.address = found[0]
+        self.http_url = http[0] if http else None
         self.port = int(self.address.rsplit(":", 1)[1])
         return self.address
 

@@ -149,6 +149,7 @@ def test_python_client_with_keys(keyed, api_keys, monkeypatch):
         c.delete("k", ids=[3])
     with Client(keyed.address, api_key=api_keys["ro"]) as ro:
         assert ro.count("k") == 19
+        assert ro.list_payload_indexes("k") == []  # a read (it was refused to read-only keys)
         assert ro.search("k", x[5], k=1).ids.tolist() == [5]          # the search stream
         assert ro.search_batch("k", x[:2], k=1)[1].ravel().tolist() == [0, 1]
         with pytest.raises(errors.PermissionDenied):
