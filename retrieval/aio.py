@@ -168,8 +168,12 @@ class AsyncClient:
         req = cc.create_collection_request(name, dimension, metric, index, shards)
         return cc.collection_info(await self._call(self._collections.Create, req))
 
-    async def list_collections(self) -> list[dict]:
-        return cc.collection_list(await self._call(self._collections.List, cc.list_collections_request()))
+    async def list_collections(self, include_internal: bool = False) -> list[dict]:
+        """As :meth:`retrieval.Client.list_collections`."""
+        from retrieval.v1 import collections_pb2
+
+        req = collections_pb2.ListCollectionsRequest(include_internal=bool(include_internal))
+        return cc.collection_list(await self._call(self._collections.List, req))
 
     async def describe_collection(self, name: str) -> dict:
         return cc.collection_info(await self._call(self._collections.Describe, cc.describe_collection_request(name)))
@@ -357,31 +361,37 @@ class AsyncClient:
         return DraftBudget(max_nodes or 64, max_depth or 10, not chain)
 
     async def draft(self, context_ids, vocab_size: int, datastore: str | None = None, sources=None,
-                    max_nodes: int = 0, max_depth: int = 0, chain: bool = False):
+                    max_nodes: int = 0, max_depth: int = 0, chain: bool = False, *, tokenizer=None):
+        """As :meth:`retrieval.Client.draft` (``tokenizer``: an object, a file or a fingerprint)."""
+        from retrieval.client import _fingerprint
         from retrieval.drafting import convert as dconv
 
         req = dconv.draft_request_to_proto(context_ids, vocab_size, datastore, sources,
-                                           self._budget(max_nodes, max_depth, chain))
+                                           self._budget(max_nodes, max_depth, chain), _fingerprint(tokenizer))
         return dconv.draft_from_proto((await self._call(self._stub("Drafts").Draft, req)).draft)
 
     async def draft_batch(self, contexts, vocab_size: int, datastore: str | None = None, sources=None,
-                          max_nodes: int = 0, max_depth: int = 0, chain: bool = False) -> list:
+                          max_nodes: int = 0, max_depth: int = 0, chain: bool = False, *, tokenizer=None) -> list:
+        from retrieval.client import _fingerprint
         from retrieval.drafting import convert as dconv
         from retrieval.v1 import drafts_pb2
 
         b = self._budget(max_nodes, max_depth, chain)
+        fp = _fingerprint(tokenizer)
         req = drafts_pb2.DraftBatchRequest(
-            requests=[dconv.draft_request_to_proto(c, vocab_size, datastore, sources, b) for c in contexts])
+            requests=[dconv.draft_request_to_proto(c, vocab_size, datastore, sources, b, fp) for c in contexts])
         return [dconv.draft_from_proto(r.draft) for r in (await self._call(self._stub("Drafts").DraftBatch, req)).replies]
 
     async def build_datastore(self, name: str, inputs, tokenizer: str | None = None, vocab_size: int | None = None,
                               input_format: str = "auto", text_fields=None, overwrite: bool = False,
                               wait: bool = True, *, progress: bool | None = None, detach: bool = False,
-                              timeout: float | None = None) -> dict:
+                              timeout: float | None = None, tokenizer_fingerprint=None) -> dict:
         """As :meth:`retrieval.Client.build_datastore`."""
+        from retrieval.client import _fingerprint
         from retrieval.drafting import convert as dconv
 
-        req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite)
+        req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite,
+                                           _fingerprint(tokenizer_fingerprint))
         job = cc.job(await self._call(self._stub("Drafts").BuildDatastore, req))
         return await self._run_job(job, progress, detach or not wait, timeout)
 
@@ -524,10 +534,13 @@ class AsyncClient:
                                                             cc.message(gpb.AddNodesRequest, graph=graph, count=count)))
 
     async def append_edges(self, graph: str, src, dst, weights=None, duplicates: str = "", chunk: int = 100_000,
-                           timeout: float | None = None) -> dict:
+                           timeout: float | None = None, self_loops: str = "") -> dict:
+        """As :meth:`retrieval.Client.append_edges`."""
         from retrieval.graph import convert as gconv
 
+        src, dst = gconv.node_ids_in(src, "src"), gconv.node_ids_in(dst, "dst")
         reqs = cc.edge_requests(graph, src, dst, weights, duplicates, chunk)
+        reqs[0].self_loops = self_loops or ""
         resp = await self._stream_call(self._stub("Graphs").AppendEdges, iter(reqs),
                                        timeout if timeout is not None else max(self.timeout, 600.0))
         return gconv.append_result_from_proto(resp)
@@ -571,6 +584,40 @@ class AsyncClient:
         job = cc.job(await self._call(self._stub("Graphs").RunFastRP, req))
         return await self._run_job(job, progress, detach or not wait, timeout)
 
+    async def import_graph(self, name: str, path: str, format: str = "auto", *, mode: str = "auto",
+                           progress: bool | None = None, detach: bool = False, timeout: float | None = None,
+                           **options) -> dict:
+        """As :meth:`retrieval.Client.import_graph` (``options``: delimiter, header, directed, weighted,
+        index_base, num_nodes, self_loops, duplicates)."""
+        params = {"graph": name, "path": path, "format": format, "mode": mode,
+                  **{k: v for k, v in options.items() if v is not None}}
+        return await self._run_job(await self.start_job("import_graph", **params), progress, detach, timeout)
+
+    async def get_embeddings(self, graph: str, name: str = "fastrp", nodes=None,
+                             timeout: float | None = None) -> np.ndarray:
+        """As :meth:`retrieval.Client.get_embeddings`."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        req = gpb.GetEmbeddingsRequest(graph=graph, embedding=name, all=nodes is None)
+        if nodes is not None:
+            ids = gconv.node_ids_in(nodes, "nodes")
+            if ids.size == 0:
+                return np.zeros((0, 0), np.float32)
+            req.nodes.extend(ids.tolist())
+        self._check_open()
+        call = self._stub("Graphs").GetEmbeddings(req, timeout=timeout if timeout is not None else
+                                                  max(self.timeout, 600.0), metadata=self._md)
+        try:
+            chunks = [msg async for msg in call]
+        except grpc.RpcError as e:
+            if self._closed:
+                raise cc.closed_error() from None
+            cc.raise_rpc(e)
+        finally:
+            call.cancel()
+        return gconv.embeddings_from_chunks(chunks)[0]
+
     async def similar_nodes(self, graph: str, nodes, k: int = 10, embedding: str = "fastrp", ef: int = 0,
                             exact: bool = False, include_self: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         from retrieval.graph import convert as gconv
@@ -581,11 +628,12 @@ class AsyncClient:
     async def train_link_model(self, graph: str, model: str = "ncn", preset: str = "", config: dict | None = None,
                                seed: int = 0, val_frac: float | None = None, test_frac: float | None = None,
                                device: str = "", wait: bool = True, *, progress: bool | None = None,
-                               detach: bool = False, timeout: float | None = None) -> dict:
+                               detach: bool = False, timeout: float | None = None, evaluate: str = "") -> dict:
         """As :meth:`retrieval.Client.train_link_model`."""
         from retrieval.graph import convert as gconv
 
-        p = {"graph": graph, "model": model, "preset": preset, "config": config or {}, "seed": seed, "device": device}
+        p = {"graph": graph, "model": model, "preset": preset, "config": config or {}, "seed": seed, "device": device,
+             "evaluate": evaluate}
         if val_frac is not None:
             p["val_frac"] = val_frac
         if test_frac is not None:

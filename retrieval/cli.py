@@ -18,8 +18,9 @@
     retrieval [CONNECTION OPTIONS] search NAME (--vector 0.1,0.2,... | --vectors q.npy) [-k 10] [--ef N] [--filter JSON]
     retrieval [CONNECTION OPTIONS] jobs list|get ID|watch ID|cancel ID|kinds
     retrieval [CONNECTION OPTIONS] graphs list|describe|drop|create NAME
-    retrieval [CONNECTION OPTIONS] graphs import NAME EDGES.csv [--delimiter D] [--header/--no-header]
+    retrieval [CONNECTION OPTIONS] graphs import NAME EDGES.csv [--delimiter D] [--header/--no-header] [--on-server]
     retrieval [CONNECTION OPTIONS] graphs fastrp|train NAME | similar|predict NAME NODE... [-k]
+    retrieval [CONNECTION OPTIONS] graphs embeddings NAME OUT.npy [--embedding E] [--nodes 0,5,7]
     retrieval [CONNECTION OPTIONS] ce list|describe|drop|search ...      drafts list|describe|drop ...
     retrieval ground-truth --base xb.npy --queries xq.npy --out gt.npy --k 100   (see index_builder.cli)
 
@@ -349,11 +350,15 @@ def status(
 
 
 @collections_app.command("list")
-def collections_list(address: str = ADDRESS) -> None:
+def collections_list(
+    show_all: bool = typer.Option(False, "--all", help="also the server's internal collections (the FastRP "
+                                  "collections of graphs, g-<graph>-<embedding>-<token>)"),
+    address: str = ADDRESS,
+) -> None:
     """List collections with their sizes."""
     try:
         with _client(address) as c:
-            cols = c.list_collections()
+            cols = c.list_collections(include_internal=show_all)
     except RetrievalError as e:
         _fail(e)
     if not cols:
@@ -1104,6 +1109,11 @@ def graphs_import(
     duplicates: str = typer.Option("", "--duplicates", help="what the server does with repeated edges "
                                    "(server default when empty)"),
     batch_size: int = typer.Option(100_000, "--batch-size", help="edges per append call (each stored atomically)"),
+    on_server: bool = typer.Option(False, "--on-server", help="PATH is on the server (inside its allowed folders): "
+                                   "the server reads it as a job (import_graph); also .mat with labels and "
+                                   "Planetoid / OGB folders"),
+    self_loops: str = typer.Option("", "--self-loops", help="drop | keep | reject (default: drop on undirected "
+                                   "graphs, keep on directed ones)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     as_json: bool = JSON_OUT,
     address: str = ADDRESS,
@@ -1112,9 +1122,21 @@ def graphs_import(
     exist; grown with nodes when the file names higher ids).
 
     Example: retrieval graphs import karate karate.tsv --no-header
+    Example: retrieval graphs import cora /data/cora --on-server   (features and labels too)
     """
     from retrieval.errors import NotFound
 
+    if on_server:
+        with _errors():
+            if delimiter is not None:
+                delimiter = {"\\t": "\t", "tab": "\t", "space": " "}.get(delimiter, delimiter)
+            with _client(address) as c:
+                j = c.import_graph(name, str(edges_file), format=format, delimiter=delimiter, header=header,
+                                   directed=directed or None, weighted=weighted or None,
+                                   self_loops=self_loops or None, duplicates=duplicates or None, detach=True)
+                j = _watch(c, j["id"], quiet)
+        _job_outcome(j, as_json)
+        return
     with _errors():
         if batch_size < 1:
             raise _BadInput(f"--batch-size must be >= 1, got {batch_size}")
@@ -1139,7 +1161,8 @@ def graphs_import(
             try:
                 for s0 in range(0, max(m, 1), batch_size):
                     r = c.append_edges(name, src[s0:s0 + batch_size], dst[s0:s0 + batch_size],
-                                       None if w is None else w[s0:s0 + batch_size], duplicates=duplicates)
+                                       None if w is None else w[s0:s0 + batch_size], duplicates=duplicates,
+                                       self_loops=self_loops)
                     res["received"] += r["received"]
                     res["added"] += r["added"]
                     bar.update(min(batch_size, m - s0))
@@ -1152,6 +1175,32 @@ def graphs_import(
     else:
         typer.echo(f"{'created' if created else 'appended to'} graph {name}: {res['added']} of {res['received']} "
                    f"edges added; now {info['n']} nodes, {info['m']} edges")
+
+
+@graphs_app.command("embeddings")
+def graphs_embeddings(
+    name: str,
+    out: Path = typer.Argument(..., help="where to write the float32 [rows, d] array (.npy)"),
+    embedding: str = typer.Option("fastrp", "--embedding", help="which embedding (see `graphs fastrp`)"),
+    nodes: Optional[list[str]] = typer.Option(None, "--nodes", help="only these nodes, in this order: '0,5,7' "
+                                              "or a .npy file (default: every node)"),
+    address: str = ADDRESS,
+) -> None:
+    """Download stored node embeddings into a .npy file.
+
+    Example: retrieval graphs fastrp karate --dim 32 && retrieval graphs embeddings karate karate.npy
+    """
+    import numpy as np
+
+    with _errors():
+        qs = _parse_ids(nodes, "--nodes") if nodes else None
+        with _client(address) as c:
+            X = c.get_embeddings(name, embedding, qs)
+        try:
+            np.save(out, X, allow_pickle=False)
+        except OSError as e:
+            raise _BadInput(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    typer.echo(f"wrote {X.shape[0]} x {X.shape[1]} float32 embeddings to {out}")
 
 
 @graphs_app.command("fastrp")
@@ -1183,6 +1232,8 @@ def graphs_train(
                                          "need input learnable or fastrp)"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("", "--device", help="cpu, cuda, ... (server default)"),
+    evaluate: str = typer.Option("", "--evaluate", help="holdout (default: 70/10/20 split, held-out edges masked "
+                                 "when the model serves) or none (train on every edge, no metrics)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     as_json: bool = JSON_OUT,
     address: str = ADDRESS,
@@ -1198,7 +1249,8 @@ def graphs_train(
             if not isinstance(cfg, dict):
                 raise _BadInput(f"--config must be a JSON object, got {config!r}")
         with _client(address) as c:
-            j = c.train_link_model(name, model=model, preset=preset, config=cfg, seed=seed, device=device, wait=False)
+            j = c.train_link_model(name, model=model, preset=preset, config=cfg, seed=seed, device=device,
+                                   evaluate=evaluate, wait=False)
             j = _watch(c, j["id"], quiet)
     _job_outcome(j, as_json)
 
@@ -1339,8 +1391,9 @@ def drafts_list(as_json: bool = JSON_OUT, address: str = ADDRESS) -> None:
         typer.echo(_dumps(ds))
     else:
         _table([{"name": d["name"], "tokens": d["n_tokens"], "docs": d["n_docs"], "vocab": d["vocab_size"],
+                 "tokenizer": (d.get("tokenizer_fingerprint") or "-")[:25],  # what sessions must name
                  "MiB": round(d["bytes_on_disk"] / 2**20, 2)} for d in ds],
-               ["name", "tokens", "docs", "vocab", "MiB"], empty="no datastores")
+               ["name", "tokens", "docs", "vocab", "tokenizer", "MiB"], empty="no datastores")
 
 
 @drafts_app.command("describe")

@@ -342,8 +342,11 @@ class Client:
         req = cc.create_collection_request(name, dimension, metric, index, shards)
         return cc.collection_info(self._call(self._collections.Create, req))
 
-    def list_collections(self) -> list[dict]:
-        return cc.collection_list(self._call(self._collections.List, cc.list_collections_request()))
+    def list_collections(self, include_internal: bool = False) -> list[dict]:
+        """The collections. ``include_internal``: also those the server keeps for itself (the FastRP
+        collections of graphs, ``g-<graph>-<embedding>-<token>``), hidden by default."""
+        req = collections_pb2.ListCollectionsRequest(include_internal=bool(include_internal))
+        return cc.collection_list(self._call(self._collections.List, req))
 
     def describe_collection(self, name: str) -> dict:
         return cc.collection_info(self._call(self._collections.Describe, cc.describe_collection_request(name)))
@@ -591,47 +594,66 @@ class Client:
         return stub
 
     def draft_session(self, prompt_ids, vocab_size: int, datastore: str | None = None, sources=None,
-                      max_nodes: int = 0, max_depth: int = 0, chain: bool = False) -> "DraftSession":
+                      max_nodes: int = 0, max_depth: int = 0, chain: bool = False, *,
+                      tokenizer=None) -> "DraftSession":
         """Open a draft session (one bidirectional stream per generation); ``session.draft`` is the
         first draft. Then ``session.append(accepted_ids, topk=None) -> Draft`` per verification step, and
-        ``session.close()`` (or a ``with`` block) at the end. 0 budgets: server default."""
+        ``session.close()`` (or a ``with`` block) at the end. 0 budgets: server default.
+
+        ``tokenizer`` (optional, recommended): the model's tokenizer (a Hugging Face / ``tokenizers`` /
+        SentencePiece object, a tokenizer file) or its fingerprint string
+        (:func:`retrieval.drafting.tokenizer.tokenizer_fingerprint`, computed once per object and cached).
+        The server then keeps learned state for that tokenizer alone and refuses a datastore built with
+        another one (``FailedPrecondition``). Without it, state is shared by every tokenizer of
+        ``vocab_size`` ids that names none.
+
+        A message the server refuses (bad ids, malformed top-k...) raises the matching error from
+        ``append`` and leaves the session open and as it was."""
         from retrieval.drafting import convert as dconv
         from retrieval.drafting.draft import DraftBudget
 
         budget = DraftBudget(max_nodes or 64, max_depth or 10, not chain)
-        return DraftSession(self._drafts_stub(), dconv.open_to_proto(prompt_ids, vocab_size, datastore, sources, budget))
+        return DraftSession(self._drafts_stub(), dconv.open_to_proto(prompt_ids, vocab_size, datastore, sources, budget,
+                                                                     _fingerprint(tokenizer)))
 
     def draft(self, context_ids, vocab_size: int, datastore: str | None = None, sources=None, max_nodes: int = 0,
-              max_depth: int = 0, chain: bool = False):
-        """Stateless draft for ``context_ids`` -> :class:`retrieval.drafting.Draft`."""
+              max_depth: int = 0, chain: bool = False, *, tokenizer=None):
+        """Stateless draft for ``context_ids`` -> :class:`retrieval.drafting.Draft` (``tokenizer``: as in
+        :meth:`draft_session`)."""
         from retrieval.drafting import convert as dconv
         from retrieval.drafting.draft import DraftBudget
 
         req = dconv.draft_request_to_proto(context_ids, vocab_size, datastore, sources,
-                                           DraftBudget(max_nodes or 64, max_depth or 10, not chain))
+                                           DraftBudget(max_nodes or 64, max_depth or 10, not chain),
+                                           _fingerprint(tokenizer))
         return dconv.draft_from_proto(self._call(self._drafts_stub().Draft, req).draft)
 
     def draft_batch(self, contexts, vocab_size: int, datastore: str | None = None, sources=None, max_nodes: int = 0,
-                    max_depth: int = 0, chain: bool = False) -> list:
-        """Stateless drafts for several contexts in one call."""
+                    max_depth: int = 0, chain: bool = False, *, tokenizer=None) -> list:
+        """Stateless drafts for several contexts in one call (``tokenizer``: as in :meth:`draft_session`)."""
         from retrieval.drafting import convert as dconv
         from retrieval.drafting.draft import DraftBudget
         from retrieval.v1 import drafts_pb2
 
         b = DraftBudget(max_nodes or 64, max_depth or 10, not chain)
+        fp = _fingerprint(tokenizer)
         req = drafts_pb2.DraftBatchRequest(
-            requests=[dconv.draft_request_to_proto(c, vocab_size, datastore, sources, b) for c in contexts])
+            requests=[dconv.draft_request_to_proto(c, vocab_size, datastore, sources, b, fp) for c in contexts])
         return [dconv.draft_from_proto(r.draft) for r in self._call(self._drafts_stub().DraftBatch, req).replies]
 
     def build_datastore(self, name: str, inputs, tokenizer: str | None = None, vocab_size: int | None = None,
                         input_format: str = "auto", text_fields=None, overwrite: bool = False, wait: bool = True, *,
-                        progress: bool | None = None, detach: bool = False, timeout: float | None = None) -> dict:
+                        progress: bool | None = None, detach: bool = False, timeout: float | None = None,
+                        tokenizer_fingerprint=None) -> dict:
         """Build a corpus datastore from files the server can read (a job, kind ``build_datastore``).
         Returns the final job record; ``detach`` (or ``wait=False``): the record at once.
-        ``progress`` / ``timeout`` / Ctrl-C: as in :meth:`_run_job`."""
+        ``progress`` / ``timeout`` / Ctrl-C: as in :meth:`_run_job`. ``tokenizer_fingerprint`` (id inputs):
+        the tokenizer that made the ids (an object or a fingerprint, as ``tokenizer=`` of :meth:`draft_session`),
+        recorded so sessions naming another tokenizer are refused (a text build records its tokenizer's)."""
         from retrieval.drafting import convert as dconv
 
-        req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite)
+        req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite,
+                                           _fingerprint(tokenizer_fingerprint))
         job = convert.job_from_proto(self._call(self._drafts_stub().BuildDatastore, req))
         return self._run_job(job, progress, detach or not wait, timeout)
 
@@ -808,12 +830,17 @@ class Client:
                                                       gpb.AddNodesRequest(graph=graph, count=count)))
 
     def append_edges(self, graph: str, src, dst, weights=None, duplicates: str = "", chunk: int = 100_000,
-                     timeout: float | None = None) -> dict:
+                     timeout: float | None = None, self_loops: str = "") -> dict:
         """Stream edges in chunks of ``chunk``; stored in one atomic step at the end (a bad chunk stores
-        nothing). Returns ``{"received", "added", "m", "version"}``."""
+        nothing). Ids are checked here first (a fraction, a negative id or a string names its position);
+        ids >= n are refused by the server, naming the position too. ``self_loops``: ``drop`` (the
+        server's default on undirected graphs), ``keep`` (default on directed ones) or ``reject``.
+        Returns ``{"received", "added", "m", "version", "self_loops_dropped"}``."""
         from retrieval.graph import convert as gconv
 
+        src, dst = gconv.node_ids_in(src, "src"), gconv.node_ids_in(dst, "dst")
         reqs = cc.edge_requests(graph, src, dst, weights, duplicates, chunk)
+        reqs[0].self_loops = self_loops or ""
         resp = self._stream_call(self._graphs_stub().AppendEdges, iter(reqs),
                                  timeout if timeout is not None else max(self.timeout, 600.0))
         return gconv.append_result_from_proto(resp)
@@ -865,6 +892,55 @@ class Client:
     def _finish_job(self, job: dict) -> dict:
         return self._run_job(job, progress=False)
 
+    def import_graph(self, name: str, path: str, format: str = "auto", *, mode: str = "auto",
+                     delimiter: str | None = None, header: bool | None = None, directed: bool | None = None,
+                     weighted: bool | None = None, index_base=0, num_nodes: int | None = None,
+                     self_loops: str | None = None, duplicates: str | None = None, progress: bool | None = None,
+                     detach: bool = False, timeout: float | None = None) -> dict:
+        """Read a graph file *on the server* into graph ``name`` (job kind ``import_graph``).
+
+        ``path``: a file or folder inside the server's allowed folders (``security.client_file_dirs``).
+        ``format``: ``auto`` (from the suffix / folder layout), ``csv``, ``tsv``, ``edgelist`` (text;
+        ``delimiter`` None = sniffed), ``mat`` (adjacency ``network`` + labels ``group``, as BlogCatalog
+        ships), ``planetoid`` (features and labels too) or ``ogbl``. ``mode``: ``auto`` (create the graph
+        when missing, else append), ``create`` or ``append``. ``header``: None = detected. ``index_base``:
+        0 (ids as written, the default), 1 (1-based files) or "auto" (1 when no id 0 appears). ``self_loops``:
+        drop | keep | reject (default: drop on undirected graphs). Returns the final job record (its
+        ``result``: nodes, edges added, ...); ``detach``: at once. ``progress`` / ``timeout`` / Ctrl-C: as
+        in :meth:`_run_job`."""
+        params = {"graph": name, "path": path, "format": format, "mode": mode, "delimiter": delimiter,
+                  "header": header, "directed": directed, "weighted": weighted, "index_base": index_base,
+                  "num_nodes": num_nodes, "self_loops": self_loops, "duplicates": duplicates}
+        params = {k: v for k, v in params.items() if v is not None}
+        return self._run_job(self.start_job("import_graph", **params), progress, detach, timeout)
+
+    def get_embeddings(self, graph: str, name: str = "fastrp", nodes=None, timeout: float | None = None) -> np.ndarray:
+        """Stored node embeddings of ``graph``: float32 ``[len(nodes), d]`` in the order of ``nodes``, or
+        ``[n, d]`` for every node when ``nodes`` is None (streamed in chunks)."""
+        from retrieval.graph import convert as gconv
+        from retrieval.v1 import graphs_pb2 as gpb
+
+        req = gpb.GetEmbeddingsRequest(graph=graph, embedding=name, all=nodes is None)
+        if nodes is not None:
+            ids = gconv.node_ids_in(nodes, "nodes")
+            if ids.size == 0:
+                return np.zeros((0, 0), np.float32)
+            req.nodes.extend(ids.tolist())
+        if self._closed:
+            raise cc.closed_error()
+        try:
+            call = self._graphs_stub().GetEmbeddings(req, timeout=timeout if timeout is not None else
+                                                     max(self.timeout, 600.0))
+        except ValueError:
+            raise cc.closed_error() from None
+        try:
+            X, _ = gconv.embeddings_from_chunks(call)
+        except grpc.RpcError as e:
+            _raise(e)
+        finally:
+            call.cancel()
+        return X
+
     def similar_nodes(self, graph: str, nodes, k: int = 10, embedding: str = "fastrp", ef: int = 0,
                       exact: bool = False, include_self: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         """``[(ids, distances)]`` per query node: its nearest nodes by FastRP embedding (cosine: 1 - cos)."""
@@ -876,14 +952,16 @@ class Client:
     def train_link_model(self, graph: str, model: str = "ncn", preset: str = "", config: dict | None = None,
                          seed: int = 0, val_frac: float | None = None, test_frac: float | None = None,
                          device: str = "", wait: bool = True, *, progress: bool | None = None, detach: bool = False,
-                         timeout: float | None = None) -> dict:
+                         timeout: float | None = None, evaluate: str = "") -> dict:
         """Train an NCN / NCNC / GCN link model (job kind ``link_model_train``); ``config``: NCNConfig
-        overrides, e.g. ``{"predictor": "ncnc", "input": "learnable", "epochs": 50}``. Returns the final
-        job record; ``detach`` (or ``wait=False``): the record at once. ``progress`` / ``timeout`` /
-        Ctrl-C: as in :meth:`_run_job`."""
+        overrides, e.g. ``{"predictor": "ncnc", "input": "learnable", "epochs": 50}``. ``evaluate``:
+        ``holdout`` (default: 70/10/20 split, held-out edges masked when the model serves) or ``none``
+        (every edge trains, no metrics). Returns the final job record; ``detach`` (or ``wait=False``): the
+        record at once. ``progress`` / ``timeout`` / Ctrl-C: as in :meth:`_run_job`."""
         from retrieval.graph import convert as gconv
 
-        p = {"graph": graph, "model": model, "preset": preset, "config": config or {}, "seed": seed, "device": device}
+        p = {"graph": graph, "model": model, "preset": preset, "config": config or {}, "seed": seed, "device": device,
+             "evaluate": evaluate}
         if val_frac is not None:
             p["val_frac"] = val_frac
         if test_frac is not None:
@@ -909,8 +987,33 @@ class Client:
         return gconv.hits_from_proto(self._call(self._graphs_stub().PredictLinks, req).results)
 
 
+def _fingerprint(tokenizer) -> str | None:
+    """The vocabulary fingerprint of ``tokenizer`` (None stays None), cached on objects that allow it."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, str):
+        from retrieval.drafting.tokenizer import is_fingerprint, tokenizer_fingerprint
+
+        return tokenizer if is_fingerprint(tokenizer) or not os.path.exists(tokenizer) else tokenizer_fingerprint(tokenizer)
+    fp = getattr(tokenizer, "_retrieval_vocab_fingerprint", None)
+    if fp is None:
+        from retrieval.drafting.tokenizer import tokenizer_fingerprint
+
+        fp = tokenizer_fingerprint(tokenizer)
+        try:
+            tokenizer._retrieval_vocab_fingerprint = fp  # hashing a 32k vocabulary costs ~10 ms: once per object
+        except (AttributeError, TypeError):  # objects without a __dict__
+            pass
+    return fp
+
+
 class DraftSession:
-    """One generation's draft stream (see :meth:`Client.draft_session`). Not shared between threads."""
+    """One generation's draft stream (see :meth:`Client.draft_session`). Not shared between threads.
+
+    A message the server refuses gets an error reply: :meth:`append` raises the matching
+    :class:`retrieval.errors.RetrievalError` and the session stays open, as it was (the next ``append``
+    continues from the last accepted ids). Only a failed ``open``, an evicted session (``NotFound``), a
+    broken stream or an internal error end it (``closed`` becomes True)."""
 
     def __init__(self, stub, open_request) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -933,6 +1036,8 @@ class DraftSession:
         except StopIteration:
             self.closed = True
             raise errors.Unavailable("the draft stream ended") from None
+        if reply.HasField("error"):
+            raise dconv.session_error_from_proto(reply.error)
         self.step = reply.step
         self.draft = dconv.draft_from_proto(reply.draft)
         return reply

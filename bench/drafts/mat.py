@@ -2,6 +2,24 @@
 
     python -m bench.drafts.mat                 # all configurations (~15 min on 1 core)
     python -m bench.drafts.mat --quick         # every 4th turn, fewer configurations
+    python -m bench.drafts.mat --grpc          # the same through a real server (spawned, loopback)
+    python -m bench.drafts.mat --server HOST:PORT   # through a running server (its state as it is)
+    python -m bench.drafts.mat --questions Q.jsonl --answers A.jsonl --corpus C.json --tokenizer T.model
+
+Data flags: ``--questions`` / ``--answers`` (Spec-Bench's question.jsonl and a model_answer jsonl of
+recorded greedy outputs, any model), ``--corpus`` (files for the datastore, json/jsonl/text, fields
+``--text-fields``), ``--tokenizer`` (the model's SentencePiece ``.model`` or ``tokenizers`` ``.json``),
+``--bos-id`` / ``--eos-id``. Prompts use the ``vicuna_v1.1`` template. Defaults: the shipped Spec-Bench dev
+half (Vicuna-7B) and AlpacaEval corpus.
+
+Through gRPC (``--grpc``): a server process is started on loopback with a temporary data folder, the
+datastore is built by the service (a ``build_datastore`` job), and the server is restarted before each
+configuration, so each starts, as in process, from an empty history, fresh calibration and a fresh
+recycling matrix, which the server warm-starts from the datastore the first session names (the served
+configuration; sessions without a datastore get no warm start). Sessions name the tokenizer's
+fingerprint. Configurations that need a server-side knob the API does not expose (no calibration, ``max``
+instead of noisy-or, no warm start with a datastore) are skipped there. Draft latency is then the
+``append`` round trip.
 
 Method (see ``retrieval/drafting/teacher_forcing.py``): the 280 recorded greedy Vicuna-7B turns are
 replayed; at each step the draft is compared with the true next tokens, a tree counts its longest
@@ -30,6 +48,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -77,6 +96,77 @@ def run_pld_reference(turns, require_full: bool) -> ReplayStats:
     def drafter(ctx):
         return Draft.from_chain(pld_chain(ctx, 3, 1, 10, require_full=require_full), "pld")
     return replay(turns, drafter=drafter)
+
+
+def load_turns_from(questions, answers, tokenizer, bos: int = 1, eos: int = 2):
+    """Turns of any Spec-Bench-format recorded answers (as :func:`bench.drafts.data.load_turns`, with the
+    files and tokenizer given): ``vicuna_v1.1`` prompts, answers re-encoded with EOS appended."""
+    from bench.drafts.data import MT_BENCH, SYSTEM, Turn
+    from retrieval.drafting.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    qs = {}
+    for line in Path(questions).read_text().splitlines():
+        if line.strip():
+            q = json.loads(line)
+            qs[q["question_id"]] = q
+    turns = []
+    for line in Path(answers).read_text().splitlines():
+        if not line.strip():
+            continue
+        a = json.loads(line)
+        q, ch = qs[a["question_id"]], a["choices"][0]
+        sub = a.get("category") or q.get("category", "unknown")
+        cat = "mt_bench" if sub in MT_BENCH else sub
+        done, history = [bos], SYSTEM
+        for ti, (qtext, atext) in enumerate(zip(q["turns"], ch["turns"])):
+            prompt_text = f"{history} USER: {qtext} ASSISTANT:" if history else f"USER: {qtext} ASSISTANT:"
+            prompt = np.array(done + tok.encode(prompt_text), dtype=np.int32)
+            out = np.array(tok.encode(atext) + [eos], dtype=np.int32)
+            new = ch.get("new_tokens", [len(out)] * len(ch["turns"]))[ti]
+            turns.append(Turn(a["question_id"], ti + 1, cat, sub, prompt, out, int(new)))
+            done = done + tok.encode(f"{prompt_text} {atext}") + [eos]
+            history = ""
+    return turns
+
+
+class _RemoteSession:
+    """A gRPC :class:`retrieval.client.DraftSession` with the in-process session's ``draft()`` /
+    ``append()``; the latency of each ``append`` round trip (accepted ids in, next draft out) is kept."""
+
+    def __init__(self, rs, latency: list) -> None:
+        self.rs, self.latency = rs, latency
+
+    def draft(self):
+        return self.rs.draft
+
+    def append(self, ids) -> None:
+        t0 = time.perf_counter()
+        self.rs.append(ids)
+        self.latency.append(time.perf_counter() - t0)
+
+
+def grpc_servable(cfg) -> bool:
+    """Configurations a client can ask a server for (sources and budget; warm start = the server's rule)."""
+    if cfg.get("calibrate", True) is False or cfg.get("combine", "noisy_or") != "noisy_or":
+        return False
+    return "recycling" not in cfg["sources"] or cfg["warm"] == bool(cfg.get("datastore_named", True))
+
+
+def run_config_grpc(turns, client, cfg, datastore: str, vocab_size: int, fingerprint: str) -> ReplayStats:
+    budget = BUDGETS[cfg["budget"]]
+    lat: list = []
+    # the datastore is named when the configuration warm-starts recycling (the server's rule) or uses the corpus
+    ds = datastore if ("corpus" in cfg["sources"] or cfg["warm"]) else None
+
+    def open_session(p):
+        return _RemoteSession(client.draft_session(p, vocab_size, datastore=ds, sources=cfg["sources"],
+                                                   max_nodes=budget.max_nodes, max_depth=budget.max_depth,
+                                                   chain=not budget.tree, tokenizer=fingerprint), lat)
+
+    st = replay(turns, open_session=open_session, close_session=lambda s: s.rs.close(), record_latency=True)
+    st.latency_s = lat
+    return st
 
 
 def run_config(turns, cat, cfg) -> ReplayStats:
@@ -180,19 +270,47 @@ def plot(res: dict, path) -> None:
 
 
 def main(argv=None) -> dict:
+    from bench.drafts.common import corpus_inputs
+    from bench.drafts.data import ANSWERS, QUESTIONS, TOKENIZER_MODEL
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="every 4th turn and fewer configurations")
+    ap.add_argument("--limit", type=int, default=0, help="replay only the first N turns (0: all)")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
+    ap.add_argument("--grpc", action="store_true", help="run through a real server on loopback (spawned)")
+    ap.add_argument("--server", default="", help="run through this running server (HOST:PORT) instead")
+    ap.add_argument("--questions", default=str(QUESTIONS), help="Spec-Bench question.jsonl")
+    ap.add_argument("--answers", default=str(ANSWERS), help="recorded greedy answers (Spec-Bench model_answer jsonl)")
+    ap.add_argument("--corpus", nargs="+", default=None, help="datastore input files (default: AlpacaEval)")
+    ap.add_argument("--text-fields", default="instruction,output", help="json fields joined into a document")
+    ap.add_argument("--tokenizer", default=str(TOKENIZER_MODEL), help="the model's .model or tokenizer .json")
+    ap.add_argument("--bos-id", type=int, default=1)
+    ap.add_argument("--eos-id", type=int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pathlib import Path
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    turns = load_turns()
+    default_data = (args.questions == str(QUESTIONS) and args.answers == str(ANSWERS) and args.corpus is None
+                    and args.tokenizer == str(TOKENIZER_MODEL))
+    turns = load_turns() if default_data else load_turns_from(args.questions, args.answers, args.tokenizer,
+                                                              args.bos_id, args.eos_id)
     if args.quick:
         turns = turns[::4]
-    cat = catalog()
+    if args.limit:
+        turns = turns[:args.limit]
+    corpus = [str(Path(p).resolve()) for p in (args.corpus or corpus_inputs())]
+    fields = [f for f in args.text_fields.split(",") if f]
+    remote = args.grpc or bool(args.server)
+    if default_data:
+        cat = catalog()
+    else:  # a catalog for these inputs, under the results folder
+        from retrieval.drafting import DatastoreCatalog
+
+        cat = DatastoreCatalog(out / "datastores")
+        if DATASTORE in cat.names():
+            cat.drop(DATASTORE)
+        cat.build(DATASTORE, corpus, tokenizer=args.tokenizer, text_fields=fields)
     ds = cat.open(DATASTORE)
     res = {"machine": f"{platform.machine()} {platform.processor() or ''} ({platform.node()})".strip(),
            "date": time.strftime("%Y-%m-%d"), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "n_turns": len(turns), "n_tokens": int(sum(len(t.output) for t in turns)),
@@ -212,19 +330,68 @@ def main(argv=None) -> dict:
         r = summarize(label, run_pld_reference(turns, rf), {"budget": "chain10", "group": "reference"})
         res["pld_reference"].append(r)
         show(r)
-    for cfg in configs(args.quick):
-        t0 = time.perf_counter()
-        st = run_config(turns, cat, cfg)
-        r = summarize(cfg["label"], st, {k: v for k, v in cfg.items() if k != "label"})
-        r["wall_s"] = round(time.perf_counter() - t0, 1)
-        res["runs"].append(r)
-        show(r)
-    name = "mat_quick" if args.quick else "mat"
+    res["mode"] = ("grpc (spawned server)" if args.grpc else f"grpc ({args.server})") if remote else "in-process"
+    res["data"] = {"questions": args.questions, "answers": args.answers, "corpus": corpus, "tokenizer": args.tokenizer}
+    if remote:
+        from retrieval.drafting.tokenizer import tokenizer_fingerprint
+
+        _run_remote(args, turns, corpus, fields, res, show, tokenizer_fingerprint(args.tokenizer), ds.vocab_size)
+    else:
+        for cfg in configs(args.quick):
+            t0 = time.perf_counter()
+            st = run_config(turns, cat, cfg)
+            r = summarize(cfg["label"], st, {k: v for k, v in cfg.items() if k != "label"})
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            res["runs"].append(r)
+            show(r)
+    name = ("mat_quick" if args.quick else "mat") + ("_grpc" if remote else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=2))
     write_markdown(res, out / f"{name}.md")
     plot(res, out / f"{name}.png")
     print(f"wrote {out / name}.json/.md/.png")
     return res
+
+
+def _run_remote(args, turns, corpus, fields, res, show, fingerprint, vocab_size) -> None:
+    """Each servable configuration through gRPC (see the module docstring)."""
+    import tempfile
+
+    from retrieval.client import Client
+    from retrieval.server.process import ServerProcess
+
+    srv = None
+    tmp = tempfile.TemporaryDirectory(prefix="mat-grpc-")
+    try:
+        if args.grpc:
+            dirs = sorted({str(Path(p).resolve().parent) for p in [*corpus, args.tokenizer]})
+            srv = ServerProcess(Path(tmp.name) / "data", env={"RETRIEVAL_SECURITY__CLIENT_FILE_DIRS": json.dumps(dirs)})
+            address = srv.start()
+        else:
+            address = args.server
+        with Client(address, timeout=600) as c:
+            job = c.build_datastore(DATASTORE, corpus, tokenizer=str(Path(args.tokenizer).resolve()),
+                                    text_fields=fields, overwrite=True)
+            if job["state"] != "succeeded":
+                raise SystemExit(f"building the datastore through the service failed: {job.get('error')}")
+        for i, cfg in enumerate(configs(args.quick)):
+            cfg = {**cfg, "datastore_named": "corpus" in cfg["sources"] or cfg["warm"]}
+            if not grpc_servable(cfg):
+                logger.info("skipped over gRPC (needs a server-side knob): %s %s", cfg["label"], cfg["budget"])
+                continue
+            if srv is not None and i:
+                srv.stop()  # a fresh state per configuration (the datastore survives the restart)
+                address = srv.start()
+            t0 = time.perf_counter()
+            with Client(address, timeout=600) as c:
+                st = run_config_grpc(turns, c, cfg, DATASTORE, vocab_size, fingerprint)
+            r = summarize(cfg["label"], st, {k: v for k, v in cfg.items() if k not in ("label", "datastore_named")})
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            res["runs"].append(r)
+            show(r)
+    finally:
+        if srv is not None:
+            srv.stop()
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Proto <-> domain conversions of the Drafts service, one function per message and direction.
 
-Token ids travel as packed ``repeated int32``; budgets use 0 for "server default".
+Token ids travel as packed ``repeated int32``; budgets use 0 for "server default". The ``*_to_proto``
+builders (the client's side) refuse ids that are not integers or do not fit int32 with
+:class:`InvalidArgument` naming the argument, before anything is sent; the server checks the vocabulary.
 """
 
 from __future__ import annotations
@@ -12,6 +14,28 @@ import numpy as np
 from retrieval.drafting.draft import Draft, DraftBudget
 from retrieval.errors import InvalidArgument
 from retrieval.v1 import drafts_pb2
+
+
+INT32_MAX = 2**31 - 1
+
+
+def ids_to_wire(ids, what: str) -> list[int]:
+    """``ids`` (any integer sequence / array) as a list for a ``repeated int32`` field, or
+    :class:`InvalidArgument` naming ``what`` (non-integers, values outside int32)."""
+    try:
+        a = np.asarray(ids)
+    except Exception as e:  # ragged lists
+        raise InvalidArgument(f"{what} must be a sequence of integer token ids: {e}") from e
+    if a.size == 0:
+        return []
+    if not np.issubdtype(a.dtype, np.integer):
+        raise InvalidArgument(f"{what} must be integer token ids, got dtype {a.dtype}")
+    a = a.ravel()
+    bad = (a < -1) | (a > INT32_MAX) if a.dtype.kind == "i" else a > INT32_MAX
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidArgument(f"{what}[{i}] = {int(a[i])} is not a token id: ids must lie in [0, 2**31 - 1]")
+    return a.astype(np.int64).tolist()
 
 
 # --- budget ---------------------------------------------------------------------------------------------
@@ -48,30 +72,40 @@ def draft_from_proto(m: drafts_pb2.Draft) -> Draft:
 
 # --- session messages -----------------------------------------------------------------------------------
 
+def _vocab_to_wire(vocab_size) -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or not 0 <= vocab_size < 2**32:
+        raise InvalidArgument(f"vocab_size={vocab_size!r} must be the model's vocabulary size, a positive integer")
+    return int(vocab_size)
+
+
 def open_to_proto(prompt_ids, vocab_size: int, datastore: str | None = None, sources=None,
-                  budget: DraftBudget | None = None) -> drafts_pb2.SessionRequest:
-    o = drafts_pb2.OpenSession(vocab_size=int(vocab_size), datastore=datastore or "", sources=list(sources or ()),
-                               budget=budget_to_proto(budget))
-    o.prompt_ids.extend(np.asarray(prompt_ids).astype(np.int64).ravel().tolist())
+                  budget: DraftBudget | None = None, tokenizer_fingerprint: str | None = None
+                  ) -> drafts_pb2.SessionRequest:
+    o = drafts_pb2.OpenSession(vocab_size=_vocab_to_wire(vocab_size), datastore=datastore or "",
+                               sources=list(sources or ()), budget=budget_to_proto(budget),
+                               tokenizer_fingerprint=tokenizer_fingerprint or "")
+    o.prompt_ids.extend(ids_to_wire(prompt_ids, "prompt_ids"))
     return drafts_pb2.SessionRequest(open=o)
 
 
 def open_from_proto(m: drafts_pb2.OpenSession, default: DraftBudget | None = None) -> dict:
-    """Keyword arguments of :meth:`SessionManager.open` plus ``vocab_size``."""
+    """Keyword arguments of :meth:`SessionManager.open` plus ``vocab_size`` and ``tokenizer_fingerprint``
+    (None when empty)."""
     return {"prompt_ids": np.asarray(m.prompt_ids, dtype=np.int64), "vocab_size": int(m.vocab_size),
+            "tokenizer_fingerprint": m.tokenizer_fingerprint or None,
             "datastore": m.datastore or None, "sources": list(m.sources) or None,
             "budget": budget_from_proto(m.budget, default)}
 
 
 def append_to_proto(accepted_ids, topk=None, budget: DraftBudget | None = None) -> drafts_pb2.SessionRequest:
     a = drafts_pb2.AppendTokens()
-    a.accepted_ids.extend(np.asarray(accepted_ids).astype(np.int64).ravel().tolist())
+    a.accepted_ids.extend(ids_to_wire(accepted_ids, "accepted_ids"))
     if topk is not None:
         t = np.asarray(topk)
         if t.ndim != 2:
             raise InvalidArgument(f"topk must be a 2-D (positions, k) array, got shape {t.shape}")
         a.topk_k = t.shape[1]
-        a.topk_ids.extend(t.astype(np.int64).ravel().tolist())
+        a.topk_ids.extend(ids_to_wire(t, "topk"))
     if budget is not None:
         a.budget.CopyFrom(budget_to_proto(budget))
     return drafts_pb2.SessionRequest(append=a)
@@ -102,27 +136,58 @@ def close_from_proto(m: drafts_pb2.CloseSession) -> dict:
 # --- stateless --------------------------------------------------------------------------------------------
 
 def draft_request_to_proto(context_ids, vocab_size: int, datastore: str | None = None, sources=None,
-                           budget: DraftBudget | None = None) -> drafts_pb2.DraftRequest:
-    r = drafts_pb2.DraftRequest(vocab_size=int(vocab_size), datastore=datastore or "", sources=list(sources or ()),
-                                budget=budget_to_proto(budget))
-    r.context_ids.extend(np.asarray(context_ids).astype(np.int64).ravel().tolist())
+                           budget: DraftBudget | None = None, tokenizer_fingerprint: str | None = None
+                           ) -> drafts_pb2.DraftRequest:
+    r = drafts_pb2.DraftRequest(vocab_size=_vocab_to_wire(vocab_size), datastore=datastore or "",
+                                sources=list(sources or ()), budget=budget_to_proto(budget),
+                                tokenizer_fingerprint=tokenizer_fingerprint or "")
+    r.context_ids.extend(ids_to_wire(context_ids, "context_ids"))
     return r
 
 
 def draft_request_from_proto(m: drafts_pb2.DraftRequest, default: DraftBudget | None = None) -> dict:
     return {"context_ids": np.asarray(m.context_ids, dtype=np.int64), "vocab_size": int(m.vocab_size),
+            "tokenizer_fingerprint": m.tokenizer_fingerprint or None,
             "datastore": m.datastore or None, "sources": list(m.sources) or None,
             "budget": budget_from_proto(m.budget, default)}
+
+
+# --- errors inside a session stream -----------------------------------------------------------------------
+
+def session_error_to_proto(e: Exception, out: drafts_pb2.SessionReply) -> drafts_pb2.SessionReply:
+    """Set ``out.error`` from a domain exception (its gRPC code and message)."""
+    import grpc
+
+    code = getattr(e, "code", grpc.StatusCode.INTERNAL)
+    out.error.code = code.value[0] if isinstance(code, grpc.StatusCode) else int(grpc.StatusCode.INTERNAL.value[0])
+    out.error.message = str(e)
+    return out
+
+
+def session_error_from_proto(m: drafts_pb2.SessionError) -> Exception:
+    """The package's exception for an error reply (``RetrievalError`` with the code for unmapped codes)."""
+    import grpc
+
+    from retrieval import errors
+    from retrieval.client_convert import CODES
+
+    code = next((c for c in grpc.StatusCode if c.value[0] == m.code), grpc.StatusCode.UNKNOWN)
+    cls = CODES.get(code, errors.RetrievalError)
+    err = cls(m.message)
+    if cls is errors.RetrievalError:
+        err.code = code
+    return err
 
 
 # --- datastores -------------------------------------------------------------------------------------------
 
 def build_request_to_proto(name: str, inputs, tokenizer: str | None = None, vocab_size: int | None = None,
-                           input_format: str = "auto", text_fields=None, overwrite: bool = False
-                           ) -> drafts_pb2.BuildDatastoreRequest:
+                           input_format: str = "auto", text_fields=None, overwrite: bool = False,
+                           tokenizer_fingerprint: str | None = None) -> drafts_pb2.BuildDatastoreRequest:
     return drafts_pb2.BuildDatastoreRequest(name=name, inputs=[str(p) for p in inputs], input_format=input_format,
                                             tokenizer=tokenizer or "", vocab_size=int(vocab_size or 0),
-                                            text_fields=list(text_fields or ()), overwrite=overwrite)
+                                            text_fields=list(text_fields or ()), overwrite=overwrite,
+                                            tokenizer_fingerprint=tokenizer_fingerprint or "")
 
 
 def build_request_from_proto(m: drafts_pb2.BuildDatastoreRequest) -> dict:
@@ -134,6 +199,8 @@ def build_request_from_proto(m: drafts_pb2.BuildDatastoreRequest) -> dict:
         p["vocab_size"] = int(m.vocab_size)
     if len(m.text_fields):
         p["text_fields"] = list(m.text_fields)
+    if m.tokenizer_fingerprint:
+        p["tokenizer_fingerprint"] = m.tokenizer_fingerprint
     return p
 
 
@@ -141,7 +208,7 @@ def datastore_info_to_proto(manifest: dict) -> drafts_pb2.DatastoreInfo:
     tok = manifest.get("tokenizer") or {}
     return drafts_pb2.DatastoreInfo(name=manifest["name"], n_tokens=int(manifest["n_tokens"]),
                                     n_docs=int(manifest["n_docs"]), vocab_size=int(manifest["vocab_size"]),
-                                    tokenizer_fingerprint=tok.get("fingerprint", ""),
+                                    tokenizer_fingerprint=tok.get("vocab_fingerprint") or "",
                                     bytes_on_disk=int(manifest.get("bytes_on_disk", 0)),
                                     manifest_json=json.dumps(manifest))
 

@@ -13,7 +13,7 @@ Departures: the trie's nodes are scored as acceptance probabilities and merged w
 On disk (``<root>/<name>/``): ``tokens.npy`` (documents joined and ended by the separator id
 ``sep = vocab_size``; uint16 when ``vocab_size < 65535`` else int32), ``sa.npy`` (int32, int64 past
 2**31 tokens), ``offsets.npy`` (int64, ``vocab_size + 2``: the SA range of each first token) and
-``manifest.json`` (name, vocab size, tokenizer fingerprint, counts). Arrays are opened with
+``manifest.json`` (name, vocab size, the tokenizer's vocabulary fingerprint, counts). Arrays are opened with
 ``np.load(mmap_mode="r")`` so a large datastore opens instantly and pages in on demand.
 
 Building is a job body (:func:`build_datastore_job`): phase 1 tokenizes documents in chunks saved under
@@ -174,14 +174,18 @@ def iter_documents(inputs: list[str | Path], input_format: str = "auto",
 def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], input_format: str = "auto",
                         tokenizer: str | None = None, vocab_size: int | None = None,
                         text_fields: tuple[str, ...] | list[str] = ("text",), chunk_docs: int = 512,
-                        overwrite: bool = False, allowed_dirs: list[str] | None = None) -> dict:
+                        overwrite: bool = False, allowed_dirs: list[str] | None = None,
+                        tokenizer_fingerprint: str | None = None) -> dict:
     """Job body: build datastore ``name`` under ``root`` from ``inputs``.
 
     ``allowed_dirs`` (set by the server, never by a client): the inputs and the tokenizer are files a
     client named; each is opened once through :mod:`retrieval.server.sandbox` and read from that open file.
 
     Text formats need ``tokenizer`` (a ``.model`` or ``.json`` path); id formats need ``vocab_size`` (or a
-    tokenizer, whose vocabulary size is used). Returns the manifest plus timings: ``tokenize_s``,
+    tokenizer, whose vocabulary size is used). ``tokenizer_fingerprint``: the vocabulary fingerprint of the
+    tokenizer that made id inputs (:func:`retrieval.drafting.tokenizer.tokenizer_fingerprint`), recorded so
+    sessions naming another tokenizer are refused; with ``tokenizer`` it must equal that tokenizer's.
+    Returns the manifest plus timings: ``tokenize_s``,
     ``sort_s``, ``tokens_per_s`` (corpus tokens over the whole build time).
     """
     check_name(name)
@@ -192,6 +196,13 @@ def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], 
     if tokenizer and allowed_dirs is not None:
         tokenizer = str(_confined_tokenizer(tokenizer, allowed_dirs, Path(ctx.work_dir)))
     tok = Tokenizer(tokenizer) if tokenizer else None
+    if tokenizer_fingerprint:
+        from retrieval.drafting.tokenizer import check_fingerprint
+
+        check_fingerprint(tokenizer_fingerprint)
+        if tok is not None and tok.vocab_fingerprint != tokenizer_fingerprint:
+            raise InvalidArgument(f"tokenizer_fingerprint={tokenizer_fingerprint} disagrees with the tokenizer file's "
+                                  f"{tok.vocab_fingerprint}")
     if tok is not None:
         if vocab_size is not None and vocab_size != tok.vocab_size:
             raise InvalidArgument(f"vocab_size={vocab_size} disagrees with the tokenizer's {tok.vocab_size}")
@@ -250,7 +261,9 @@ def build_datastore_job(ctx, *, root: str | Path, name: str, inputs: list[str], 
     manifest = {
         "format_version": FORMAT_VERSION, "name": name, "vocab_size": vocab_size, "sep": sep,
         "token_dtype": str(dtype), "n_tokens": n_tokens, "n_docs": len(docs), "n_positions": int(len(tokens)),
-        "tokenizer": tok.describe() if tok is not None else None,
+        "tokenizer": tok.describe() if tok is not None else (
+            {"kind": "declared", "vocab_size": vocab_size, "vocab_fingerprint": tokenizer_fingerprint}
+            if tokenizer_fingerprint else None),
         "inputs": [Path(p).name for p in inputs], "created_at": time.time(),
     }
     root.mkdir(parents=True, exist_ok=True)
@@ -302,8 +315,10 @@ class CorpusDatastore:
 
     @property
     def fingerprint(self) -> str | None:
+        """The vocabulary fingerprint of the tokenizer it was built with (None: built from ids without one,
+        or by an older version that recorded only the tokenizer file's sha256)."""
         t = self.manifest.get("tokenizer")
-        return t["fingerprint"] if t else None
+        return (t.get("vocab_fingerprint") or None) if t else None
 
     def nbytes(self) -> int:
         """Bytes of the arrays (mapped, so resident only when touched)."""

@@ -13,7 +13,11 @@ ids arrive) and its sources. The client loop is::
 
 Limits: ids must lie in ``[0, vocab_size)``; the prompt must be non-empty; the context may not exceed
 ``max_context_tokens`` (:class:`ResourceExhausted`); one append carries at most ``max_append_tokens``.
-Memory of a session is its context buffer (4 bytes a token, grown by doubling) plus its last candidates.
+Memory of a session is its context buffer (4 bytes a token, grown by doubling) plus its last candidates
+(:meth:`Session.nbytes`, reported per session by :meth:`SessionManager.stats`). A session's contribution
+to the shared history is bounded: only the last ``history_max_session_tokens`` ids of its output are
+recorded. The corpus datastore a session names is the catalog's one memory-mapped, read-only object,
+shared by every session and every manager.
 
 Thread-safety: a :class:`Session` serializes its own calls with a lock (a stream is sequential anyway);
 different sessions run in parallel, sharing the corpus/recycling/history sources and the calibrator,
@@ -128,6 +132,9 @@ class Session:
         self.closed = False
         self.steps = 0
         self.last_used = time.monotonic()
+        #: called (from the evicting thread) after the manager evicted this session for idleness; a
+        #: server uses it to end the session's stream. Must be thread-safe and not raise.
+        self.on_evict = None
 
     # --- state ---------------------------------------------------------------------------------
     @property
@@ -240,11 +247,15 @@ class Session:
 class ManagerConfig:
     """Server-wide drafting settings.
 
-    ``vocab_size`` of the model's tokenizer; ``tokenizer_fingerprint`` (sha256 of its file) to refuse
-    datastores built with another one (``None``: check vocabulary size only). ``idle_timeout_s`` (300),
+    ``vocab_size`` of the model's tokenizer; ``tokenizer_fingerprint`` (its vocabulary fingerprint,
+    :func:`retrieval.drafting.tokenizer.tokenizer_fingerprint`) to refuse datastores built with another one
+    (``None``: check vocabulary size only). ``idle_timeout_s`` (300),
     ``max_sessions`` (4096), ``max_total_bytes`` (session memory, 1 GiB), ``history_capacity_tokens``
     (1,000,000), ``history_rebuild_tokens`` / ``history_rebuild_fraction`` (re-index the history once
-    ``max(tokens, fraction * indexed)`` new output tokens arrived; 1 / 0 = after every session), ``recycling_k`` (8), ``source_params``: per-source keyword overrides.
+    ``max(tokens, fraction * indexed)`` new output tokens arrived; 1 / 0 = after every session), ``history_max_session_tokens`` (the last 8192 output ids of a session
+    at most enter the history), ``recycling_k`` (8), ``warm_start_recycling`` (fill the recycling matrix
+    with the corpus's most frequent successors when the manager first uses a datastore; the server's
+    default, and the configuration the README reports), ``source_params``: per-source keyword overrides.
     """
 
     vocab_size: int
@@ -257,7 +268,9 @@ class ManagerConfig:
     history_capacity_tokens: int = 1_000_000
     history_rebuild_tokens: int = 1
     history_rebuild_fraction: float = 0.0
+    history_max_session_tokens: int = 8192
     recycling_k: int = 8
+    warm_start_recycling: bool = False
     combine: str = "noisy_or"
     source_params: dict = field(default_factory=dict)
 
@@ -280,8 +293,9 @@ class SessionManager:
         self.recycling = RecyclingSource(RecyclingMatrix(config.vocab_size, config.recycling_k),
                                          **sp.get("recycling", {}))
         self.history = HistorySource(HistoryStore(config.vocab_size, config.history_capacity_tokens,
-                                                                  config.history_rebuild_tokens,
-                                                                  rebuild_fraction=config.history_rebuild_fraction),
+                                                  config.history_rebuild_tokens,
+                                                  max_sequence_tokens=config.history_max_session_tokens,
+                                                  rebuild_fraction=config.history_rebuild_fraction),
                                      **sp.get("history", {}))
         self.context_source = make_source("context", **sp.get("context", {}))
         self._corpus: dict[str, CorpusSource] = {}
@@ -289,6 +303,8 @@ class SessionManager:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.evicted = 0
+        self.warm_started_from: str | None = None  # the datastore the recycling matrix was warm-started from
+        self.last_used = time.monotonic()  # of the manager (the engine frees the least recently used)
 
     # --- sources -------------------------------------------------------------------------------
     def _corpus_source(self, name: str) -> CorpusSource:
@@ -298,15 +314,38 @@ class SessionManager:
         src = self._corpus.get(name)
         if src is None or src.ds is not ds:
             if ds.vocab_size != self.config.vocab_size:
-                raise FailedPrecondition(f"datastore {name!r} has a vocabulary of {ds.vocab_size} tokens, the server "
+                raise FailedPrecondition(f"datastore {name!r} has a vocabulary of {ds.vocab_size} tokens, the session "
                                          f"uses {self.config.vocab_size}")
             fp = self.config.tokenizer_fingerprint
             if fp is not None and ds.fingerprint is not None and ds.fingerprint != fp:
-                raise FailedPrecondition(f"datastore {name!r} was built with another tokenizer "
-                                         f"(fingerprint {ds.fingerprint[:12]}..., server {fp[:12]}...)")
+                raise FailedPrecondition(f"datastore {name!r} was built with the tokenizer of fingerprint "
+                                         f"{ds.fingerprint}, but the session names tokenizer {fp}; build the "
+                                         f"datastore with the model's tokenizer or name the right one")
+            if fp is not None and ds.fingerprint is None:
+                logger.warning("datastore %r records no tokenizer fingerprint: it cannot be checked against the "
+                               "session's tokenizer %s (rebuild it with a tokenizer or tokenizer_fingerprint)", name, fp)
             src = CorpusSource(ds, **self.config.source_params.get("corpus", {}))
-            self._corpus[name] = src
+            with self._lock:
+                self._corpus[name] = src
+                warm = self.config.warm_start_recycling and self.warm_started_from is None
+                if warm:
+                    self.warm_started_from = name
+            if warm:
+                # once per manager: the most frequent successors of each corpus token (~0.1 s per 1M tokens)
+                self.recycling.matrix.warm_start(ds.tokens, ds.sep)
         return src
+
+    def needs_prepare(self, datastore: str | None) -> bool:
+        """True when naming ``datastore`` would do slow work first (map it, check it, warm-start the
+        recycling matrix): a server then calls :meth:`prepare_datastore` off the event loop."""
+        if datastore is None:
+            return False
+        src = self._corpus.get(datastore)
+        return src is None or (self.config.warm_start_recycling and self.warm_started_from is None)
+
+    def prepare_datastore(self, datastore: str) -> None:
+        """Attach ``datastore`` now (the checks of :meth:`open`, and the recycling warm start)."""
+        self._corpus_source(datastore)
 
     def resolve_sources(self, names, datastore: str | None) -> list[DraftSource]:
         """Source objects for a session. ``names=None``: all four, the corpus only when ``datastore`` is given."""
@@ -346,20 +385,27 @@ class SessionManager:
 
     def open(self, prompt_ids, sources=None, datastore: str | None = None,
              budget: DraftBudget | None = None) -> Session:
+        self.last_used = time.monotonic()
+        if datastore is not None:
+            self._corpus_source(datastore)  # checked (and warm-started from) even when 'corpus' is not a source
         srcs = self.resolve_sources(sources, datastore)
         sess = Session(prompt_ids, srcs, self.config.vocab_size, budget or self.config.default_budget,
                        self.config.limits, self.calibrator, self.config.combine,
                        session_id=f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}")
-        with self._lock:
-            if (len(self._sessions) >= self.config.max_sessions
-                    or self._total_locked() + sess.nbytes() > self.config.max_total_bytes):
-                self._evict_idle_locked(time.monotonic())
-            if len(self._sessions) >= self.config.max_sessions:
-                raise ResourceExhausted(f"{len(self._sessions)} sessions are open, the maximum is "
-                                        f"{self.config.max_sessions}; close some or retry later")
-            if self._total_locked() + sess.nbytes() > self.config.max_total_bytes:
-                raise ResourceExhausted(f"session memory would exceed max_total_bytes={self.config.max_total_bytes}")
-            self._sessions[sess.session_id] = sess
+        gone: list[Session] = []
+        try:
+            with self._lock:
+                if (len(self._sessions) >= self.config.max_sessions
+                        or self._total_locked() + sess.nbytes() > self.config.max_total_bytes):
+                    gone = self._evict_idle_locked(time.monotonic())
+                if len(self._sessions) >= self.config.max_sessions:
+                    raise ResourceExhausted(f"{len(self._sessions)} sessions are open, the maximum is "
+                                            f"{self.config.max_sessions}; close some or retry later")
+                if self._total_locked() + sess.nbytes() > self.config.max_total_bytes:
+                    raise ResourceExhausted(f"session memory would exceed max_total_bytes={self.config.max_total_bytes}")
+                self._sessions[sess.session_id] = sess
+        finally:
+            self._notify_evicted(gone)
         return sess
 
     def _total_locked(self) -> int:
@@ -392,28 +438,51 @@ class SessionManager:
             raise NotFound(f"session {session_id!r} does not exist (closed, or evicted)")
         s.close(record=record)
 
-    def _evict_idle_locked(self, now: float) -> list[str]:
-        gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.config.idle_timeout_s]
-        for sid in gone:
-            s = self._sessions.pop(sid)
+    def _evict_idle_locked(self, now: float) -> list[Session]:
+        gone = [s for s in self._sessions.values() if now - s.last_used > self.config.idle_timeout_s]
+        for s in gone:
+            del self._sessions[s.session_id]
             s.close(record=False)  # an abandoned generation may be partial: do not learn from it
         self.evicted += len(gone)
         if gone:
             logger.info("evicted %d idle draft sessions", len(gone))
         return gone
 
+    @staticmethod
+    def _notify_evicted(gone: list[Session]) -> None:
+        for s in gone:
+            cb = s.on_evict
+            if cb is not None:
+                try:
+                    cb()
+                except Exception:  # a callback must not stop the others
+                    logger.exception("eviction callback of session %s failed", s.session_id)
+
     def evict_idle(self, now: float | None = None) -> list[str]:
-        """Close sessions idle for more than ``idle_timeout_s``; returns their ids."""
+        """Close sessions idle for more than ``idle_timeout_s`` (calling their ``on_evict``); returns their ids."""
         with self._lock:
-            return self._evict_idle_locked(time.monotonic() if now is None else now)
+            gone = self._evict_idle_locked(time.monotonic() if now is None else now)
+        self._notify_evicted(gone)
+        return [s.session_id for s in gone]
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def session_bytes(self) -> dict[str, int]:
+        """Bytes of each open session (:meth:`Session.nbytes`), by session id."""
+        with self._lock:
+            return {sid: s.nbytes() for sid, s in self._sessions.items()}
+
     def stats(self) -> dict:
+        """Counts and bytes: ``sessions``, ``session_bytes`` (total), ``max_session_bytes`` (the largest
+        session), ``evicted``, and the shared state's bytes (recycling, history, calibration)."""
         with self._lock:
             n = len(self._sessions)
-            total = self._total_locked()
-        return {"sessions": n, "session_bytes": total, "evicted": self.evicted,
+            sizes = [s.nbytes() for s in self._sessions.values()]
+        total = sum(sizes)
+        return {"sessions": n, "session_bytes": total, "max_session_bytes": max(sizes, default=0),
+                "evicted": self.evicted, "tokenizer_fingerprint": self.config.tokenizer_fingerprint,
+                "vocab_size": self.config.vocab_size, "warm_started_from": self.warm_started_from,
+                "history_max_session_tokens": self.config.history_max_session_tokens,
                 "recycling_bytes": self.recycling.nbytes(), "history_bytes": self.history.nbytes(),
                 "history_tokens": self.history.store.n_tokens, "calibrator_bytes": self.calibrator.nbytes()}

@@ -21,8 +21,27 @@ def ids_from_proto(values, what: str) -> np.ndarray:
     """Repeated uint64 -> int64 array (ids >= 2^63 cannot be node ids)."""
     arr = np.fromiter(values, dtype=np.uint64, count=len(values))
     if arr.size and (arr >= U63).any():
-        raise InvalidArgument(f"{what}: id {int(arr[arr >= U63][0])} is not a node id")
+        i = int(np.flatnonzero(arr >= U63)[0])
+        raise InvalidArgument(f"{what}[{i}] = {int(arr[i])} is not a node id (node ids are below 2**63)")
     return arr.astype(np.int64)
+
+
+def node_ids_in(x, what: str) -> np.ndarray:
+    """Client side: ``x`` checked entry by entry before any cast (a fraction, a negative id, a string is
+    an InvalidArgument naming the position, e.g. ``src must be integers, got 1.5 at src[1] (...)``); int64."""
+    from retrieval.graph.graph import as_node_ids
+
+    try:
+        return as_node_ids(x, what)
+    except InvalidArgument as e:
+        msg = str(e)
+        # "src[1] = 1.5 is not an integer node id" -> "src must be integers, got 1.5 (src[1]): ..."
+        head, sep, rest = msg.partition(" = ")
+        if not sep or not head.startswith(what + "["):
+            raise
+        value, _, why = rest.partition(" ")
+        lead = f"{what} must be >= 0" if why.endswith("node ids are >= 0") else f"{what} must be integers"
+        raise InvalidArgument(f"{lead}, got {value} at {head} ({why.removeprefix('is ')})") from None
 
 
 # ---- GraphInfo -------------------------------------------------------------------------------------
@@ -51,13 +70,14 @@ def graph_info_from_proto(msg: pb.GraphInfo) -> dict:
 
 
 # ---- edges -----------------------------------------------------------------------------------------
-def edges_to_proto(graph: str, src, dst, weights=None, duplicates: str = "") -> pb.AppendEdgesRequest:
+def edges_to_proto(graph: str, src, dst, weights=None, duplicates: str = "",
+                   self_loops: str = "") -> pb.AppendEdgesRequest:
     src = np.asarray(src)
     dst = np.asarray(dst)
     if (src.size and src.min() < 0) or (dst.size and dst.min() < 0):
         raise InvalidArgument("node ids must be >= 0")
     msg = pb.AppendEdgesRequest(graph=graph, src=src.astype(np.uint64).tolist(), dst=dst.astype(np.uint64).tolist(),
-                                duplicates=duplicates)
+                                duplicates=duplicates, self_loops=self_loops)
     if weights is not None:
         msg.weights.extend(np.asarray(weights, np.float32).tolist())
     return msg
@@ -77,11 +97,53 @@ def edges_from_proto(msg: pb.AppendEdgesRequest) -> tuple[np.ndarray, np.ndarray
 
 
 def append_result_to_proto(d: dict) -> pb.AppendEdgesResponse:
-    return pb.AppendEdgesResponse(received=d["received"], added=d["added"], num_edges=d["m"], version=d["version"])
+    return pb.AppendEdgesResponse(received=d["received"], added=d["added"], num_edges=d["m"], version=d["version"],
+                                  self_loops_dropped=d.get("self_loops_dropped", 0))
 
 
 def append_result_from_proto(msg: pb.AppendEdgesResponse) -> dict:
-    return {"received": msg.received, "added": msg.added, "m": msg.num_edges, "version": msg.version}
+    return {"received": msg.received, "added": msg.added, "m": msg.num_edges, "version": msg.version,
+            "self_loops_dropped": msg.self_loops_dropped}
+
+
+# ---- embeddings --------------------------------------------------------------------------------------
+EMBEDDING_CHUNK_BYTES = 2 << 20  # rows per EmbeddingsChunk: at most this many bytes (at least one row)
+
+
+def embeddings_to_chunks(X: np.ndarray, graph_version: int, current_version: int,
+                         chunk_bytes: int = EMBEDDING_CHUNK_BYTES):
+    """float32 rows ``[r, d]`` -> EmbeddingsChunk messages of at most ``chunk_bytes`` of data each (a
+    generator: one chunk is materialised at a time)."""
+    from retrieval import convert
+
+    r, d = X.shape
+    step = max(1, chunk_bytes // max(1, 4 * d))
+    for s in range(0, max(r, 1), step):
+        msg = pb.EmbeddingsChunk(offset=s, total=r, graph_version=graph_version, current_version=current_version)
+        convert.vectors_to_proto(np.ascontiguousarray(X[s:s + step], dtype=np.float32).reshape(-1, d), msg.vectors)
+        yield msg
+
+
+def embeddings_from_chunks(chunks) -> tuple[np.ndarray, dict]:
+    """EmbeddingsChunk messages (in order) -> ``(float32 [total, d], {"graph_version", "current_version"})``."""
+    from retrieval import convert
+
+    out, info, at = None, {}, 0
+    for msg in chunks:
+        if out is None:
+            out = np.empty((msg.total, msg.vectors.d), np.float32)
+            info = {"graph_version": msg.graph_version, "current_version": msg.current_version}
+        if msg.offset != at:
+            raise InvalidArgument(f"embedding chunks out of order: offset {msg.offset}, expected {at}")
+        if msg.vectors.n:
+            rows = convert.vectors_from_proto(msg.vectors, "embeddings")
+            out[at:at + rows.shape[0]] = rows
+            at += rows.shape[0]
+    if out is None:
+        return np.zeros((0, 0), np.float32), info
+    if at != out.shape[0]:
+        raise InvalidArgument(f"the embedding stream ended after {at} of {out.shape[0]} rows")
+    return out, info
 
 
 # ---- labels ----------------------------------------------------------------------------------------
@@ -188,7 +250,7 @@ def train_request_to_params(msg: pb.TrainLinkModelRequest) -> dict:
 
     config = loads_client_json(msg.config_json, "config_json", default={}, expect=dict)
     p = {"graph": msg.graph, "model": msg.model or "ncn", "preset": msg.preset or None, "config": config,
-         "seed": int(msg.seed), "device": msg.device or "auto"}
+         "seed": int(msg.seed), "device": msg.device or "auto", "evaluate": msg.evaluate or "holdout"}
     if msg.HasField("val_frac"):
         p["val_frac"] = msg.val_frac
     if msg.HasField("test_frac"):
@@ -199,7 +261,7 @@ def train_request_to_params(msg: pb.TrainLinkModelRequest) -> dict:
 def train_params_to_request(p: dict) -> pb.TrainLinkModelRequest:
     msg = pb.TrainLinkModelRequest(graph=p["graph"], model=p.get("model") or "", preset=p.get("preset") or "",
                                    config_json=json.dumps(p.get("config") or {}), seed=int(p.get("seed", 0)),
-                                   device=p.get("device") or "")
+                                   device=p.get("device") or "", evaluate=p.get("evaluate") or "")
     if "val_frac" in p:
         msg.val_frac = p["val_frac"]
     if "test_frac" in p:

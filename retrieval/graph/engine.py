@@ -19,21 +19,45 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from retrieval.errors import (
+    AlreadyExists,
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from retrieval.graph.fastrp import FastRPParams, check_params, fastrp
-from retrieval.graph.store import GraphStore, check_name
+from retrieval.graph.graph import DUPLICATE_POLICIES, Graph
+from retrieval.graph.store import SELF_LOOP_POLICIES, GraphStore, check_name, resolve_self_loops
 from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
 FASTRP_KIND = "fastrp"
 TRAIN_KIND = "link_model_train"
+IMPORT_KIND = "import_graph"
+IMPORT_FORMATS = ("auto", "csv", "tsv", "edgelist", "mat", "planetoid", "ogbl")
+IMPORT_PARAMS = ("graph", "path", "format", "mode", "delimiter", "header", "directed", "weighted", "index_base",
+                 "num_nodes", "self_loops", "duplicates")
+MAX_IMPORT_BYTES = 8 << 30       # what one import may copy from the client's folders
+IMPORT_READ_UNITS, IMPORT_UNITS = 60, 100  # progress: 0-60 copying bytes, then parsing, then storing
+# a folder input: only these subfolders are copied (the layouts of the Planetoid and OGB readers)
+IMPORT_SUBFOLDERS = ("derived", "planetoid", "raw", "split")
+#: names of the vector collections the engine keeps for FastRP embeddings (hidden by ListCollections)
+INTERNAL_COLLECTION_RE = re.compile(r"g-[A-Za-z0-9][A-Za-z0-9_.\-]{0,59}-[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}-[0-9a-f]{8}")
+
+
+def is_internal_collection(name: str) -> bool:
+    """Whether ``name`` has the form of a collection this engine creates (``g-<graph>-<embedding>-<token>``)."""
+    return bool(INTERNAL_COLLECTION_RE.fullmatch(name))
 MAX_ALL_CANDIDATES = 50_000  # PredictLinks scores every node when no candidates are given, up to this n
 MAX_DIM = 4096
 MAX_ITERATIONS = 100
@@ -47,10 +71,13 @@ def _collection_name(graph: str, embedding: str) -> str:
 
 class GraphEngine:
     """``root``: the store folder (``<data_dir>/graphs``). ``collections``: the server's CollectionManager
-    (None outside the server: FastRP jobs then only store the embedding file)."""
+    (None outside the server: FastRP jobs then only store the embedding file). ``allowed_dirs``: a
+    callable giving the folders ``import_graph`` may read client files from, through
+    :mod:`retrieval.server.sandbox` (None: paths are read as given, for in-process use)."""
 
-    def __init__(self, root: Path, collections=None, device: str | None = None) -> None:
+    def __init__(self, root: Path, collections=None, device: str | None = None, allowed_dirs=None) -> None:
         self.store = GraphStore(root)
+        self._allowed_dirs = allowed_dirs  # () -> folders client files may come from (None: no sandbox)
         self.collections = collections
         self.device = device
         self._scorers: dict[tuple[str, str], tuple[tuple, object]] = {}
@@ -213,6 +240,160 @@ class GraphEngine:
                 out[qi] = (ids, dist.astype(np.float32))
         return out
 
+    # ---- import ----------------------------------------------------------------------------------
+    def _allowed(self):
+        return None if self._allowed_dirs is None else list(self._allowed_dirs())
+
+    def validate_import(self, p: dict) -> dict:
+        """Check an ``import_graph`` job's params (names, format, options, the input path through the
+        sandbox: a symlink, hard link or a path outside the allowed folders is refused now)."""
+        p = dict(p)
+        unknown = set(p) - set(IMPORT_PARAMS)
+        if unknown:
+            raise InvalidArgument(f"unknown import_graph parameter(s) {sorted(unknown)}; valid: {sorted(IMPORT_PARAMS)}")
+        graph = check_name(p.get("graph"), "graph name")
+        path = p.get("path")
+        if not isinstance(path, str) or not path:
+            raise InvalidArgument("import_graph needs path: the edge file or dataset folder to read (on the server)")
+        fmt = p.get("format") or "auto"
+        if fmt not in IMPORT_FORMATS:
+            raise InvalidArgument(f"format must be one of {list(IMPORT_FORMATS)}, got {fmt!r}")
+        mode = p.get("mode") or "auto"
+        if mode not in ("auto", "create", "append"):
+            raise InvalidArgument(f"mode must be auto, create or append, got {mode!r}")
+        exists = self.store.exists(graph)
+        if mode == "create" and exists:
+            raise AlreadyExists(f"graph {graph!r} already exists; drop it first or import with mode='append'")
+        if mode == "append" and not exists:
+            raise NotFound(f"graph {graph!r} does not exist (known graphs: {self.store.list()}); "
+                           "import with mode='create' or 'auto'")
+        delim = p.get("delimiter")
+        if delim is not None and (not isinstance(delim, str) or not delim or len(delim) > 4):
+            raise InvalidArgument(f"delimiter must be a short non-empty string (e.g. ',' or '\\t'), got {delim!r}")
+        header = p.get("header")
+        if header is not None and not isinstance(header, bool):
+            raise InvalidArgument(f"header must be true, false or null (detect), got {header!r}")
+        for f in ("directed", "weighted"):
+            if p.get(f) is not None and not isinstance(p[f], bool):
+                raise InvalidArgument(f"{f} must be true, false or null, got {p[f]!r}")
+        if p.get("index_base", 0) not in ("auto", 0, 1) or isinstance(p.get("index_base"), bool):
+            raise InvalidArgument(f"index_base must be 0, 1 or 'auto', got {p['index_base']!r}")
+        nn = p.get("num_nodes")
+        if nn is not None and (isinstance(nn, bool) or not isinstance(nn, int) or nn < 0):
+            raise InvalidArgument(f"num_nodes must be a non-negative integer, got {nn!r}")
+        if p.get("self_loops") not in (None, "", *SELF_LOOP_POLICIES):
+            raise InvalidArgument(f"self_loops must be one of {list(SELF_LOOP_POLICIES)}, got {p['self_loops']!r}")
+        if (p.get("duplicates") or "first") not in DUPLICATE_POLICIES:
+            raise InvalidArgument(f"duplicates must be one of {list(DUPLICATE_POLICIES)}, got {p['duplicates']!r}")
+        allowed = self._allowed()
+        if allowed is not None:  # open (and close) it now: a refused file fails the start, not the job
+            from retrieval.server import sandbox
+
+            if sandbox.is_dir(path):
+                sandbox.open_dir(path, allowed, "graph folder").close()
+            else:
+                sandbox.open_file(path, allowed, "edge file").close()
+        elif not Path(path).exists():
+            raise NotFound(f"{path} does not exist")
+        p.update(graph=graph, path=path, format=fmt, mode=mode)
+        return p
+
+    def import_body(self, ctx, *, graph: str, path: str, format: str = "auto", mode: str = "auto",
+                    delimiter: str | None = None, header: bool | None = None, directed: bool | None = None,
+                    weighted: bool | None = None, index_base=0, num_nodes: int | None = None,
+                    self_loops: str | None = None, duplicates: str | None = None) -> dict:
+        """Job body (kind ``import_graph``): copy the client's file (or folder) through the sandbox into
+        the work folder (progress: bytes), parse it with the reader registry, then create the graph or
+        append to it (one atomic store step each). Not resumable: a restart marks it failed, and what
+        was stored before is either the old or the new graph."""
+        from retrieval.graph.readers import detect_format, get_reader
+
+        work = Path(ctx.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        copy = _copy_input(path, self._allowed(), work / "input", ctx)
+        ctx.check_cancelled()
+        fmt = format
+        opts: dict = {}
+        if fmt in ("csv", "tsv", "edgelist"):
+            opts = {"delimiter": {"csv": ",", "tsv": "\t"}.get(fmt, delimiter)}
+            fmt = "edgelist"
+        elif fmt == "auto":
+            fmt = detect_format(copy)
+        if fmt == "edgelist":
+            opts.setdefault("delimiter", delimiter)
+            if opts["delimiter"] is None:
+                opts["delimiter"] = "sniff"
+            opts.update(header=header, index_base=index_base, num_nodes=num_nodes, self_loops=True,
+                        duplicates=duplicates or "first", directed=bool(directed))
+            if weighted is not None:
+                opts["weighted"] = weighted
+        elif fmt == "mat":
+            opts.update(directed=directed, weighted=weighted, self_loops=True)
+        elif fmt == "ogbl":
+            opts.update(directed=bool(directed))
+        ctx.progress(IMPORT_READ_UNITS, IMPORT_UNITS, f"parsing ({fmt})")
+        try:
+            res = get_reader(fmt).read(copy, **opts)
+        except TypeError as e:
+            raise InvalidArgument(f"reader {fmt!r} does not take these options: {e}") from None
+        g = res.graph
+        ctx.check_cancelled()
+        ctx.progress(IMPORT_READ_UNITS + 10, IMPORT_UNITS, "storing")
+        src, dst, w = g.edges()
+        exists = self.store.exists(graph)
+        created = not exists and mode != "append"
+        if not exists and mode == "append":
+            raise NotFound(f"graph {graph!r} was dropped while the import ran")
+        if exists and mode == "create":
+            raise AlreadyExists(f"graph {graph!r} was created while the import ran")
+        out = {"graph": graph, "format": fmt, "source": res.source.replace(str(copy), path), "rows": res.info.get("rows"),
+               "created": created, "file_nodes": g.n, "file_edges": g.num_edges}
+        if res.info.get("delimiter") is not None:
+            out["delimiter"] = res.info["delimiter"]
+        if created:
+            policy = resolve_self_loops(self_loops, g.directed)
+            loops = src == dst
+            if loops.any() and policy == "reject":
+                i = int(np.flatnonzero(loops)[0])
+                raise InvalidArgument(f"{path}: edge ({int(src[i])}, {int(dst[i])}) is a self-loop and "
+                                      "self_loops='reject'")
+            dropped = int(loops.sum()) if policy == "drop" else 0
+            if dropped:
+                g = Graph.from_edges(g.n, src[~loops], dst[~loops], None if w is None else w[~loops],
+                                     directed=g.directed, weighted=g.weighted, duplicates="first",
+                                     features=g.features, labels=g.labels)
+            try:
+                self.store.put(graph, g)
+            except AlreadyExists:
+                raise AlreadyExists(f"graph {graph!r} was created while the import ran") from None
+            out.update(added=g.num_edges, self_loops_dropped=dropped, features=g.features is not None,
+                       labels=g.labels is not None)
+        else:
+            cur = self.store.load(graph)
+            ignored = [k for k, v in (("features", g.features), ("labels", g.labels)) if v is not None]
+            if w is not None and not cur.weighted:
+                w = None
+                ignored.append("weights")
+            # one atomic step: the graph grows to the file's node count with its edges, or not at all
+            r = self.store.append_edges(graph, src, dst, w, duplicates=duplicates or "last", self_loops=self_loops,
+                                        num_nodes=g.n)
+            out.update(added=r["added"], self_loops_dropped=r["self_loops_dropped"], ignored=ignored)
+        d = self.store.describe(graph)
+        out.update(n=d["n"], m=d["m"], version=d["version"])
+        ctx.progress(IMPORT_UNITS, IMPORT_UNITS, "stored")
+        return out
+
+    # ---- embeddings ------------------------------------------------------------------------------
+    def get_embeddings(self, graph: str, embedding: str, nodes=None) -> tuple[np.ndarray, dict, int]:
+        """``(rows float32 [len(nodes) or n, d], the embedding's record, the graph's current version)``;
+        ``nodes`` None: every node (a memory map, read as it is sent)."""
+        X, meta = self.store.load_embeddings(graph, embedding, mmap=True)
+        current = self.store.version(graph)
+        if nodes is None:
+            return X, meta, current
+        nodes = _check_nodes(nodes, X.shape[0])
+        return np.ascontiguousarray(X[nodes], dtype=np.float32), meta, current
+
     # ---- link models -----------------------------------------------------------------------------
     def validate_train(self, p: dict) -> dict:
         from retrieval.graph.ncn import make_config
@@ -236,6 +417,11 @@ class GraphEngine:
             raise InvalidArgument("need test_frac > 0 and val_frac + test_frac < 1")
         if g.num_edges - g.num_self_loops < 10:
             raise InvalidArgument(f"graph {graph!r} has {g.num_edges} edges; link prediction needs at least 10")
+        ev = p.get("evaluate") or "holdout"
+        if ev not in ("holdout", "none"):
+            raise InvalidArgument(f"evaluate must be 'holdout' (train on 70%, held-out edges masked when serving) "
+                                  f"or 'none' (train on every edge, no metrics), got {ev!r}")
+        p["evaluate"] = ev
         dev = p.get("device") or "auto"
         if dev not in ("auto", "cpu", "cuda"):
             raise InvalidArgument(f"device must be auto, cpu or cuda, got {dev!r}")
@@ -244,13 +430,14 @@ class GraphEngine:
         return p
 
     def train_body(self, ctx, *, graph: str, model: str = "ncn", preset: str | None = None, config: dict | None = None,
-                   seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2, device: str = "auto") -> dict:
+                   seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2, device: str = "auto",
+                   evaluate: str = "holdout") -> dict:
         """Job body (kind ``link_model_train``); resumable through ``last.pt`` in the work folder."""
         from retrieval.graph.linkpred import ncn_train_job
 
         out = ncn_train_job(ctx, store_root=str(self.store.root), graph=graph, model_name=model, preset=preset,
                             config=config, seed=seed, val_frac=val_frac, test_frac=test_frac,
-                            device=None if device == "auto" else device)
+                            device=None if device == "auto" else device, evaluate=evaluate)
         with self._scorers_lock:
             self._scorers.pop((graph, model), None)
         return out
@@ -321,8 +508,79 @@ def _check_nodes(nodes, n: int) -> np.ndarray:
     return as_node_ids(arr, "nodes", n)
 
 
+def _copy_input(path: str, allowed, dest: Path, ctx) -> Path:
+    """Copy the client's file or folder ``path`` to ``dest`` (a fresh folder) and return the copy's path
+    (same base name). With ``allowed`` every file is opened through :mod:`retrieval.server.sandbox` and
+    copied from the opened descriptor (what was checked is what is read); a folder contributes its
+    regular files and the subfolders :data:`IMPORT_SUBFOLDERS` (``split/<kind>/`` one level deeper).
+    Progress: bytes copied, scaled to the first :data:`IMPORT_READ_UNITS` units."""
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    name = Path(path).name or "input"
+    plan: list[tuple[object, str, Path, int]] = []  # (opened file, shown path, target, bytes)
+    opened: list = []
+    try:
+        if allowed is None:
+            src = Path(path)
+            if not src.exists():
+                raise NotFound(f"{path} does not exist")
+            files = [src] if src.is_file() else sorted(
+                q for q in src.rglob("*") if q.is_file() and (q.parent == src or q.relative_to(src).parts[0]
+                                                             in IMPORT_SUBFOLDERS))
+            for q in files:
+                f = open(q, "rb")  # noqa: SIM115 - closed in the finally below, after the copy
+                opened.append(f)
+                rel = Path(name) if src.is_file() else Path(name) / q.relative_to(src)
+                plan.append((f, str(q), dest / rel, os.fstat(f.fileno()).st_size))
+        else:
+            from retrieval.server import sandbox
+
+            if not sandbox.is_dir(path):
+                f = sandbox.open_file(path, allowed, "edge file")
+                opened.append(f)
+                plan.append((f, path, dest / name, os.fstat(f.fileno()).st_size))
+            else:
+                def walk(folder: str, rel: Path, depth: int) -> None:
+                    d = sandbox.open_dir(folder, allowed, "graph folder")
+                    opened.append(d)
+                    for fn in d.files():
+                        f = d.open(fn, "file in graph folder")
+                        opened.append(f)
+                        plan.append((f, os.path.join(folder, fn), dest / rel / fn, os.fstat(f.fileno()).st_size))
+                    with os.scandir(d.fd) as it:
+                        subs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+                    for sub in subs:
+                        if depth == 0 and sub in IMPORT_SUBFOLDERS or depth == 1 and rel.name == "split":
+                            walk(os.path.join(folder, sub), rel / sub, depth + 1)
+
+                walk(path, Path(name), 0)
+        total = sum(b for *_, b in plan)
+        if total > MAX_IMPORT_BYTES:
+            raise ResourceExhausted(f"{path}: {total} bytes to import; the limit is {MAX_IMPORT_BYTES}")
+        done = 0
+        ctx.progress(0, IMPORT_UNITS, f"reading {path}")
+        for f, shown, target, _ in plan:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as out:
+                while True:
+                    ctx.check_cancelled()
+                    buf = f.read(1 << 22)
+                    if not buf:
+                        break
+                    out.write(buf)
+                    done += len(buf)
+                    ctx.progress(IMPORT_READ_UNITS * done / max(total, 1), IMPORT_UNITS, f"reading {shown}")
+    finally:
+        for f in opened:
+            f.close()
+    return dest / name
+
+
 def _write_json(path: Path, obj) -> None:
     atomic.write_json(path, obj, sort_keys=True)
 
 
-__all__ = ["GraphEngine", "FASTRP_KIND", "TRAIN_KIND"]
+__all__ = ["FASTRP_KIND", "IMPORT_KIND", "TRAIN_KIND", "GraphEngine", "is_internal_collection"]

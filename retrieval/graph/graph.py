@@ -21,6 +21,7 @@ Thread-safety: a ``Graph`` is read-only after construction and may be shared bet
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,25 +37,70 @@ DUPLICATE_POLICIES = ("last", "first", "sum", "max", "min")
 # --------------------------------------------------------------------------------------------------
 # validation helpers (plain functions: the store, the readers and the server all use them)
 # --------------------------------------------------------------------------------------------------
+def _first_bad_id(arr: np.ndarray, n: int | None):
+    """``(position, shown value, reason)`` of the first entry of ``arr`` that is not a node id, or None."""
+    for i, v in enumerate(arr.tolist()):
+        if isinstance(v, (bool, np.bool_)):
+            return i, repr(v), "is a boolean, not an integer node id"
+        if isinstance(v, (int, np.integer)):
+            iv = int(v)
+        elif isinstance(v, (float, np.floating)):
+            if not np.isfinite(v) or v != int(v):
+                return i, repr(float(v)), "is not an integer node id"
+            iv = int(v)
+        else:
+            try:
+                iv = operator.index(v)
+            except TypeError:
+                return i, repr(v), "is not an integer node id"
+        if iv < 0:
+            return i, str(iv), "is outside the graph: node ids are >= 0"
+        if n is not None and iv >= n:
+            return i, str(iv), f"is outside the graph: expected an id in [0, {n})"
+        if iv > np.iinfo(np.int64).max:
+            return i, str(iv), "is too large for a node id (the limit is 2**63 - 1)"
+    return None
+
+
 def as_node_ids(x, name: str, n: int | None = None) -> np.ndarray:
-    """``x`` as a 1-D int64 array of node ids in ``[0, n)`` (no bound check when ``n`` is None)."""
-    arr = np.asarray(x)
+    """``x`` as a 1-D int64 array of node ids in ``[0, n)`` (no upper bound when ``n`` is None).
+
+    Every entry is checked *before* any cast: a fraction (1.5), a negative id (-1), a string ("abc"), a
+    boolean, NaN / inf, or an id >= ``n`` raises InvalidArgument naming the position, e.g.
+    ``src[3] = 1.5 is not an integer node id``. Integral floats (2.0) are accepted."""
+    if isinstance(x, (str, bytes)):
+        raise InvalidArgument(f"{name} must be a 1-D array of node ids, got the string {x!r}")
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InvalidArgument(f"{name} must be a flat sequence of integer node ids: {e}") from None
+    if arr.dtype.kind in "USO" and not isinstance(x, np.ndarray):
+        arr = np.asarray(x, dtype=object)  # a list mixing numbers and strings: judge each entry
     if arr.ndim != 1:
         raise InvalidArgument(f"{name} must be a 1-D array of node ids, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            bad = int(np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))[0])
-            raise InvalidArgument(f"{name}[{bad}] = {float(arr[bad])} is not an integer node id")
-    elif arr.size and arr.dtype.kind not in "iub":
-        raise InvalidArgument(f"{name} must hold integer node ids, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size:
-        bad_mask = arr < 0 if n is None else (arr < 0) | (arr >= n)
-        if bad_mask.any():
-            bad = int(np.flatnonzero(bad_mask)[0])
-            rng = "a non-negative id" if n is None else f"an id in [0, {n})"
-            raise InvalidArgument(f"{name}[{bad}] = {int(arr[bad])} is outside the graph: expected {rng}")
-    return arr
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    kind = arr.dtype.kind
+    hi = np.iinfo(np.int64).max if n is None else n - 1
+    if kind in "iu":
+        ok = (arr >= 0) & (arr <= hi) if kind == "i" else arr <= np.uint64(max(hi, 0))
+        if kind == "u" and n is not None and n == 0:
+            ok = np.zeros(arr.shape, bool)
+    elif kind == "f":
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(arr) & (arr == np.round(arr)) & (arr >= 0) & (arr <= min(float(hi), 2.0**53))
+    else:  # strings, objects (mixed lists), booleans: entry by entry
+        ok = None
+        if kind == "O" and _first_bad_id(arr, n) is None:
+            return np.array([int(v) for v in arr.tolist()], np.int64)
+    if ok is None or not ok.all():
+        start = 0 if ok is None else int(np.flatnonzero(~ok)[0])
+        bad = _first_bad_id(arr[start:], n)
+        if bad is None:  # floats above 2**53 (rounded ids)
+            raise InvalidArgument(f"{name}[{start}] = {arr[start]!r} is too large to be an exact node id")
+        i, shown, why = bad
+        raise InvalidArgument(f"{name}[{start + i}] = {shown} {why}")
+    return arr.astype(np.int64, copy=False)
 
 
 def as_weights(w, m: int, name: str = "weights") -> np.ndarray:

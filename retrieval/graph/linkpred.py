@@ -3,8 +3,9 @@
 Protocol (Wang et al. 2024, following PyG ``train_test_split_edges`` as their code calls it): the
 undirected edges are shuffled with a seed; ``floor(test_frac m)`` go to test, ``floor(val_frac m)`` to
 validation, the rest (70%) to training. Validation and test each get ``floor(test_frac m)`` distinct
-negative pairs ``u < v`` that are not edges of the *full* graph (no self-loops). Models see only the
-training edges.
+negative pairs ``u < v`` that are not edges of the *full* graph (no self-loops), and never fewer than
+the largest K of the reported Hits@K (``min_negatives``, 100): with fewer than K negatives Hits@K is
+trivially 1.0. Models see only the training edges.
 
 Hits@K (OGB's definition): the share of positive pairs scoring strictly above the K-th highest-scoring
 negative pair (1.0 when there are fewer than K negatives).
@@ -31,7 +32,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from retrieval.errors import FailedPrecondition, InvalidArgument
+from retrieval.errors import Cancelled, FailedPrecondition, InvalidArgument
 from retrieval.graph.graph import Graph, as_node_ids
 from retrieval.graph.ncn import Adj, LinkModel, NCNConfig, make_config
 from retrieval.storage import atomic
@@ -145,8 +146,13 @@ def edge_keys(edges: np.ndarray, n: int, both: bool = True) -> np.ndarray:
 
 
 def split_edges(g: Graph | np.ndarray, n: int | None = None, *, val_frac: float = 0.1, test_frac: float = 0.2,
-                seed: int = 0) -> LinkSplit:
-    """Random edge split (see the module docstring). ``g``: a :class:`Graph` or an edge array ``[m, 2]``."""
+                seed: int = 0, min_negatives: int = 100) -> LinkSplit:
+    """Random edge split (see the module docstring). ``g``: a :class:`Graph` or an edge array ``[m, 2]``.
+
+    Validation and test each get ``max(floor(test_frac m), min_negatives)`` negatives: Hits@K with
+    fewer than K negatives is 1.0 whatever the scores, so ``min_negatives`` should be the largest K
+    reported (default 100, for Hits@20/50/100). On graphs with ``floor(test_frac m) >= min_negatives``
+    the split is the NCN code's, unchanged."""
     if isinstance(g, Graph):
         if g.directed:
             raise InvalidArgument("link-prediction splits need an undirected graph")
@@ -169,9 +175,18 @@ def split_edges(g: Graph | np.ndarray, n: int | None = None, *, val_frac: float 
     test = edges[perm[:n_t]]
     valid = edges[perm[n_t:n_t + n_v]]
     train = edges[perm[n_t + n_v:]]
-    neg = sample_non_edges(n, 2 * n_t, edge_keys(edges, n, both=False), rng, distinct=True, upper=True)
-    return LinkSplit(n=n, train=train, valid=valid, valid_neg=neg[:n_t], test=test, test_neg=neg[n_t:],
-                     info={"seed": seed, "val_frac": val_frac, "test_frac": test_frac, "protocol": "random"})
+    if isinstance(min_negatives, bool) or not isinstance(min_negatives, (int, np.integer)) or min_negatives < 0:
+        raise InvalidArgument(f"min_negatives must be a non-negative integer, got {min_negatives!r}")
+    n_neg = max(n_t, int(min_negatives))
+    free = n * (n - 1) // 2 - m
+    if 2 * n_neg > free:  # a tiny graph: every non-edge is a negative; Hits@K for K > n_neg stays trivial
+        n_neg = max(n_t, free // 2)
+        logger.warning("only %d non-edges: %d negatives each for validation and test (fewer than "
+                       "min_negatives = %d; Hits@K above that is trivially 1.0)", free, n_neg, min_negatives)
+    neg = sample_non_edges(n, 2 * n_neg, edge_keys(edges, n, both=False), rng, distinct=True, upper=True)
+    return LinkSplit(n=n, train=train, valid=valid, valid_neg=neg[:n_neg], test=test, test_neg=neg[n_neg:],
+                     info={"seed": seed, "val_frac": val_frac, "test_frac": test_frac, "protocol": "random",
+                           "negatives": n_neg})
 
 
 def official_split(train_graph: Graph, splits: dict) -> LinkSplit:
@@ -419,6 +434,7 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
 
     E = train.shape[0]
     bs = min(cfg.batch_size, E)
+    holdout = len(split.valid) > 0  # no validation edges (evaluate="none"): every epoch is the best so far
     stopped = False
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -433,6 +449,8 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
         if cfg.max_batches is not None:
             nb = min(nb, cfg.max_batches)
         for bi in range(nb):
+            if ctx is not None and bi:
+                ctx.check_cancelled()  # a cancel lands within a batch; last.pt / best.pt stay as they were
             idx = perm[bi * bs:(bi + 1) * bs]
             pos_e = train[idx]
             adj = full_adj.remove_edges(pos_e[:, 0], pos_e[:, 1]) if cfg.mask_target else full_adj
@@ -449,11 +467,17 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
         epoch_seconds.append(secs)
         last_epoch = epoch == cfg.epochs or (time_budget is not None and time.perf_counter() - t_start > time_budget)
         rec = {"epoch": epoch, "loss": float(np.mean(losses)), "train_seconds": secs}
-        if epoch % cfg.eval_every == 0 or last_epoch:
+        if not holdout:
+            best = {"epoch": epoch}
+            if wd is not None:
+                every = {"model": model.state_dict(), "config": json.dumps(cfg.as_dict()), "best": json.dumps(best)}
+                atomic.write_with(wd / "best.pt", lambda f, st=every: torch.save(st, f))
+        elif epoch % cfg.eval_every == 0 or last_epoch:
             t1 = time.perf_counter()
             val = evaluate(model, x, full_adj, split, cfg, ks, parts=("valid",))["valid"]
             rec["valid"] = val
-            score = val[f"hits@{cfg.hits_k}"]
+            # Hits@K is 1.0 whatever the scores with fewer than K negatives: select by AUC then
+            score = val[f"hits@{cfg.hits_k}"] if len(split.valid_neg) >= cfg.hits_k else val["auc"]
             if score > best_val:
                 best_val, since_best = score, 0
                 test = evaluate(model, x, full_adj, split, cfg, ks, parts=("test",))["test"]
@@ -502,14 +526,29 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
 # --------------------------------------------------------------------------------------------------
 # stored models: the training job and the scorer
 # --------------------------------------------------------------------------------------------------
+EVALUATE_MODES = ("holdout", "none")
+
+
+def all_edges_split(g: Graph) -> LinkSplit:
+    """Every edge for training, nothing held out (``evaluate="none"``)."""
+    z = np.zeros((0, 2), np.int64)
+    return LinkSplit(n=g.n, train=undirected_edges(g), valid=z, valid_neg=z, test=z, test_neg=z,
+                     info={"protocol": "none"})
+
+
 def ncn_train_job(ctx, *, store_root: str, graph: str, model_name: str = "ncn", preset: str | None = None,
                   config: dict | None = None, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2,
-                  device: str | None = None) -> dict:
+                  device: str | None = None, evaluate: str = "holdout") -> dict:
     """Job body: train a link predictor on a stored undirected graph and store it with the graph.
 
     The graph's edges are split at random (``seed``); the model with the best validation Hits@K is saved
     as ``<graph>/models/<model_name>/model.pt`` with ``model.json`` (config, metrics, graph version) and,
     for FastRP input, the input features. Progress: one unit per epoch. Returns the metrics.
+
+    ``evaluate``: ``holdout`` (the split above; the validation and test edges are stored with the model
+    as ``held_out.npy`` and masked when it serves, so ScoreLinks / PredictLinks see the graph the model was
+    evaluated on and held-out links can be predicted) or ``none`` (train on every edge, no metrics, the last
+    epoch is the model; serving sees every edge).
     """
     from retrieval.graph.store import GraphStore
 
@@ -519,18 +558,78 @@ def ncn_train_job(ctx, *, store_root: str, graph: str, model_name: str = "ncn", 
     cfg = make_config(preset, **(config or {}))
     if cfg.input == "features" and g.features is None:
         raise InvalidArgument(f"graph {graph!r} has no node features: set config input='learnable' or 'fastrp'")
-    split = split_edges(g, val_frac=val_frac, test_frac=test_frac, seed=seed)
-    res = train_link_model(split, g.features, cfg, seed=seed, device=device, ctx=ctx, work_dir=ctx.work_dir)
+    if evaluate not in EVALUATE_MODES:
+        raise InvalidArgument(f"evaluate must be one of {list(EVALUATE_MODES)}, got {evaluate!r}")
+    if evaluate == "none":
+        split = all_edges_split(g)
+    else:
+        split = split_edges(g, val_frac=val_frac, test_frac=test_frac, seed=seed,
+                            min_negatives=max(cfg.hits_k, 100))
+    try:
+        res = train_link_model(split, g.features, cfg, seed=seed, device=device, ctx=ctx, work_dir=ctx.work_dir)
+    except Cancelled:
+        kept = _store_best_checkpoint(store, graph, model_name, Path(ctx.work_dir), cfg, g, split, seed, version,
+                                      evaluate)
+        if kept is not None:
+            logger.info("training of %s/%s cancelled; kept the best epoch so far (%s)", graph, model_name, kept)
+        raise
     mdir = store.models_dir(graph, model_name)
     state = {k: v.detach().cpu() for k, v in res.model.state_dict().items()}
     atomic.write_with(mdir / "model.pt", lambda f: torch.save(state, f))
     if res.input_features is not None:
         atomic.save_npy(mdir / "input_features.npy", res.input_features.astype(np.float32))
+    held = _save_held_out(mdir, split, evaluate)
     meta = {"config": cfg.as_dict(), "graph_version": version, "seed": seed, "split": split.describe(),
-            "metrics": res.best, "summary": res.summary(), "in_dim": _in_dim(cfg, g, res), "n": g.n}
+            "metrics": res.best, "summary": res.summary(), "in_dim": _in_dim(cfg, g, res), "n": g.n,
+            "evaluate": evaluate, "held_out_edges": held}
     atomic.write_json(mdir / "model.json", meta, sort_keys=True)
     return {"graph": graph, "model": model_name, "metrics": res.best, "summary": res.summary(),
-            "graph_version": version}
+            "graph_version": version, "evaluate": evaluate, "held_out_edges": held}
+
+
+def _save_held_out(mdir: Path, split: LinkSplit, evaluate: str) -> int:
+    """Store the validation + test edges of a holdout model (``held_out.npy``, int64 [P, 2]); returns P."""
+    f = mdir / "held_out.npy"
+    if evaluate != "holdout":
+        if f.exists():
+            f.unlink()
+        return 0
+    held = np.concatenate([np.asarray(split.valid, np.int64).reshape(-1, 2),
+                           np.asarray(split.test, np.int64).reshape(-1, 2)])
+    atomic.save_npy(f, held)
+    return len(held)
+
+
+def _store_best_checkpoint(store, graph: str, model_name: str, work: Path, cfg: NCNConfig, g: Graph,
+                           split: LinkSplit, seed: int, version: int, evaluate: str = "holdout") -> int | None:
+    """After a cancel: store the best epoch so far (``best.pt`` of the work folder) as the graph's model
+    ``model_name`` (``model.json`` says ``"partial": true``); returns that epoch, or None when no epoch was
+    evaluated yet (then nothing is stored and an earlier model of that name stays)."""
+    f = work / "best.pt"
+    if not f.exists():
+        return None
+    ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    if json.loads(ckpt["config"]) != cfg.as_dict():
+        return None  # a checkpoint of another configuration
+    best = json.loads(ckpt["best"])
+    last = work / "last.pt"
+    epochs_run = None
+    if last.exists():
+        epochs_run = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
+    mdir = store.models_dir(graph, model_name)
+    if cfg.input == "fastrp":  # the input the model was trained with (deterministic in the seed)
+        atomic.save_npy(mdir / "input_features.npy",
+                        fastrp_features(split.n, split.train, cfg.fastrp_dim, seed).astype(np.float32))
+    state = {k: v.detach().cpu() for k, v in ckpt["model"].items()}
+    atomic.write_with(mdir / "model.pt", lambda fh: torch.save(state, fh))
+    in_dim = int(g.features.shape[1]) if cfg.input == "features" else (cfg.fastrp_dim if cfg.input == "fastrp"
+                                                                         else cfg.hidden)
+    held = _save_held_out(mdir, split, evaluate)
+    meta = {"config": cfg.as_dict(), "graph_version": version, "seed": seed, "split": split.describe(),
+            "metrics": best, "summary": {"best": best, "epochs_run": epochs_run, "cancelled": True},
+            "partial": True, "in_dim": int(in_dim), "n": g.n, "evaluate": evaluate, "held_out_edges": held}
+    atomic.write_json(mdir / "model.json", meta, sort_keys=True)
+    return int(best["epoch"])
 
 
 def _in_dim(cfg: NCNConfig, g: Graph, res: TrainResult) -> int:
@@ -539,6 +638,16 @@ def _in_dim(cfg: NCNConfig, g: Graph, res: TrainResult) -> int:
     if cfg.input == "fastrp":
         return int(cfg.fastrp_dim)
     return int(cfg.hidden)
+
+
+def mask_edges(g: Graph, edges: np.ndarray) -> Graph:
+    """``g`` without the undirected ``edges`` ``[P, 2]`` (features and labels kept)."""
+    e = undirected_edges(g)
+    if not len(edges) or not len(e):
+        return g
+    drop = edge_keys(edges, g.n, both=True)
+    keep = ~np.isin(e[:, 0] * g.n + e[:, 1], drop)
+    return Graph.from_edges(g.n, e[keep, 0], e[keep, 1], directed=False, features=g.features, labels=g.labels)
 
 
 class LinkScorer:
@@ -588,7 +697,12 @@ class LinkScorer:
             x = to_torch_features(np.load(mdir / "input_features.npy", allow_pickle=False), dev)
         else:
             x = None
-        e = torch.from_numpy(undirected_edges(g)).to(dev)
+        # a holdout model serves on the graph it was evaluated on: its held-out edges leave the adjacency
+        # (message passing, common neighbours); PredictLinks still skips them as existing neighbours
+        seen = g
+        if meta.get("evaluate", "holdout") == "holdout" and (mdir / "held_out.npy").exists():
+            seen = mask_edges(g, np.load(mdir / "held_out.npy", allow_pickle=False))
+        e = torch.from_numpy(undirected_edges(seen)).to(dev)
         adj = Adj.from_edges(e[:, 0], e[:, 1], g.n)
         return LinkScorer(model, x, adj, g, cfg.test_batch_size)
 
@@ -626,4 +740,5 @@ class LinkScorer:
 
 __all__ = ["LinkSplit", "split_edges", "official_split", "undirected_edges", "sample_non_edges", "edge_keys",
            "hits_at_k", "auc", "common_neighbor_scores", "adamic_adar_scores", "heuristic_results",
-           "train_link_model", "evaluate", "TrainResult", "ncn_train_job", "LinkScorer", "resolve_device"]
+           "train_link_model", "evaluate", "TrainResult", "ncn_train_job", "LinkScorer", "resolve_device",
+           "all_edges_split", "mask_edges", "EVALUATE_MODES"]

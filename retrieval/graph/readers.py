@@ -79,7 +79,10 @@ class EdgeListReader:
     - ``num_nodes`` (None): node count; default ``max id + 1`` after rebasing.
     - ``self_loops`` (True): keep ``u u`` rows.
     - ``duplicates`` ("first"): which weight a repeated edge keeps (see :meth:`Graph.from_edges`).
-    - ``delimiter`` (None): None splits on whitespace and commas.
+    - ``delimiter`` (None): None splits on whitespace, commas and semicolons; ``"sniff"`` guesses one
+      character from the first lines (:func:`sniff_delimiter`); any other string is used as given.
+    - ``header`` (None): None skips a first line whose first two fields are not numbers; True always
+      skips the first non-comment line; False skips nothing (a non-numeric line is an error).
     """
 
     name = "edgelist"
@@ -89,13 +92,40 @@ class EdgeListReader:
     provides_splits = False
 
     def read(self, path: Path, *, directed: bool = False, weighted="auto", index_base="auto", num_nodes=None,
-             self_loops: bool = True, duplicates: str = "first", delimiter: str | None = None) -> ReadResult:
+             self_loops: bool = True, duplicates: str = "first", delimiter: str | None = None,
+             header: bool | None = None) -> ReadResult:
         path = Path(path)
-        u, v, w = parse_edge_text(_read_text(path), str(path), weighted=weighted, delimiter=delimiter)
+        text = _read_text(path)
+        if delimiter == "sniff":
+            delimiter = sniff_delimiter(text)
+        u, v, w = parse_edge_text(text, str(path), weighted=weighted, delimiter=delimiter, header=header)
         n, u, v, base = _rebase(u, v, index_base, num_nodes, str(path))
         g = Graph.from_edges(n, u, v, w, directed=directed, weighted=w is not None, duplicates=duplicates,
                              self_loops=self_loops)
-        return ReadResult(graph=g, source=str(path), info={"rows": int(u.shape[0]), "index_base": base})
+        return ReadResult(graph=g, source=str(path), info={"rows": int(u.shape[0]), "index_base": base,
+                                                          "delimiter": delimiter})
+
+
+SNIFF_DELIMITERS = ("\t", ",", ";", "|", " ")
+
+
+def sniff_delimiter(text: str, lines: int = 50) -> str | None:
+    """The field separator of edge-list text, guessed from its first ``lines`` data lines (comments and
+    blank lines skipped): the first of tab, comma, semicolon, pipe that splits every sampled line into
+    2 or 3 fields; None (split on any whitespace) when none does."""
+    sample = []
+    for line in text.splitlines():
+        t = line.strip()
+        if t and t[0] not in "#%":
+            sample.append(t)
+            if len(sample) >= lines:
+                break
+    if not sample:
+        return None
+    for d in SNIFF_DELIMITERS[:-1]:
+        if all(len(t.split(d)) in (2, 3) for t in sample):
+            return d
+    return None
 
 
 def _read_text(path: Path) -> str:
@@ -114,9 +144,11 @@ def _read_text(path: Path) -> str:
         raise InvalidArgument(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def parse_edge_text(text: str, source: str = "<text>", *, weighted="auto", delimiter: str | None = None):
+def parse_edge_text(text: str, source: str = "<text>", *, weighted="auto", delimiter: str | None = None,
+                    header: bool | None = None):
     """Parse edge-list text into ``(u int64, v int64, w float64 | None)``. Raises InvalidArgument naming
-    ``source`` and the 1-based line of the first malformed row. Ids are not yet rebased."""
+    ``source`` and the 1-based line of the first malformed row. Ids are not yet rebased. ``header``: see
+    :class:`EdgeListReader`."""
     lines = text.splitlines()  # handles \n, \r\n and \r
     rows: list[list[str]] = []
     line_no: list[int] = []
@@ -129,7 +161,9 @@ def parse_edge_text(text: str, source: str = "<text>", *, weighted="auto", delim
         parts = [p.strip() for p in parts if p.strip() != ""]
         if not header_done:
             header_done = True
-            if len(parts) >= 2 and not _looks_numeric(parts[0]) and not _looks_numeric(parts[1]):
+            if header is True:
+                continue
+            if header is None and len(parts) >= 2 and not _looks_numeric(parts[0]) and not _looks_numeric(parts[1]):
                 continue  # a header row such as "source,target,weight"
         rows.append(parts)
         line_no.append(i)
@@ -583,7 +617,7 @@ def read_graph(path, format: str | None = None, **options) -> ReadResult:
     return get_reader(fmt).read(path, **options)
 
 
-__all__ = ["READERS", "ReadResult", "GraphReader", "EdgeListReader", "MatReader", "PlanetoidReader",
-           "OGBLinkReader", "RestrictedUnpickler", "safe_unpickle", "load_torch_arrays", "get_reader",
-           "register_reader", "detect_format", "read_graph", "parse_edge_text"]
+__all__ = ["READERS", "EdgeListReader", "GraphReader", "MatReader", "OGBLinkReader", "PlanetoidReader", "ReadResult",
+           "RestrictedUnpickler", "detect_format", "get_reader", "load_torch_arrays", "parse_edge_text", "read_graph",
+           "register_reader", "safe_unpickle", "sniff_delimiter"]
 

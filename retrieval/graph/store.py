@@ -52,6 +52,19 @@ def check_num_nodes(n: int, max_nodes: int = MAX_NODES) -> None:
         raise ResourceExhausted(f"a graph of {n} nodes exceeds the limit of {max_nodes} nodes")
 
 
+SELF_LOOP_POLICIES = ("drop", "keep", "reject")
+
+
+def resolve_self_loops(policy: str | None, directed: bool) -> str:
+    """The self-loop policy of an append: ``policy``, or when it is None / empty the default (``drop`` on
+    undirected graphs, ``keep`` on directed ones)."""
+    if policy in (None, ""):
+        return "keep" if directed else "drop"
+    if policy not in SELF_LOOP_POLICIES:
+        raise InvalidArgument(f"self_loops must be one of {list(SELF_LOOP_POLICIES)}, got {policy!r}")
+    return policy
+
+
 def check_name(name, what: str = "graph name") -> str:
     """A name is 1-128 characters of letters, digits, ``_ . -``, starting with a letter or digit.
 
@@ -216,23 +229,50 @@ class GraphStore:
         out.update(g.describe())
         out["embeddings"] = self.list_embeddings(name)
         out["models"] = self.list_models(name)
+        out["model_info"] = {m: self.model_summary(name, m) for m in out["models"]}
         return out
+
+    def model_summary(self, name: str, model_name: str) -> dict:
+        """What ``describe`` shows of a stored link model: how it was evaluated (``holdout``: its held-out
+        edges are masked when it serves; ``none``: trained on every edge), whether it is a cancelled
+        run's best epoch (``partial``), and the graph version it was trained on."""
+        try:
+            meta = json.loads((self.path(name) / "models" / model_name / "model.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        ev = meta.get("evaluate", "holdout")
+        return {"evaluate": ev, "held_out_edges": int(meta.get("held_out_edges", 0)),
+                "masked_at_serving": ev == "holdout" and int(meta.get("held_out_edges", 0)) > 0,
+                "partial": bool(meta.get("partial", False)), "graph_version": meta.get("graph_version")}
 
     def neighbors(self, name: str, node: int, direction: str = "out") -> tuple[np.ndarray, np.ndarray]:
         """``(ids, weights)`` of the neighbours of ``node``; see :meth:`Graph.neighbors`."""
         return self.load(name).neighbors(node, direction)
 
     # ---- writes -------------------------------------------------------------------------------
-    def append_edges(self, name: str, src, dst, weights=None, *, duplicates: str = "last") -> dict:
+    def append_edges(self, name: str, src, dst, weights=None, *, duplicates: str = "last",
+                     self_loops: str | None = None, num_nodes: int | None = None) -> dict:
         """Add edges to graph ``name``. Validation happens before anything is written.
 
-        Node ids must already exist (see :meth:`add_nodes`). ``weights``: finite and >= 0, only for a
-        weighted graph (default 1). A repeated edge is stored once; on a weighted graph its weight
-        follows ``duplicates`` (``last``: the newest row wins). Returns ``{"added": new edges,
-        "m": edges now, "version": ...}``. Each call rewrites the CSR (O(m)): append in batches.
+        Node ids must already exist (see :meth:`add_nodes`); each is checked before any cast (a fraction,
+        a negative id, a string or an id >= n is an InvalidArgument naming its position). ``weights``:
+        finite and >= 0, only for a weighted graph (default 1). A repeated edge is stored once; on a
+        weighted graph its weight follows ``duplicates`` (``last``: the newest row wins).
+
+        ``self_loops`` (rows ``u == u``): ``drop`` (skip them; the default on undirected graphs, the
+        ones link prediction trains on: a self-loop is never a link to predict and inflates common
+        neighbours), ``keep`` (store them; the default on directed graphs) or ``reject`` (the whole call
+        fails, naming the first one). ``num_nodes``: grow the graph to this many nodes in the same atomic
+        step (as :meth:`add_nodes`; never shrinks it). Returns ``{"added": new edges, "m": edges now,
+        "version": ..., "self_loops_dropped": rows skipped}``. Each call rewrites the CSR (O(m)): append in
+        batches.
         """
         with self._lock(name):
             g = self.load(name)
+            policy = resolve_self_loops(self_loops, g.directed)
+            if num_nodes is not None and int(num_nodes) > g.n:
+                check_num_nodes(int(num_nodes))
+                g = _grown(g, int(num_nodes))
             src = as_node_ids(src, "src", g.n)
             dst = as_node_ids(dst, "dst", g.n)
             if src.shape != dst.shape:
@@ -240,8 +280,19 @@ class GraphStore:
             if weights is not None and not g.weighted:
                 raise InvalidArgument(f"graph {name!r} is unweighted: send no weights, or create it with weighted=True")
             w_new = as_weights(weights, src.shape[0]) if weights is not None else None
-            if src.size == 0:
-                return {"added": 0, "m": g.num_edges, "version": self.version(name)}
+            loops = src == dst
+            dropped = 0
+            if loops.any():
+                if policy == "reject":
+                    i = int(np.flatnonzero(loops)[0])
+                    raise InvalidArgument(f"edge {i} ({int(src[i])}, {int(dst[i])}) is a self-loop and self_loops="
+                                          f"'reject'; pass self_loops='drop' or 'keep'")
+                if policy == "drop":
+                    dropped = int(loops.sum())
+                    src, dst = src[~loops], dst[~loops]
+                    w_new = w_new[~loops] if w_new is not None else None
+            if src.size == 0 and g.n == self.load(name).n:
+                return {"added": 0, "m": g.num_edges, "version": self.version(name), "self_loops_dropped": dropped}
             s0, d0, w0 = g.edges()
             if g.weighted:
                 w0 = w0 if w0 is not None else np.ones(s0.shape[0], np.float32)
@@ -253,7 +304,8 @@ class GraphStore:
                                    directed=g.directed, weighted=g.weighted, duplicates=duplicates)
             added = new.num_edges - g.num_edges
             self._commit(name, new, features=g.features, labels=g.labels)
-            return {"added": int(added), "m": new.num_edges, "version": self.version(name)}
+            return {"added": int(added), "m": new.num_edges, "version": self.version(name),
+                    "self_loops_dropped": dropped}
 
     def add_nodes(self, name: str, count: int) -> dict:
         """Append ``count`` isolated nodes (ids ``n .. n+count-1``); features pad with 0, labels with -1."""
@@ -263,20 +315,7 @@ class GraphStore:
             g = self.load(name)
             n2 = g.n + int(count)
             check_num_nodes(n2)
-            indptr = np.concatenate([g.indptr, np.full(int(count), g.indptr[-1], np.int64)])
-            feats = None
-            if g.features is not None:
-                feats = np.zeros((n2, g.features.shape[1]), np.float32)
-                feats[: g.n] = g.features
-            labels = None
-            if g.labels is not None:
-                if g.labels.multilabel:
-                    Y = g.labels.Y
-                    labels = sp.vstack([Y, sp.csr_matrix((int(count), Y.shape[1]), dtype=Y.dtype)]).tocsr()
-                else:
-                    labels = np.concatenate([g.labels.y, np.full(int(count), -1, np.int64)])
-            new = Graph(n=n2, directed=g.directed, weighted=g.weighted, indptr=indptr, indices=g.indices,
-                        weights=g.weights).with_features(feats).with_labels(labels)
+            new = _grown(g, n2)
             self._commit(name, new, features=new.features, labels=new.labels)
             return {"n": n2, "version": self.version(name)}
 
@@ -466,6 +505,27 @@ class GraphStore:
                     p.unlink()
                 except OSError:
                     pass
+
+
+def _grown(g: Graph, n2: int) -> Graph:
+    """``g`` with isolated nodes ``g.n .. n2-1`` added (features pad with 0, labels with -1)."""
+    count = n2 - g.n
+    if count <= 0:
+        return g
+    indptr = np.concatenate([g.indptr, np.full(count, g.indptr[-1], np.int64)])
+    feats = None
+    if g.features is not None:
+        feats = np.zeros((n2, g.features.shape[1]), np.float32)
+        feats[: g.n] = g.features
+    labels = None
+    if g.labels is not None:
+        if g.labels.multilabel:
+            Y = g.labels.Y
+            labels = sp.vstack([Y, sp.csr_matrix((count, Y.shape[1]), dtype=Y.dtype)]).tocsr()
+        else:
+            labels = np.concatenate([g.labels.y, np.full(count, -1, np.int64)])
+    return Graph(n=n2, directed=g.directed, weighted=g.weighted, indptr=indptr, indices=g.indices,
+                 weights=g.weights).with_features(feats).with_labels(labels)
 
 
 def _labels_n(labels: Labels) -> int:

@@ -15,7 +15,8 @@ import numpy as np
 from retrieval import convert
 from retrieval.errors import InvalidArgument, ResourceExhausted
 from retrieval.graph import convert as gconv
-from retrieval.graph.engine import FASTRP_KIND, MAX_DIM, TRAIN_KIND, GraphEngine
+from retrieval.graph.engine import FASTRP_KIND, IMPORT_KIND, MAX_DIM, TRAIN_KIND, GraphEngine
+from retrieval.graph.store import resolve_self_loops
 from retrieval.v1 import graphs_pb2 as pb
 from retrieval.v1 import graphs_pb2_grpc
 
@@ -27,6 +28,7 @@ MAX_PREDICT_NODES = 1024    # nodes per PredictLinks call
 MAX_PAIRS = 1_000_000       # pairs per ScoreLinks call
 MAX_STREAM_EDGES = 50_000_000
 MAX_CANDIDATES = 100_000
+MAX_EMBEDDING_NODES = 1_000_000  # listed nodes per GetEmbeddings call (all=true streams any number)
 
 
 async def _run(fn, *args, **kw):
@@ -91,7 +93,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         return await self._info(request.graph)
 
     async def AppendEdges(self, request_iterator, context):
-        graph, dup = None, ""
+        graph, dup, loops = None, "", ""
         srcs, dsts, ws = [], [], []
         total = 0
         n = None
@@ -101,15 +103,19 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
                     raise InvalidArgument("the first AppendEdges message must name the graph")
                 graph = msg.graph
                 g = await _run(self.store.load, graph)
-                n, weighted = g.n, g.weighted
+                n, weighted, directed = g.n, g.weighted, g.directed
             elif msg.graph and msg.graph != graph:
                 raise InvalidArgument(f"one stream appends to one graph: got {msg.graph!r} after {graph!r}")
             if msg.duplicates:
                 dup = msg.duplicates
+            if msg.self_loops:
+                loops = resolve_self_loops(msg.self_loops, directed)  # a bad policy fails at once
             s, d, w = gconv.edges_from_proto(msg)
-            if s.size and (s.max() >= n or d.max() >= n):  # fail at the bad chunk, before reading the rest
-                bad = int(max(s.max(), d.max()))
-                raise InvalidArgument(f"edge chunk {len(srcs)}: node {bad} is outside graph {graph!r} (n = {n})")
+            for arr, what in ((s, "src"), (d, "dst")):  # fail at the bad chunk, before reading the rest
+                if arr.size and arr.max() >= n:
+                    i = int(np.flatnonzero(arr >= n)[0])
+                    raise InvalidArgument(f"edge chunk {len(srcs)}: {what}[{i}] = {int(arr[i])} (edge {total + i} of "
+                                          f"the stream) is outside graph {graph!r} (n = {n})")
             if w is not None and not weighted:
                 raise InvalidArgument(f"graph {graph!r} is unweighted: send no weights")
             total += s.size
@@ -122,7 +128,8 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         src = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
         dst = np.concatenate(dsts) if dsts else np.zeros(0, np.int64)
         w = np.concatenate(ws) if ws and ws[0] is not None else None
-        res = await _run(self.store.append_edges, graph, src, dst, w, duplicates=dup or "last")
+        res = await _run(self.store.append_edges, graph, src, dst, w, duplicates=dup or "last",
+                         self_loops=loops or None)
         return gconv.append_result_to_proto(dict(res, received=int(src.size)))
 
     async def SetFeatures(self, request, context):
@@ -172,6 +179,18 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
                                               convert.query_params_from_proto(request.params), request.include_self)
         return pb.SimilarNodesResponse(results=gconv.hits_to_proto(res))
 
+    async def GetEmbeddings(self, request, context):
+        nodes = gconv.ids_from_proto(request.nodes, "nodes")
+        _limit(nodes.size, MAX_EMBEDDING_NODES, "nodes")
+        if not request.all and nodes.size == 0:
+            raise InvalidArgument("GetEmbeddings needs nodes, or all=true for every node")
+        if request.all and nodes.size:
+            raise InvalidArgument("GetEmbeddings takes nodes or all=true, not both")
+        X, meta, current = await _run(self.engine.get_embeddings, request.graph, request.embedding or "fastrp",
+                                      None if request.all else nodes)
+        for chunk in gconv.embeddings_to_chunks(X, int(meta.get("graph_version", 0)), current):
+            await context.write(chunk)
+
     async def TrainLinkModel(self, request, context):
         rec = await self.jobs.start(TRAIN_KIND, gconv.train_request_to_params(request))
         return convert.job_to_proto(rec)
@@ -199,8 +218,11 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
 def register(server, ctx) -> GraphEngine:
     """Create the engine under ``ctx.data_dir / "graphs"``, register the servicer and the job kinds."""
     from retrieval.jobs.manager import JobKind
+    from retrieval.server.auth import allowed_client_dirs, resolve_client_file
 
-    engine = GraphEngine(ctx.data_dir / "graphs", ctx.collections)
+    # import_graph reads the client's file through the sandbox, confined to the folders the settings allow
+    engine = GraphEngine(ctx.data_dir / "graphs", ctx.collections,
+                         allowed_dirs=lambda: allowed_client_dirs(ctx.settings, ctx.data_dir))
     graphs_pb2_grpc.add_GraphsServicer_to_server(GraphsServicer(engine, ctx.jobs), server)
     ctx.jobs.register(JobKind(FASTRP_KIND, body=engine.fastrp_body, validate=engine.validate_fastrp, resumable=True,
                               description="FastRP node embeddings of a graph, stored with it and indexed into a "
@@ -208,4 +230,15 @@ def register(server, ctx) -> GraphEngine:
     ctx.jobs.register(JobKind(TRAIN_KIND, body=engine.train_body, validate=engine.validate_train, resumable=True,
                               description="train an NCN / NCNC / GCN link predictor on a graph (random 70/10/20 "
                                           "split, best validation epoch kept; resumes from its last epoch)"))
+
+    def validate_import(params: dict) -> dict:
+        # a path a client names must lie in the folders clients may read (security.client_file_dirs)
+        params = dict(params)
+        if isinstance(params.get("path"), str) and params["path"]:
+            params["path"] = str(resolve_client_file(params["path"], ctx.settings, ctx.data_dir, "graph input"))
+        return engine.validate_import(params)
+
+    ctx.jobs.register(JobKind(IMPORT_KIND, body=engine.import_body, validate=validate_import, resumable=False,
+                              description="read an edge file (CSV / TSV / text, .mat) or a Planetoid / OGB folder "
+                                          "that the server may read into a new graph, or append it to one"))
     return engine

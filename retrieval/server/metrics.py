@@ -28,11 +28,18 @@ State, refreshed every ``REFRESH_S`` seconds on the event loop::
 
 Services add their own with :func:`gauge` / :func:`counter` / :func:`histogram` (get-or-create, so a
 service restarting in tests does not register twice) and :func:`add_refresher` for values read from
-their state on the event loop, e.g. the drafts service::
+their state on the event loop, e.g. the drafts service (``retrieval.server.drafts_servicer.register``)::
 
     from retrieval.server import metrics
-    sessions = metrics.gauge("retrieval_draft_sessions", "draft sessions open")
+    sessions = metrics.gauge("retrieval_draft_sessions", "draft sessions open (all tokenizers)")
     metrics.add_refresher(lambda: sessions.set(engine.open_sessions()))
+
+Drafts (exported by the drafts service)::
+
+    retrieval_draft_sessions             draft sessions open (all tokenizers)
+    retrieval_draft_session_bytes        their memory (Session.nbytes summed), bytes
+    retrieval_draft_session_max_bytes    the largest open session, bytes
+    retrieval_draft_state_slots          per-tokenizer state slots held (recycling, history, calibration)
 
 Thread-safety: prometheus_client metrics are thread-safe; refreshers run on the event loop, so they may
 read engine state that is only safe to touch there; the HTTP thread only reads finished values.

@@ -33,9 +33,14 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         return convert.collection_info_to_proto(await col.describe())
 
     async def List(self, request, context):
-        # served collections and the ones held but not served (quarantined, unavailable), with a state
+        # served collections and the ones held but not served (quarantined, unavailable), with a state;
+        # the graph engine's FastRP collections (g-<graph>-<embedding>-<token>) only with include_internal
+        from retrieval.graph.engine import is_internal_collection
+
         out = collections_pb2.ListCollectionsResponse()
         for col in self.manager.all():
+            if not request.include_internal and is_internal_collection(col.name):
+                continue
             out.collections.append(convert.collection_info_to_proto(await col.describe()))
         return out
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as retrieval_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eretrieval/v1/collections.proto\x12\x0cretrieval.v1\x1a\x19retrieval/v1/common.proto\"J\n\x19\x43reatePayloadIndexRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\":\n\x17\x44ropPayloadIndexRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x1a\n\x18\x44ropPayloadIndexResponse\"/\n\x19ListPayloadIndexesRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"M\n\x1aListPayloadIndexesResponse\x12/\n\x07indexes\x18\x01 \x03(\x0b\x32\x1e.retrieval.v1.PayloadIndexInfo\"=\n\x10PayloadIndexInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x04\"\x82\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12&\n\x05index\x18\x04 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\x12\x0e\n\x06shards\x18\x05 \x01(\r\"\x18\n\x16ListCollectionsRequest\"L\n\x17ListCollectionsResponse\x12\x31\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.CollectionInfo\")\n\x19\x44\x65scribeCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse\"F\n\x17ImportCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"O\n\x17RepairCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05index\x18\x02 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\"\xc5\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0e\n\x06points\x18\x02 \x01(\x04\x12\x0f\n\x07indexed\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65leted_in_index\x18\x05 \x01(\x04\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\x12\x14\n\x0csnapshot_seq\x18\x07 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\r\n\x05state\x18\t \x01(\t\x12\x10\n\x08location\x18\n \x01(\t\"\xea\x02\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12&\n\x05index\x18\x04 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\x12\x0e\n\x06shards\x18\x05 \x01(\r\x12\x0e\n\x06points\x18\x06 \x01(\x04\x12\x0f\n\x07indexed\x18\x07 \x01(\x04\x12\x0f\n\x07pending\x18\x08 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x04\x12\r\n\x05state\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12+\n\nshard_info\x18\x0c \x03(\x0b\x32\x17.retrieval.v1.ShardInfo\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12\x37\n\x0fpayload_indexes\x18\x0f \x03(\x0b\x32\x1e.retrieval.v1.PayloadIndexInfo2\xa0\x06\n\x0b\x43ollections\x12M\n\x06\x43reate\x12%.retrieval.v1.CreateCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12S\n\x04List\x12$.retrieval.v1.ListCollectionsRequest\x1a%.retrieval.v1.ListCollectionsResponse\x12Q\n\x08\x44\x65scribe\x12\'.retrieval.v1.DescribeCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12Q\n\x04\x44rop\x12#.retrieval.v1.DropCollectionRequest\x1a$.retrieval.v1.DropCollectionResponse\x12M\n\x06Import\x12%.retrieval.v1.ImportCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12M\n\x06Repair\x12%.retrieval.v1.RepairCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12]\n\x12\x43reatePayloadIndex\x12\'.retrieval.v1.CreatePayloadIndexRequest\x1a\x1e.retrieval.v1.PayloadIndexInfo\x12\x61\n\x10\x44ropPayloadIndex\x12%.retrieval.v1.DropPayloadIndexRequest\x1a&.retrieval.v1.DropPayloadIndexResponse\x12g\n\x12ListPayloadIndexes\x12\'.retrieval.v1.ListPayloadIndexesRequest\x1a(.retrieval.v1.ListPayloadIndexesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eretrieval/v1/collections.proto\x12\x0cretrieval.v1\x1a\x19retrieval/v1/common.proto\"J\n\x19\x43reatePayloadIndexRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\":\n\x17\x44ropPayloadIndexRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x1a\n\x18\x44ropPayloadIndexResponse\"/\n\x19ListPayloadIndexesRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"M\n\x1aListPayloadIndexesResponse\x12/\n\x07indexes\x18\x01 \x03(\x0b\x32\x1e.retrieval.v1.PayloadIndexInfo\"=\n\x10PayloadIndexInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x04\"\x82\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12&\n\x05index\x18\x04 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\x12\x0e\n\x06shards\x18\x05 \x01(\r\"2\n\x16ListCollectionsRequest\x12\x18\n\x10include_internal\x18\x01 \x01(\x08\"L\n\x17ListCollectionsResponse\x12\x31\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.CollectionInfo\")\n\x19\x44\x65scribeCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse\"F\n\x17ImportCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"O\n\x17RepairCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05index\x18\x02 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\"\xc5\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0e\n\x06points\x18\x02 \x01(\x04\x12\x0f\n\x07indexed\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x18\n\x10\x64\x65leted_in_index\x18\x05 \x01(\x04\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\x12\x14\n\x0csnapshot_seq\x18\x07 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\r\n\x05state\x18\t \x01(\t\x12\x10\n\x08location\x18\n \x01(\t\"\xea\x02\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12&\n\x05index\x18\x04 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\x12\x0e\n\x06shards\x18\x05 \x01(\r\x12\x0e\n\x06points\x18\x06 \x01(\x04\x12\x0f\n\x07indexed\x18\x07 \x01(\x04\x12\x0f\n\x07pending\x18\x08 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x04\x12\r\n\x05state\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12+\n\nshard_info\x18\x0c \x03(\x0b\x32\x17.retrieval.v1.ShardInfo\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12\x37\n\x0fpayload_indexes\x18\x0f \x03(\x0b\x32\x1e.retrieval.v1.PayloadIndexInfo2\xa0\x06\n\x0b\x43ollections\x12M\n\x06\x43reate\x12%.retrieval.v1.CreateCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12S\n\x04List\x12$.retrieval.v1.ListCollectionsRequest\x1a%.retrieval.v1.ListCollectionsResponse\x12Q\n\x08\x44\x65scribe\x12\'.retrieval.v1.DescribeCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12Q\n\x04\x44rop\x12#.retrieval.v1.DropCollectionRequest\x1a$.retrieval.v1.DropCollectionResponse\x12M\n\x06Import\x12%.retrieval.v1.ImportCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12M\n\x06Repair\x12%.retrieval.v1.RepairCollectionRequest\x1a\x1c.retrieval.v1.CollectionInfo\x12]\n\x12\x43reatePayloadIndex\x12\'.retrieval.v1.CreatePayloadIndexRequest\x1a\x1e.retrieval.v1.PayloadIndexInfo\x12\x61\n\x10\x44ropPayloadIndex\x12%.retrieval.v1.DropPayloadIndexRequest\x1a&.retrieval.v1.DropPayloadIndexResponse\x12g\n\x12ListPayloadIndexes\x12\'.retrieval.v1.ListPayloadIndexesRequest\x1a(.retrieval.v1.ListPayloadIndexesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,23 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATECOLLECTIONREQUEST']._serialized_start=431
   _globals['_CREATECOLLECTIONREQUEST']._serialized_end=561
   _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=563
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=587
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=589
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=665
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=667
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=708
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=710
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=747
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=749
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=773
-  _globals['_IMPORTCOLLECTIONREQUEST']._serialized_start=775
-  _globals['_IMPORTCOLLECTIONREQUEST']._serialized_end=845
-  _globals['_REPAIRCOLLECTIONREQUEST']._serialized_start=847
-  _globals['_REPAIRCOLLECTIONREQUEST']._serialized_end=926
-  _globals['_SHARDINFO']._serialized_start=929
-  _globals['_SHARDINFO']._serialized_end=1126
-  _globals['_COLLECTIONINFO']._serialized_start=1129
-  _globals['_COLLECTIONINFO']._serialized_end=1491
-  _globals['_COLLECTIONS']._serialized_start=1494
-  _globals['_COLLECTIONS']._serialized_end=2294
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=613
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=615
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=691
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=693
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=734
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=736
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=773
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=775
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=799
+  _globals['_IMPORTCOLLECTIONREQUEST']._serialized_start=801
+  _globals['_IMPORTCOLLECTIONREQUEST']._serialized_end=871
+  _globals['_REPAIRCOLLECTIONREQUEST']._serialized_start=873
+  _globals['_REPAIRCOLLECTIONREQUEST']._serialized_end=952
+  _globals['_SHARDINFO']._serialized_start=955
+  _globals['_SHARDINFO']._serialized_end=1152
+  _globals['_COLLECTIONINFO']._serialized_start=1155
+  _globals['_COLLECTIONINFO']._serialized_end=1517
+  _globals['_COLLECTIONS']._serialized_start=1520
+  _globals['_COLLECTIONS']._serialized_end=2320
 # @@protoc_insertion_point(module_scope)

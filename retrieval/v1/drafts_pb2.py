@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import jobs_pb2 as retrieval_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19retrieval/v1/drafts.proto\x12\x0cretrieval.v1\x1a\x17retrieval/v1/jobs.proto\"B\n\x0b\x44raftBudget\x12\x11\n\tmax_nodes\x18\x01 \x01(\r\x12\x11\n\tmax_depth\x18\x02 \x01(\r\x12\r\n\x05\x63hain\x18\x03 \x01(\x08\"c\n\x05\x44raft\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\x12\x14\n\x0csource_index\x18\x04 \x03(\r\x12\x14\n\x0csource_names\x18\x05 \x03(\t\"\x84\x01\n\x0bOpenSession\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tdatastore\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12)\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x19.retrieval.v1.DraftBudget\"q\n\x0c\x41ppendTokens\x12\x14\n\x0c\x61\x63\x63\x65pted_ids\x18\x01 \x03(\x05\x12\x10\n\x08topk_ids\x18\x02 \x03(\x05\x12\x0e\n\x06topk_k\x18\x03 \x01(\r\x12)\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x19.retrieval.v1.DraftBudget\"\x1f\n\x0c\x43loseSession\x12\x0f\n\x07\x64iscard\x18\x01 \x01(\x08\"\x9e\x01\n\x0eSessionRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.retrieval.v1.OpenSessionH\x00\x12,\n\x06\x61ppend\x18\x02 \x01(\x0b\x32\x1a.retrieval.v1.AppendTokensH\x00\x12+\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1a.retrieval.v1.CloseSessionH\x00\x42\x06\n\x04kind\"T\n\x0cSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x13.retrieval.v1.Draft\"\x86\x01\n\x0c\x44raftRequest\x12\x13\n\x0b\x63ontext_ids\x18\x01 \x03(\x05\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tdatastore\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12)\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x19.retrieval.v1.DraftBudget\"0\n\nDraftReply\x12\"\n\x05\x64raft\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Draft\"A\n\x11\x44raftBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.retrieval.v1.DraftRequest\"<\n\x0f\x44raftBatchReply\x12)\n\x07replies\x18\x01 \x03(\x0b\x32\x18.retrieval.v1.DraftReply\"\x9a\x01\n\x15\x42uildDatastoreRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x14\n\x0cinput_format\x18\x03 \x01(\t\x12\x11\n\ttokenizer\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0btext_fields\x18\x06 \x03(\t\x12\x11\n\toverwrite\x18\x07 \x01(\x08\"\x1c\n\x0c\x44\x61tastoreRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa0\x01\n\rDatastoreInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08n_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06n_docs\x18\x03 \x01(\x04\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x15\n\rbytes_on_disk\x18\x06 \x01(\x04\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\"\x17\n\x15ListDatastoresRequest\"I\n\x16ListDatastoresResponse\x12/\n\ndatastores\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.DatastoreInfo\"\x17\n\x15\x44ropDatastoreResponse2\xa5\x04\n\x06\x44rafts\x12G\n\x07Session\x12\x1c.retrieval.v1.SessionRequest\x1a\x1a.retrieval.v1.SessionReply(\x01\x30\x01\x12=\n\x05\x44raft\x12\x1a.retrieval.v1.DraftRequest\x1a\x18.retrieval.v1.DraftReply\x12L\n\nDraftBatch\x12\x1f.retrieval.v1.DraftBatchRequest\x1a\x1d.retrieval.v1.DraftBatchReply\x12H\n\x0e\x42uildDatastore\x12#.retrieval.v1.BuildDatastoreRequest\x1a\x11.retrieval.v1.Job\x12[\n\x0eListDatastores\x12#.retrieval.v1.ListDatastoresRequest\x1a$.retrieval.v1.ListDatastoresResponse\x12L\n\x11\x44\x65scribeDatastore\x12\x1a.retrieval.v1.DatastoreRef\x1a\x1b.retrieval.v1.DatastoreInfo\x12P\n\rDropDatastore\x12\x1a.retrieval.v1.DatastoreRef\x1a#.retrieval.v1.DropDatastoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19retrieval/v1/drafts.proto\x12\x0cretrieval.v1\x1a\x17retrieval/v1/jobs.proto\"B\n\x0b\x44raftBudget\x12\x11\n\tmax_nodes\x18\x01 \x01(\r\x12\x11\n\tmax_depth\x18\x02 \x01(\r\x12\r\n\x05\x63hain\x18\x03 \x01(\x08\"c\n\x05\x44raft\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\x12\x14\n\x0csource_index\x18\x04 \x03(\r\x12\x14\n\x0csource_names\x18\x05 \x03(\t\"\xa3\x01\n\x0bOpenSession\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tdatastore\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12)\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x19.retrieval.v1.DraftBudget\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\"q\n\x0c\x41ppendTokens\x12\x14\n\x0c\x61\x63\x63\x65pted_ids\x18\x01 \x03(\x05\x12\x10\n\x08topk_ids\x18\x02 \x03(\x05\x12\x0e\n\x06topk_k\x18\x03 \x01(\r\x12)\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x19.retrieval.v1.DraftBudget\"\x1f\n\x0c\x43loseSession\x12\x0f\n\x07\x64iscard\x18\x01 \x01(\x08\"\x9e\x01\n\x0eSessionRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.retrieval.v1.OpenSessionH\x00\x12,\n\x06\x61ppend\x18\x02 \x01(\x0b\x32\x1a.retrieval.v1.AppendTokensH\x00\x12+\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1a.retrieval.v1.CloseSessionH\x00\x42\x06\n\x04kind\"-\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x7f\n\x0cSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x13.retrieval.v1.Draft\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1a.retrieval.v1.SessionError\"\xa5\x01\n\x0c\x44raftRequest\x12\x13\n\x0b\x63ontext_ids\x18\x01 \x03(\x05\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tdatastore\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12)\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x19.retrieval.v1.DraftBudget\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\"0\n\nDraftReply\x12\"\n\x05\x64raft\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Draft\"A\n\x11\x44raftBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.retrieval.v1.DraftRequest\"<\n\x0f\x44raftBatchReply\x12)\n\x07replies\x18\x01 \x03(\x0b\x32\x18.retrieval.v1.DraftReply\"\xb9\x01\n\x15\x42uildDatastoreRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x14\n\x0cinput_format\x18\x03 \x01(\t\x12\x11\n\ttokenizer\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0btext_fields\x18\x06 \x03(\t\x12\x11\n\toverwrite\x18\x07 \x01(\x08\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\"\x1c\n\x0c\x44\x61tastoreRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa0\x01\n\rDatastoreInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08n_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06n_docs\x18\x03 \x01(\x04\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x15\n\rbytes_on_disk\x18\x06 \x01(\x04\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\"\x17\n\x15ListDatastoresRequest\"I\n\x16ListDatastoresResponse\x12/\n\ndatastores\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.DatastoreInfo\"\x17\n\x15\x44ropDatastoreResponse2\xa5\x04\n\x06\x44rafts\x12G\n\x07Session\x12\x1c.retrieval.v1.SessionRequest\x1a\x1a.retrieval.v1.SessionReply(\x01\x30\x01\x12=\n\x05\x44raft\x12\x1a.retrieval.v1.DraftRequest\x1a\x18.retrieval.v1.DraftReply\x12L\n\nDraftBatch\x12\x1f.retrieval.v1.DraftBatchRequest\x1a\x1d.retrieval.v1.DraftBatchReply\x12H\n\x0e\x42uildDatastore\x12#.retrieval.v1.BuildDatastoreRequest\x1a\x11.retrieval.v1.Job\x12[\n\x0eListDatastores\x12#.retrieval.v1.ListDatastoresRequest\x1a$.retrieval.v1.ListDatastoresResponse\x12L\n\x11\x44\x65scribeDatastore\x12\x1a.retrieval.v1.DatastoreRef\x1a\x1b.retrieval.v1.DatastoreInfo\x12P\n\rDropDatastore\x12\x1a.retrieval.v1.DatastoreRef\x1a#.retrieval.v1.DropDatastoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFT']._serialized_start=136
   _globals['_DRAFT']._serialized_end=235
   _globals['_OPENSESSION']._serialized_start=238
-  _globals['_OPENSESSION']._serialized_end=370
-  _globals['_APPENDTOKENS']._serialized_start=372
-  _globals['_APPENDTOKENS']._serialized_end=485
-  _globals['_CLOSESESSION']._serialized_start=487
-  _globals['_CLOSESESSION']._serialized_end=518
-  _globals['_SESSIONREQUEST']._serialized_start=521
-  _globals['_SESSIONREQUEST']._serialized_end=679
-  _globals['_SESSIONREPLY']._serialized_start=681
-  _globals['_SESSIONREPLY']._serialized_end=765
-  _globals['_DRAFTREQUEST']._serialized_start=768
-  _globals['_DRAFTREQUEST']._serialized_end=902
-  _globals['_DRAFTREPLY']._serialized_start=904
-  _globals['_DRAFTREPLY']._serialized_end=952
-  _globals['_DRAFTBATCHREQUEST']._serialized_start=954
-  _globals['_DRAFTBATCHREQUEST']._serialized_end=1019
-  _globals['_DRAFTBATCHREPLY']._serialized_start=1021
-  _globals['_DRAFTBATCHREPLY']._serialized_end=1081
-  _globals['_BUILDDATASTOREREQUEST']._serialized_start=1084
-  _globals['_BUILDDATASTOREREQUEST']._serialized_end=1238
-  _globals['_DATASTOREREF']._serialized_start=1240
-  _globals['_DATASTOREREF']._serialized_end=1268
-  _globals['_DATASTOREINFO']._serialized_start=1271
-  _globals['_DATASTOREINFO']._serialized_end=1431
-  _globals['_LISTDATASTORESREQUEST']._serialized_start=1433
-  _globals['_LISTDATASTORESREQUEST']._serialized_end=1456
-  _globals['_LISTDATASTORESRESPONSE']._serialized_start=1458
-  _globals['_LISTDATASTORESRESPONSE']._serialized_end=1531
-  _globals['_DROPDATASTORERESPONSE']._serialized_start=1533
-  _globals['_DROPDATASTORERESPONSE']._serialized_end=1556
-  _globals['_DRAFTS']._serialized_start=1559
-  _globals['_DRAFTS']._serialized_end=2108
+  _globals['_OPENSESSION']._serialized_end=401
+  _globals['_APPENDTOKENS']._serialized_start=403
+  _globals['_APPENDTOKENS']._serialized_end=516
+  _globals['_CLOSESESSION']._serialized_start=518
+  _globals['_CLOSESESSION']._serialized_end=549
+  _globals['_SESSIONREQUEST']._serialized_start=552
+  _globals['_SESSIONREQUEST']._serialized_end=710
+  _globals['_SESSIONERROR']._serialized_start=712
+  _globals['_SESSIONERROR']._serialized_end=757
+  _globals['_SESSIONREPLY']._serialized_start=759
+  _globals['_SESSIONREPLY']._serialized_end=886
+  _globals['_DRAFTREQUEST']._serialized_start=889
+  _globals['_DRAFTREQUEST']._serialized_end=1054
+  _globals['_DRAFTREPLY']._serialized_start=1056
+  _globals['_DRAFTREPLY']._serialized_end=1104
+  _globals['_DRAFTBATCHREQUEST']._serialized_start=1106
+  _globals['_DRAFTBATCHREQUEST']._serialized_end=1171
+  _globals['_DRAFTBATCHREPLY']._serialized_start=1173
+  _globals['_DRAFTBATCHREPLY']._serialized_end=1233
+  _globals['_BUILDDATASTOREREQUEST']._serialized_start=1236
+  _globals['_BUILDDATASTOREREQUEST']._serialized_end=1421
+  _globals['_DATASTOREREF']._serialized_start=1423
+  _globals['_DATASTOREREF']._serialized_end=1451
+  _globals['_DATASTOREINFO']._serialized_start=1454
+  _globals['_DATASTOREINFO']._serialized_end=1614
+  _globals['_LISTDATASTORESREQUEST']._serialized_start=1616
+  _globals['_LISTDATASTORESREQUEST']._serialized_end=1639
+  _globals['_LISTDATASTORESRESPONSE']._serialized_start=1641
+  _globals['_LISTDATASTORESRESPONSE']._serialized_end=1714
+  _globals['_DROPDATASTORERESPONSE']._serialized_start=1716
+  _globals['_DROPDATASTORERESPONSE']._serialized_end=1739
+  _globals['_DRAFTS']._serialized_start=1742
+  _globals['_DRAFTS']._serialized_end=2291
 # @@protoc_insertion_point(module_scope)

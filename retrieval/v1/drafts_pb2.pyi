@@ -33,18 +33,20 @@ class Draft(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ..., source_index: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("prompt_ids", "vocab_size", "datastore", "sources", "budget")
+    __slots__ = ("prompt_ids", "vocab_size", "datastore", "sources", "budget", "tokenizer_fingerprint")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     vocab_size: int
     datastore: str
     sources: _containers.RepeatedScalarFieldContainer[str]
     budget: DraftBudget
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., datastore: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ...) -> None: ...
+    tokenizer_fingerprint: str
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., datastore: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class AppendTokens(_message.Message):
     __slots__ = ("accepted_ids", "topk_ids", "topk_k", "budget")
@@ -74,29 +76,41 @@ class SessionRequest(_message.Message):
     close: CloseSession
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., append: _Optional[_Union[AppendTokens, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
 
+class SessionError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class SessionReply(_message.Message):
-    __slots__ = ("session_id", "step", "draft")
+    __slots__ = ("session_id", "step", "draft", "error")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     draft: Draft
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ...) -> None: ...
+    error: SessionError
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("context_ids", "vocab_size", "datastore", "sources", "budget")
+    __slots__ = ("context_ids", "vocab_size", "datastore", "sources", "budget", "tokenizer_fingerprint")
     CONTEXT_IDS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     context_ids: _containers.RepeatedScalarFieldContainer[int]
     vocab_size: int
     datastore: str
     sources: _containers.RepeatedScalarFieldContainer[str]
     budget: DraftBudget
-    def __init__(self, context_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., datastore: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ...) -> None: ...
+    tokenizer_fingerprint: str
+    def __init__(self, context_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., datastore: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class DraftReply(_message.Message):
     __slots__ = ("draft",)
@@ -117,7 +131,7 @@ class DraftBatchReply(_message.Message):
     def __init__(self, replies: _Optional[_Iterable[_Union[DraftReply, _Mapping]]] = ...) -> None: ...
 
 class BuildDatastoreRequest(_message.Message):
-    __slots__ = ("name", "inputs", "input_format", "tokenizer", "vocab_size", "text_fields", "overwrite")
+    __slots__ = ("name", "inputs", "input_format", "tokenizer", "vocab_size", "text_fields", "overwrite", "tokenizer_fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +139,7 @@ class BuildDatastoreRequest(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELDS_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     input_format: str
@@ -132,7 +147,8 @@ class BuildDatastoreRequest(_message.Message):
     vocab_size: int
     text_fields: _containers.RepeatedScalarFieldContainer[str]
     overwrite: bool
-    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., input_format: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., text_fields: _Optional[_Iterable[str]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    tokenizer_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., input_format: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., text_fields: _Optional[_Iterable[str]] = ..., overwrite: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class DatastoreRef(_message.Message):
     __slots__ = ("name",)

@@ -38,6 +38,19 @@ class DraftsStub:
     its output joins the shared history (unless `discard`), the reply carries no draft and the server
     ends the stream. A stream that ends without `close` or breaks (client gone), and a session idle past
     the server's timeout, are dropped without being learned from.
+
+    Errors inside a stream: a message the server refuses (bad ids, a malformed top-k, an absurd budget, a
+    context over the maximum, a second `open`, `append` before `open`...) gets a reply whose `error` is set
+    (a gRPC status code and a sentence) and no draft; the session is left as it was and the stream stays
+    open, so the client may send a corrected message. A failed `open` (the first message) leaves no session:
+    the stream ends with that status. The stream ends with a status only when it cannot go on: a failed
+    `open`, the session evicted (NOT_FOUND), an internal error, the server stopping.
+
+    Tokenizers: `tokenizer_fingerprint` names the model's tokenizer (the "vocab-sha256:..." string of
+    retrieval.drafting.tokenizer.tokenizer_fingerprint). The server keeps learned state (recycling matrix,
+    history, calibration) per (vocab_size, tokenizer_fingerprint), and refuses a datastore built with
+    another tokenizer (FAILED_PRECONDITION). Empty: the state is keyed by vocab_size alone and shared by
+    every tokenizer of that size that names none, and datastores are checked by vocabulary size only.
     """
 
     def __init__(self, channel):
@@ -94,6 +107,19 @@ class DraftsServicer:
     its output joins the shared history (unless `discard`), the reply carries no draft and the server
     ends the stream. A stream that ends without `close` or breaks (client gone), and a session idle past
     the server's timeout, are dropped without being learned from.
+
+    Errors inside a stream: a message the server refuses (bad ids, a malformed top-k, an absurd budget, a
+    context over the maximum, a second `open`, `append` before `open`...) gets a reply whose `error` is set
+    (a gRPC status code and a sentence) and no draft; the session is left as it was and the stream stays
+    open, so the client may send a corrected message. A failed `open` (the first message) leaves no session:
+    the stream ends with that status. The stream ends with a status only when it cannot go on: a failed
+    `open`, the session evicted (NOT_FOUND), an internal error, the server stopping.
+
+    Tokenizers: `tokenizer_fingerprint` names the model's tokenizer (the "vocab-sha256:..." string of
+    retrieval.drafting.tokenizer.tokenizer_fingerprint). The server keeps learned state (recycling matrix,
+    history, calibration) per (vocab_size, tokenizer_fingerprint), and refuses a datastore built with
+    another tokenizer (FAILED_PRECONDITION). Empty: the state is keyed by vocab_size alone and shared by
+    every tokenizer of that size that names none, and datastores are checked by vocabulary size only.
     """
 
     def Session(self, request_iterator, context):
@@ -197,6 +223,19 @@ class Drafts:
     its output joins the shared history (unless `discard`), the reply carries no draft and the server
     ends the stream. A stream that ends without `close` or breaks (client gone), and a session idle past
     the server's timeout, are dropped without being learned from.
+
+    Errors inside a stream: a message the server refuses (bad ids, a malformed top-k, an absurd budget, a
+    context over the maximum, a second `open`, `append` before `open`...) gets a reply whose `error` is set
+    (a gRPC status code and a sentence) and no draft; the session is left as it was and the stream stays
+    open, so the client may send a corrected message. A failed `open` (the first message) leaves no session:
+    the stream ends with that status. The stream ends with a status only when it cannot go on: a failed
+    `open`, the session evicted (NOT_FOUND), an internal error, the server stopping.
+
+    Tokenizers: `tokenizer_fingerprint` names the model's tokenizer (the "vocab-sha256:..." string of
+    retrieval.drafting.tokenizer.tokenizer_fingerprint). The server keeps learned state (recycling matrix,
+    history, calibration) per (vocab_size, tokenizer_fingerprint), and refuses a datastore built with
+    another tokenizer (FAILED_PRECONDITION). Empty: the state is keyed by vocab_size alone and shared by
+    every tokenizer of that size that names none, and datastores are checked by vocabulary size only.
     """
 
     @staticmethod

@@ -92,30 +92,34 @@ class AddNodesRequest(_message.Message):
     def __init__(self, graph: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class AppendEdgesRequest(_message.Message):
-    __slots__ = ("graph", "src", "dst", "weights", "duplicates")
+    __slots__ = ("graph", "src", "dst", "weights", "duplicates", "self_loops")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    SELF_LOOPS_FIELD_NUMBER: _ClassVar[int]
     graph: str
     src: _containers.RepeatedScalarFieldContainer[int]
     dst: _containers.RepeatedScalarFieldContainer[int]
     weights: _containers.RepeatedScalarFieldContainer[float]
     duplicates: str
-    def __init__(self, graph: _Optional[str] = ..., src: _Optional[_Iterable[int]] = ..., dst: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., duplicates: _Optional[str] = ...) -> None: ...
+    self_loops: str
+    def __init__(self, graph: _Optional[str] = ..., src: _Optional[_Iterable[int]] = ..., dst: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., duplicates: _Optional[str] = ..., self_loops: _Optional[str] = ...) -> None: ...
 
 class AppendEdgesResponse(_message.Message):
-    __slots__ = ("received", "added", "num_edges", "version")
+    __slots__ = ("received", "added", "num_edges", "version", "self_loops_dropped")
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ADDED_FIELD_NUMBER: _ClassVar[int]
     NUM_EDGES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELF_LOOPS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     received: int
     added: int
     num_edges: int
     version: int
-    def __init__(self, received: _Optional[int] = ..., added: _Optional[int] = ..., num_edges: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    self_loops_dropped: int
+    def __init__(self, received: _Optional[int] = ..., added: _Optional[int] = ..., num_edges: _Optional[int] = ..., version: _Optional[int] = ..., self_loops_dropped: _Optional[int] = ...) -> None: ...
 
 class SetFeaturesRequest(_message.Message):
     __slots__ = ("graph", "features")
@@ -243,8 +247,34 @@ class SimilarNodesResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[NodeHits]
     def __init__(self, results: _Optional[_Iterable[_Union[NodeHits, _Mapping]]] = ...) -> None: ...
 
+class GetEmbeddingsRequest(_message.Message):
+    __slots__ = ("graph", "embedding", "nodes", "all")
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    graph: str
+    embedding: str
+    nodes: _containers.RepeatedScalarFieldContainer[int]
+    all: bool
+    def __init__(self, graph: _Optional[str] = ..., embedding: _Optional[str] = ..., nodes: _Optional[_Iterable[int]] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class EmbeddingsChunk(_message.Message):
+    __slots__ = ("vectors", "offset", "total", "graph_version", "current_version")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    vectors: _common_pb2.Vectors
+    offset: int
+    total: int
+    graph_version: int
+    current_version: int
+    def __init__(self, vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., graph_version: _Optional[int] = ..., current_version: _Optional[int] = ...) -> None: ...
+
 class TrainLinkModelRequest(_message.Message):
-    __slots__ = ("graph", "model", "preset", "config_json", "seed", "val_frac", "test_frac", "device")
+    __slots__ = ("graph", "model", "preset", "config_json", "seed", "val_frac", "test_frac", "device", "evaluate")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +283,7 @@ class TrainLinkModelRequest(_message.Message):
     VAL_FRAC_FIELD_NUMBER: _ClassVar[int]
     TEST_FRAC_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     graph: str
     model: str
     preset: str
@@ -261,7 +292,8 @@ class TrainLinkModelRequest(_message.Message):
     val_frac: float
     test_frac: float
     device: str
-    def __init__(self, graph: _Optional[str] = ..., model: _Optional[str] = ..., preset: _Optional[str] = ..., config_json: _Optional[str] = ..., seed: _Optional[int] = ..., val_frac: _Optional[float] = ..., test_frac: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    evaluate: str
+    def __init__(self, graph: _Optional[str] = ..., model: _Optional[str] = ..., preset: _Optional[str] = ..., config_json: _Optional[str] = ..., seed: _Optional[int] = ..., val_frac: _Optional[float] = ..., test_frac: _Optional[float] = ..., device: _Optional[str] = ..., evaluate: _Optional[str] = ...) -> None: ...
 
 class ScoreLinksRequest(_message.Message):
     __slots__ = ("graph", "model", "src", "dst")

@@ -96,6 +96,11 @@ class GraphsStub:
                 request_serializer=retrieval_dot_v1_dot_graphs__pb2.SimilarNodesRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_graphs__pb2.SimilarNodesResponse.FromString,
                 _registered_method=True)
+        self.GetEmbeddings = channel.unary_stream(
+                '/retrieval.v1.Graphs/GetEmbeddings',
+                request_serializer=retrieval_dot_v1_dot_graphs__pb2.GetEmbeddingsRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_graphs__pb2.EmbeddingsChunk.FromString,
+                _registered_method=True)
         self.TrainLinkModel = channel.unary_unary(
                 '/retrieval.v1.Graphs/TrainLinkModel',
                 request_serializer=retrieval_dot_v1_dot_graphs__pb2.TrainLinkModelRequest.SerializeToString,
@@ -193,6 +198,14 @@ class GraphsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEmbeddings(self, request, context):
+        """Stored node embeddings (e.g. FastRP) of some nodes or of all, as packed float32 rows, streamed in
+        chunks of at most ~2 MiB; rows come in the order of the requested nodes (all: node id order).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def TrainLinkModel(self, request, context):
         """NCN / NCNC training as a job (kind "link_model_train"); the model is stored with the graph.
         """
@@ -272,6 +285,11 @@ def add_GraphsServicer_to_server(servicer, server):
                     servicer.SimilarNodes,
                     request_deserializer=retrieval_dot_v1_dot_graphs__pb2.SimilarNodesRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_graphs__pb2.SimilarNodesResponse.SerializeToString,
+            ),
+            'GetEmbeddings': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetEmbeddings,
+                    request_deserializer=retrieval_dot_v1_dot_graphs__pb2.GetEmbeddingsRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_graphs__pb2.EmbeddingsChunk.SerializeToString,
             ),
             'TrainLinkModel': grpc.unary_unary_rpc_method_handler(
                     servicer.TrainLinkModel,
@@ -591,6 +609,33 @@ class Graphs:
             '/retrieval.v1.Graphs/SimilarNodes',
             retrieval_dot_v1_dot_graphs__pb2.SimilarNodesRequest.SerializeToString,
             retrieval_dot_v1_dot_graphs__pb2.SimilarNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/retrieval.v1.Graphs/GetEmbeddings',
+            retrieval_dot_v1_dot_graphs__pb2.GetEmbeddingsRequest.SerializeToString,
+            retrieval_dot_v1_dot_graphs__pb2.EmbeddingsChunk.FromString,
             options,
             channel_credentials,
             insecure,

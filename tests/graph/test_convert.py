@@ -32,8 +32,30 @@ def test_edges_round_trip_and_checks():
         gconv.edges_from_proto(pb.AppendEdgesRequest(src=[0, 1], dst=[1]))
     with pytest.raises(InvalidArgument, match="not a node id"):
         gconv.edges_from_proto(pb.AppendEdgesRequest(src=[2**63], dst=[1]))
-    r = {"received": 3, "added": 2, "m": 7, "version": 4}
+    r = {"received": 3, "added": 2, "m": 7, "version": 4, "self_loops_dropped": 1}
     assert gconv.append_result_from_proto(gconv.append_result_to_proto(r)) == r
+    assert gconv.edges_to_proto("g", [0], [0], self_loops="reject").self_loops == "reject"
+
+
+def test_embeddings_chunks_round_trip():
+    X = np.random.default_rng(0).standard_normal((37, 5)).astype(np.float32)
+    chunks = list(gconv.embeddings_to_chunks(X, 3, 4, chunk_bytes=4 * 5 * 10))  # 10 rows a chunk
+    assert [c.vectors.n for c in chunks] == [10, 10, 10, 7] and [c.offset for c in chunks] == [0, 10, 20, 30]
+    back, info = gconv.embeddings_from_chunks(chunks)
+    assert np.array_equal(back, X) and info == {"graph_version": 3, "current_version": 4}
+    with pytest.raises(InvalidArgument, match="ended after 30 of 37 rows"):
+        gconv.embeddings_from_chunks(chunks[:3])
+    with pytest.raises(InvalidArgument, match="out of order"):
+        gconv.embeddings_from_chunks([chunks[0], chunks[2]])
+
+
+def test_client_side_node_ids_name_the_position():
+    assert gconv.node_ids_in([0, 2.0, np.int64(3)], "src").tolist() == [0, 2, 3]
+    for bad, words in (([0, 1.5], r"src must be integers, got 1.5 at src\[1\]"),
+                       ([3, -1], r"src must be >= 0, got -1 at src\[1\]"),
+                       ([0, "abc"], r"src must be integers, got 'abc' at src\[1\]")):
+        with pytest.raises(InvalidArgument, match=words):
+            gconv.node_ids_in(bad, "src")
 
 
 def test_labels_round_trip():
@@ -71,7 +93,7 @@ def test_hits_and_train_round_trip():
     back = gconv.hits_from_proto(gconv.hits_to_proto(res))
     assert [(a.tolist(), b.tolist()) for a, b in back] == [(a.tolist(), pytest.approx(b.tolist())) for a, b in res]
     p = {"graph": "g", "model": "m", "preset": "cora", "config": {"predictor": "ncnc"}, "seed": 3, "device": "cpu",
-         "val_frac": 0.15, "test_frac": 0.25}
+         "val_frac": 0.15, "test_frac": 0.25, "evaluate": "none"}
     assert gconv.train_request_to_params(gconv.train_params_to_request(p)) == p
     with pytest.raises(InvalidArgument, match="JSON"):
         gconv.train_request_to_params(pb.TrainLinkModelRequest(graph="g", config_json="{bad"))

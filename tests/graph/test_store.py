@@ -23,8 +23,8 @@ def _files(p):
 def test_create_append_describe_neighbours_drop(st):
     st.create("g1", 5)
     assert st.list() == ["g1"]
-    r = st.append_edges("g1", [0, 1, 1, 3], [1, 0, 2, 3])
-    assert r["added"] == 3 and r["m"] == 3  # (1,0) repeats (0,1); (3,3) is a self-loop
+    r = st.append_edges("g1", [0, 1, 1, 3], [1, 0, 2, 3], self_loops="keep")
+    assert r["added"] == 3 and r["m"] == 3  # (1,0) repeats (0,1); (3,3) is a self-loop, kept on request
     r = st.append_edges("g1", [2], [4])
     assert r["added"] == 1 and r["m"] == 4
     d = st.describe("g1")
@@ -161,3 +161,48 @@ def test_empty_graph_can_be_stored(st):
     d = st.describe("empty")
     assert d["n"] == 0 and d["m"] == 0
     assert os.path.exists(st.path("empty") / "manifest.json")
+
+
+def test_self_loop_policies(st):
+    st.create("u", 4)
+    r = st.append_edges("u", [0, 1, 2], [1, 1, 2])  # undirected: self-loops dropped by default
+    assert r["added"] == 1 and r["self_loops_dropped"] == 2 and st.describe("u")["self_loops"] == 0
+    v = st.version("u")
+    with pytest.raises(InvalidArgument, match=r"edge 1 \(3, 3\) is a self-loop and self_loops='reject'"):
+        st.append_edges("u", [0, 3], [2, 3], self_loops="reject")
+    assert st.version("u") == v  # nothing written
+    assert st.append_edges("u", [3], [3], self_loops="keep")["added"] == 1
+    with pytest.raises(InvalidArgument, match="self_loops must be one of"):
+        st.append_edges("u", [0], [1], self_loops="maybe")
+    st.create("d", 3, directed=True)
+    r = st.append_edges("d", [0, 1], [0, 2])  # directed: kept by default
+    assert r["added"] == 2 and r["self_loops_dropped"] == 0 and st.describe("d")["self_loops"] == 1
+
+
+@pytest.mark.parametrize("src,words", [
+    ([0, 1.5], r"src\[1\] = 1.5 is not an integer node id"),
+    ([0, -1], r"src\[1\] = -1 is outside the graph: node ids are >= 0"),
+    (["0", "abc"], r"src\[0\] = '0' is not an integer node id"),
+    ([0, "abc"], r"src\[1\] = 'abc' is not an integer node id"),
+    ([0, 1, 4], r"src\[2\] = 4 is outside the graph: expected an id in \[0, 4\)"),
+    (np.array([0, 2**63 + 1], np.uint64), r"src\[1\] = 9223372036854775809 is outside the graph"),
+    ([float("nan")], r"src\[0\] = nan is not an integer node id"),
+    ([True], r"src\[0\] = True is a boolean"),
+])
+def test_append_ids_checked_before_cast(st, src, words):
+    st.create("ids", 4)
+    with pytest.raises(InvalidArgument, match=words):
+        st.append_edges("ids", src, [0] * len(src))
+    assert st.describe("ids")["m"] == 0 and st.version("ids") == 1
+
+
+def test_append_grows_the_graph_in_the_same_step(st):
+    st.create("grow", 2)
+    st.set_labels("grow", [0, 1])
+    with pytest.raises(InvalidArgument, match="self-loop"):
+        st.append_edges("grow", [0, 3], [1, 3], self_loops="reject", num_nodes=4)
+    assert st.describe("grow")["n"] == 2 and st.version("grow") == 2  # nothing written
+    r = st.append_edges("grow", [0, 1], [3, 2], num_nodes=4)
+    d = st.describe("grow")
+    assert r["added"] == 2 and d["n"] == 4 and d["version"] == 3 and st.load("grow").labels.y.tolist() == [0, 1, -1, -1]
+    assert st.append_edges("grow", [], [], num_nodes=5)["m"] == 2 and st.describe("grow")["n"] == 5
