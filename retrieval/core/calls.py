@@ -30,5 +30,5 @@ def check_k(k: int, max_k: int, default: int = 10) -> int:
 def check_count(n: int, limit: int, what: str) -> int:
     """``n`` things in one request (queries, nodes, pairs), at most ``limit``."""
     if n > limit:
-        raise ResourceExhausted(f"{n} {what} exceed the limit of {limit} per call")
+        raise ResourceExhausted(f"{n} {what} in one request; the limit is {limit}")
     return n

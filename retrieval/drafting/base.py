@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from retrieval.errors import InvalidArgument
+from retrieval.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -134,30 +134,20 @@ def trie_candidates(source: str, tok: np.ndarray, par: np.ndarray, cnt: np.ndarr
 
 # --- registry -----------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Callable[..., DraftSource]] = {}
+SOURCES: Registry[Callable[..., DraftSource]] = Registry("draft source")
 
 
 def register_source(name: str) -> Callable:
     """Class decorator / function decorator: register a source factory under ``name``."""
-
-    def deco(factory):
-        if name in _REGISTRY:
-            raise InvalidArgument(f"draft source {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    return SOURCES.register(name)
 
 
 def available_sources() -> list[str]:
-    return sorted(_REGISTRY)
+    return SOURCES.names()
 
 
 def source_factory(name: str) -> Callable[..., DraftSource]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise InvalidArgument(f"unknown draft source {name!r}; valid names: {', '.join(available_sources())}") from None
+    return SOURCES.get(name)
 
 
 def make_source(name: str, **params) -> DraftSource:

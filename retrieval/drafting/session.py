@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval.drafting.base import Candidates, DraftSource, available_sources, make_source
+from retrieval.drafting.base import SOURCES, Candidates, DraftSource, available_sources, make_source
 from retrieval.drafting.datastore import CorpusSource, DatastoreCatalog
 from retrieval.drafting.draft import Draft, DraftBudget
 from retrieval.drafting.history import HistorySource, HistoryStore
@@ -353,8 +353,7 @@ class SessionManager:
         names = list(names) if explicit else list(DEFAULT_SOURCES)
         out: list[DraftSource] = []
         for n in names:
-            if n not in available_sources():
-                raise InvalidArgument(f"unknown draft source {n!r}; valid names: {', '.join(available_sources())}")
+            SOURCES.get(n)  # an unknown name: InvalidArgument listing the valid ones
             if n in [s.name for s in out]:
                 raise InvalidArgument(f"draft source {n!r} is listed twice")
             if n == "context":

@@ -35,6 +35,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import numpy as np
 import scipy.sparse as sp
 
+from retrieval.core.registry import Registry
 from retrieval.errors import InvalidArgument, NotFound
 from retrieval.graph.graph import Graph
 
@@ -571,23 +572,21 @@ def load_torch_arrays(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------------
-READERS: dict[str, GraphReader] = {
-    r.name: r for r in (EdgeListReader(), MatReader(), PlanetoidReader(), OGBLinkReader())
-}
+READERS: Registry[GraphReader] = Registry("graph reader")
+for _reader in (EdgeListReader(), MatReader(), PlanetoidReader(), OGBLinkReader()):
+    READERS.register(_reader.name, _reader)
 
 
 def get_reader(name: str) -> GraphReader:
     """The reader registered as ``name``; an unknown name lists the valid ones."""
-    try:
-        return READERS[name]
-    except (KeyError, TypeError):
-        raise InvalidArgument(f"unknown graph reader {name!r}; valid readers: {sorted(READERS)}") from None
+    return READERS.get(name)
 
 
 def register_reader(reader: GraphReader) -> None:
     if not isinstance(reader, GraphReader):
         raise InvalidArgument(f"{reader!r} does not implement the GraphReader protocol")
-    READERS[reader.name] = reader
+    READERS.unregister(reader.name)  # a reader registered again replaces the old one
+    READERS.register(reader.name, reader)
 
 
 def detect_format(path: Path) -> str:
@@ -598,14 +597,14 @@ def detect_format(path: Path) -> str:
             return "ogbl"
         if list(path.glob("ind.*.graph")) or (path / "planetoid").is_dir() or list(path.glob("derived/*_planetoid.npz")):
             return "planetoid"
-        raise InvalidArgument(f"{path}: cannot tell the graph format of this folder; pass format= one of {sorted(READERS)}")
+        raise InvalidArgument(f"{path}: cannot tell the graph format of this folder; pass format= one of {READERS.choices()}")
     name = path.name.lower()
     if name.endswith("_planetoid.npz"):
         return "planetoid"
     for r in READERS.values():
         if any(name.endswith(s) for s in r.suffixes):
             return r.name
-    raise InvalidArgument(f"{path}: unknown file type; pass format= one of {sorted(READERS)}")
+    raise InvalidArgument(f"{path}: unknown file type; pass format= one of {READERS.choices()}")
 
 
 def read_graph(path, format: str | None = None, **options) -> ReadResult:

@@ -59,7 +59,7 @@ class HttpServer:
             points=PointsServicer(ctx.collections),
             search=SearchServicer(ctx.collections, s.limits.max_message_bytes),
             jobs=JobsServicer(ctx.jobs),
-            graphs=GraphsServicer(ex["graphs"], ctx.jobs) if ex.get("graphs") is not None else None,
+            graphs=GraphsServicer(ex["graphs"], ctx.jobs, ctx.settings.limits) if ex.get("graphs") is not None else None,
             crossencoder=(CrossEncoderServicer(ex["crossencoder"], ctx.jobs)
                           if ex.get("crossencoder") is not None else None),
             drafts=DraftsServicer(ex["drafts"], ctx.jobs) if ex.get("drafts") is not None else None,

@@ -29,20 +29,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from retrieval.core.calls import check_count
 from retrieval.drafting import convert as dconv
 from retrieval.drafting.engine import JOB_KIND, DraftsEngine
 from retrieval.drafting.session import draft as stateless_draft
-from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, RetrievalError
+from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound, RetrievalError
 from retrieval.v1 import drafts_pb2, drafts_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 256
-
-
 class DraftsServicer(drafts_pb2_grpc.DraftsServicer):
-    def __init__(self, engine: DraftsEngine, jobs) -> None:
+    def __init__(self, engine: DraftsEngine, jobs, max_batch: int = 256) -> None:
         self.engine = engine
+        self.max_batch = max_batch  # requests per DraftBatch
         self.jobs = jobs
 
     # --- sessions ------------------------------------------------------------------------------
@@ -155,8 +154,7 @@ class DraftsServicer(drafts_pb2_grpc.DraftsServicer):
         return await self._draft_one(request)
 
     async def DraftBatch(self, request, context):
-        if len(request.requests) > MAX_BATCH:
-            raise ResourceExhausted(f"a batch has {len(request.requests)} requests, the maximum is {MAX_BATCH}")
+        check_count(len(request.requests), self.max_batch, "draft requests")
         out = drafts_pb2.DraftBatchReply()
         for r in request.requests:
             out.replies.append(await self._draft_one(r))

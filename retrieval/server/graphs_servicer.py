@@ -7,13 +7,14 @@ the job kinds ``fastrp`` and ``link_model_train``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
 
 from retrieval import convert
-from retrieval.errors import InvalidArgument, ResourceExhausted
+from retrieval.config import LimitsSettings
+from retrieval.core.calls import check_count, check_k, run_blocking
+from retrieval.errors import InvalidArgument
 from retrieval.graph import convert as gconv
 from retrieval.graph.engine import FASTRP_KIND, IMPORT_KIND, MAX_DIM, TRAIN_KIND, GraphEngine
 from retrieval.graph.store import resolve_self_loops
@@ -22,7 +23,6 @@ from retrieval.v1 import graphs_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-MAX_K = 1000
 MAX_NODES = 10_000          # query nodes per SimilarNodes / Neighbors call
 MAX_PREDICT_NODES = 1024    # nodes per PredictLinks call
 MAX_PAIRS = 1_000_000       # pairs per ScoreLinks call
@@ -31,33 +31,18 @@ MAX_CANDIDATES = 100_000
 MAX_EMBEDDING_NODES = 1_000_000  # listed nodes per GetEmbeddings call (all=true streams any number)
 
 
-async def _run(fn, *args, **kw):
-    return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kw))
-
-
-def _k(k: int) -> int:
-    k = int(k) or 10
-    if k > MAX_K:
-        raise ResourceExhausted(f"k = {k} exceeds the limit of {MAX_K}")
-    return k
-
-
-def _limit(n: int, limit: int, what: str) -> None:
-    if n > limit:
-        raise ResourceExhausted(f"{n} {what} in one call; the limit is {limit}")
-
-
 class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
-    def __init__(self, engine: GraphEngine, jobs) -> None:
+    def __init__(self, engine: GraphEngine, jobs, limits: LimitsSettings | None = None) -> None:
         self.engine = engine
         self.store = engine.store
         self.jobs = jobs
+        self.limits = limits or LimitsSettings()
 
     async def _info(self, graph: str) -> pb.GraphInfo:
-        return gconv.graph_info_to_proto(await _run(self.store.describe, graph))
+        return gconv.graph_info_to_proto(await run_blocking(self.store.describe, graph))
 
     async def CreateGraph(self, request, context):
-        await _run(self.store.create, request.graph, int(request.num_nodes), directed=request.directed,
+        await run_blocking(self.store.create, request.graph, int(request.num_nodes), directed=request.directed,
                    weighted=request.weighted)
         return await self._info(request.graph)
 
@@ -66,7 +51,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
             return pb.ListGraphsResponse(graphs=[gconv.graph_info_to_proto(self.store.describe(g))
                                                  for g in self.store.list()])
 
-        return await _run(work)
+        return await run_blocking(work)
 
     async def DescribeGraph(self, request, context):
         return await self._info(request.graph)
@@ -81,7 +66,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
             self.store.drop(request.graph)
             return cols
 
-        for c in await _run(work):  # the embeddings' collections go with the graph
+        for c in await run_blocking(work):  # the embeddings' collections go with the graph
             try:
                 await self.engine.collections.drop(c)
             except Exception:
@@ -89,7 +74,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         return pb.DropGraphResponse()
 
     async def AddNodes(self, request, context):
-        await _run(self.store.add_nodes, request.graph, int(request.count))
+        await run_blocking(self.store.add_nodes, request.graph, int(request.count))
         return await self._info(request.graph)
 
     async def AppendEdges(self, request_iterator, context):
@@ -102,7 +87,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
                 if not msg.graph:
                     raise InvalidArgument("the first AppendEdges message must name the graph")
                 graph = msg.graph
-                g = await _run(self.store.load, graph)
+                g = await run_blocking(self.store.load, graph)
                 n, weighted, directed = g.n, g.weighted, g.directed
             elif msg.graph and msg.graph != graph:
                 raise InvalidArgument(f"one stream appends to one graph: got {msg.graph!r} after {graph!r}")
@@ -119,7 +104,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
             if w is not None and not weighted:
                 raise InvalidArgument(f"graph {graph!r} is unweighted: send no weights")
             total += s.size
-            _limit(total, MAX_STREAM_EDGES, "edges")
+            check_count(total, MAX_STREAM_EDGES, "edges")
             srcs.append(s)
             dsts.append(d)
             ws.append(w if w is not None else (np.ones(s.size, np.float32) if weighted else None))
@@ -128,7 +113,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         src = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
         dst = np.concatenate(dsts) if dsts else np.zeros(0, np.int64)
         w = np.concatenate(ws) if ws and ws[0] is not None else None
-        res = await _run(self.store.append_edges, graph, src, dst, w, duplicates=dup or "last",
+        res = await run_blocking(self.store.append_edges, graph, src, dst, w, duplicates=dup or "last",
                          self_loops=loops or None)
         return gconv.append_result_to_proto(dict(res, received=int(src.size)))
 
@@ -136,7 +121,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         x = None
         if request.features.n:
             x = convert.vectors_from_proto(request.features, "features")
-        await _run(self.store.set_features, request.graph, x)
+        await run_blocking(self.store.set_features, request.graph, x)
         return await self._info(request.graph)
 
     async def SetLabels(self, request, context):
@@ -144,18 +129,18 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
             g = self.store.load(request.graph)
             self.store.set_labels(request.graph, gconv.labels_from_proto(request, g.n))
 
-        await _run(work)
+        await run_blocking(work)
         return await self._info(request.graph)
 
     async def Neighbors(self, request, context):
         nodes = gconv.ids_from_proto(request.nodes, "nodes")
-        _limit(nodes.size, MAX_NODES, "nodes")
+        check_count(nodes.size, MAX_NODES, "nodes")
 
         def work():
             g = self.store.load(request.graph)
             return gconv.neighbors_to_proto([g.neighbors(int(u), request.direction or "out") for u in nodes])
 
-        return await _run(work)
+        return await run_blocking(work)
 
     async def RunFastRP(self, request, context):
         params = {"graph": request.graph, "embedding": request.embedding or "fastrp",
@@ -174,19 +159,20 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
 
     async def SimilarNodes(self, request, context):
         nodes = gconv.ids_from_proto(request.nodes, "nodes")
-        _limit(nodes.size, MAX_NODES, "nodes")
-        res = await self.engine.similar_nodes(request.graph, request.embedding or "fastrp", nodes, _k(request.k),
+        check_count(nodes.size, MAX_NODES, "nodes")
+        res = await self.engine.similar_nodes(request.graph, request.embedding or "fastrp", nodes,
+                                              check_k(request.k, self.limits.max_k),
                                               convert.query_params_from_proto(request.params), request.include_self)
         return pb.SimilarNodesResponse(results=gconv.hits_to_proto(res))
 
     async def GetEmbeddings(self, request, context):
         nodes = gconv.ids_from_proto(request.nodes, "nodes")
-        _limit(nodes.size, MAX_EMBEDDING_NODES, "nodes")
+        check_count(nodes.size, MAX_EMBEDDING_NODES, "nodes")
         if not request.all and nodes.size == 0:
             raise InvalidArgument("GetEmbeddings needs nodes, or all=true for every node")
         if request.all and nodes.size:
             raise InvalidArgument("GetEmbeddings takes nodes or all=true, not both")
-        X, meta, current = await _run(self.engine.get_embeddings, request.graph, request.embedding or "fastrp",
+        X, meta, current = await run_blocking(self.engine.get_embeddings, request.graph, request.embedding or "fastrp",
                                       None if request.all else nodes)
         for chunk in gconv.embeddings_to_chunks(X, int(meta.get("graph_version", 0)), current):
             await context.write(chunk)
@@ -198,18 +184,19 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
     async def ScoreLinks(self, request, context):
         src = gconv.ids_from_proto(request.src, "src")
         dst = gconv.ids_from_proto(request.dst, "dst")
-        _limit(src.size, MAX_PAIRS, "pairs")
-        probs = await _run(self.engine.score_links, request.graph, request.model or "ncn", src, dst)
+        check_count(src.size, MAX_PAIRS, "pairs")
+        probs = await run_blocking(self.engine.score_links, request.graph, request.model or "ncn", src, dst)
         return pb.ScoreLinksResponse(probabilities=probs.tolist())
 
     async def PredictLinks(self, request, context):
         nodes = gconv.ids_from_proto(request.nodes, "nodes")
-        _limit(nodes.size, MAX_PREDICT_NODES, "nodes")
+        check_count(nodes.size, MAX_PREDICT_NODES, "nodes")
         cands = gconv.ids_from_proto(request.candidates, "candidates")
-        _limit(cands.size, MAX_CANDIDATES, "candidates")
+        check_count(cands.size, MAX_CANDIDATES, "candidates")
         num_c = int(request.num_candidates) or 100
-        _limit(num_c, MAX_K, "candidates per node (num_candidates)")
-        res = await self.engine.predict_links(request.graph, request.model or "ncn", nodes, _k(request.k),
+        check_count(num_c, self.limits.max_k, "candidates per node (num_candidates)")
+        res = await self.engine.predict_links(request.graph, request.model or "ncn", nodes,
+                                              check_k(request.k, self.limits.max_k),
                                               cands if cands.size else None, request.embedding, num_c,
                                               request.include_neighbors)
         return pb.PredictLinksResponse(results=gconv.hits_to_proto(res))
@@ -223,7 +210,7 @@ def register(server, ctx) -> GraphEngine:
     # import_graph reads the client's file through the sandbox, confined to the folders the settings allow
     engine = GraphEngine(ctx.data_dir / "graphs", ctx.collections,
                          allowed_dirs=lambda: allowed_client_dirs(ctx.settings, ctx.data_dir))
-    graphs_pb2_grpc.add_GraphsServicer_to_server(GraphsServicer(engine, ctx.jobs), server)
+    graphs_pb2_grpc.add_GraphsServicer_to_server(GraphsServicer(engine, ctx.jobs, ctx.settings.limits), server)
     ctx.jobs.register(JobKind(FASTRP_KIND, body=engine.fastrp_body, validate=engine.validate_fastrp, resumable=True,
                               description="FastRP node embeddings of a graph, stored with it and indexed into a "
                                           "vector collection (replaces the previous one atomically)"))

@@ -17,7 +17,7 @@ def test_check_k_and_check_count():
     with pytest.raises(ResourceExhausted, match="k = 1025 exceeds the limit of 1024"):
         check_k(1025, 1024)
     assert check_count(3, 3, "queries") == 3
-    with pytest.raises(ResourceExhausted, match="4 queries exceed the limit of 3 per call"):
+    with pytest.raises(ResourceExhausted, match="4 queries in one request; the limit is 3"):
         check_count(4, 3, "queries")
 
 
@@ -44,7 +44,7 @@ def test_the_cross_encoder_servicer_takes_its_limits_from_the_settings(tmp_path)
 
     with pytest.raises(ResourceExhausted, match="k = 6 exceeds the limit of 5"):
         asyncio.run(call("Search", pb.CrossEncoderSearchRequest(index="x", query="q", k=6)))
-    with pytest.raises(ResourceExhausted, match="3 queries exceed the limit of 2"):
+    with pytest.raises(ResourceExhausted, match="3 queries in one request; the limit is 2"):
         asyncio.run(call("SearchBatch", pb.CrossEncoderSearchBatchRequest(index="x", queries=["a", "b", "c"])))
     req = pb.CrossEncoderSearchRequest(index="x", query="q", k=5)
     req.params.budget = 51

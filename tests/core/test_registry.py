@@ -65,9 +65,11 @@ def test_every_engine_uses_the_one_registry():
     from index_builder.readers import READERS
     from retrieval.crossencoder.dual import DUAL_ENCODERS
     from retrieval.crossencoder.scorers import SCORERS
+    from retrieval.drafting.base import SOURCES
+    from retrieval.graph.readers import READERS as GRAPH_READERS
     from retrieval.indexes.registry import BACKENDS, SPECS
 
-    for reg in (ALGORITHMS, READERS, DUAL_ENCODERS, SCORERS, BACKENDS, SPECS):
+    for reg in (ALGORITHMS, READERS, DUAL_ENCODERS, SCORERS, BACKENDS, SPECS, SOURCES, GRAPH_READERS):
         assert isinstance(reg, Registry), reg
         with pytest.raises(InvalidArgument, match=f"unknown {reg.what} 'no-such'; valid: "):
             reg.get("no-such")

@@ -62,7 +62,7 @@ def test_bad_appends_leave_the_session_usable():
 def test_unknown_sources_and_corpus_without_datastore(small_catalog):
     cat, _ = small_catalog
     m = manager(cat)
-    with pytest.raises(InvalidArgument, match="valid names"):
+    with pytest.raises(InvalidArgument, match="unknown draft source .*; valid: "):
         m.open([1], sources=["bogus"])
     with pytest.raises(InvalidArgument, match="datastore"):
         m.open([1], sources=["corpus"])
