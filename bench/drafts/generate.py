@@ -244,6 +244,9 @@ def write_markdown(res, path: Path) -> None:
         "loop does not, which dominates for the tiny model."),
         ("KV cache: `gather` re-gathers the cache along the accepted path; `rerun` crops to the contiguous accepted "
         "prefix and re-feeds the rest (more tokens per pass, same output)."),
+        ("Load caveat: with 8 runnable jobs on 2 cores, a loop that never waits (no drafts, or the in-process "
+         "engine) is descheduled more than one that sleeps on the gRPC reply, so its per-pass ms is inflated ("
+         "tiny: 9.6 ms for 1 token vs 4.5 ms for 12); compare rows within a run, and treat the ratios as indicative."),
         (f"Timing: best of {res['repeats']} passes over the prompts (each with fresh draft state) for tokens/s; "
         "per-step latencies pooled over all passes."),
     ]

@@ -113,11 +113,11 @@ def test_missing_or_bad_model_dir(tmp_path):
 
 
 def test_registry_lists_valid_names():
-    with pytest.raises(NotFound, match="callable, hf, joint-encoder, minilm-joint, table"):
+    with pytest.raises(InvalidArgument, match="unknown scorer backend .bm25.; valid: callable, hf, joint-encoder, minilm-joint, table"):
         make_scorer("bm25")
     with pytest.raises(InvalidArgument, match="bad parameters"):
         make_scorer("callable", fn=lambda q, i: [0.0] * len(q), nonsense=1)
-    with pytest.raises(NotFound, match="minilm, sentence-encoder, table"):
+    with pytest.raises(InvalidArgument, match="unknown dual encoder backend .nope.; valid: callable, minilm, sentence-encoder, table"):
         make_dual_encoder("nope")
 
 
