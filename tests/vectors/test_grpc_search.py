@@ -194,7 +194,7 @@ def test_broad_filter_with_pending_points(client, main_col):
         Dt, It = model.knn(xq, 10, f)
         assert recall(Ig, It) >= 0.95, fname
     # the new points near the top of the id range are found right away
-    Dn, In = client.search_batch(name, x[:50], k=1, filter=FILTERS["broad_must_not"])
+    Dn, In = client.search_batch(name, x[:50], k=1, ef=128, filter=FILTERS["broad_must_not"])
     want = [i for i in range(50) if pls[i]["cat"] != 0]
     assert (In[want, 0] == ids[want].view(np.int64)).all()
     wait_indexed(client, name)
