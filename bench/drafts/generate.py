@@ -65,7 +65,8 @@ def build_model(name: str, device: str):
 
 
 def make_prompts(n: int, vocab: int, seed: int = 7) -> list[list[int]]:
-    """As tests/drafting/test_hf.py: every other prompt repeats a short segment 3-4 times."""
+    """``n`` prompts of ids in ``[2, vocab)`` (tests/drafting/test_hf.py uses them too); every other one
+    repeats a short segment 3-4 times."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.drafts.generate import make_prompts
 from retrieval.drafting import DraftBudget
 from retrieval.drafting.hf import InProcessDrafts, greedy_walk, speculative_generate, verify_inputs
 from retrieval.errors import InvalidArgument
@@ -32,20 +33,6 @@ def llama(vocab: int, seed: int = 0, attn: str = "sdpa"):
                       bos_token_id=0, eos_token_id=EOS, attn_implementation=attn)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
-
-
-def make_prompts(n: int, seed: int, vocab: int) -> list[list[int]]:
-    """``n`` prompts of ids in ``[2, vocab)``; every other one repeats a short segment 3-4 times."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        if i % 2:
-            seg = rng.integers(2, vocab, size=int(rng.integers(3, 7))).tolist()
-            p = seg * int(rng.integers(3, 5)) + rng.integers(2, vocab, size=int(rng.integers(0, 4))).tolist()
-        else:
-            p = rng.integers(2, vocab, size=int(rng.integers(6, 30))).tolist()
-        out.append(p)
-    return out
 
 
 def greedy(model, prompt, max_new_tokens=N_NEW, **kw) -> torch.Tensor:
@@ -68,7 +55,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompts():
-    return make_prompts(24, 7, V)
+    return make_prompts(24, V, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +191,7 @@ def test_mat_equals_teacher_forced_mat(client):
     from retrieval.drafting.teacher_forcing import replay
 
     m = llama(V_MAT, seed=1)
-    ps = make_prompts(4, 11, V_MAT)
+    ps = make_prompts(4, V_MAT, seed=11)
     runs = [speculative_generate(m, p, client, max_new_tokens=40, budget=TREE) for p in ps]
     client_mat = sum(sum(r.emitted) for r in runs) / sum(r.steps for r in runs)
     assert sum(sum(r.accepted) for r in runs) > 0
