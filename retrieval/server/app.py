@@ -13,6 +13,7 @@ Prometheus metrics are served on ``metrics_port`` when set. docs/operations.md d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from retrieval import crashes, jsonlimits
 from retrieval.config import Settings
+from retrieval.core import extras
 from retrieval.core.net import bind_address, unbracket
 from retrieval.errors import FailedPrecondition
 from retrieval.jobs.manager import JobManager
@@ -115,9 +117,17 @@ def limits(s: Settings) -> Limits:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=None) -> None:
-    """Run the server until ``stop`` is set or a SIGTERM / SIGINT arrives."""
+    """Run the server until ``stop`` is set or a SIGTERM / SIGINT arrives.
+
+    Every resource is entered into one :class:`contextlib.AsyncExitStack` as it is acquired, so a
+    failure at any step of the start (a port in use, a service that cannot start) and the normal
+    shutdown release the same things in reverse order: gRPC and HTTP stop taking calls, the services
+    stop, jobs are cancelled, collections are closed, the data folder is unlocked."""
     keys = auth.KeyStore.from_settings(settings.security)
     auth.check_startup(settings, keys)
+    if settings.http_port is not None and extras.missing("http"):
+        raise FailedPrecondition(f"--http-port (the HTTP API and dashboard) needs the [http] extra: "
+                                 f"{extras.pip_command('http')}")
     if settings.limits.max_memory_bytes:
         _cap_memory(settings.limits.max_memory_bytes)
     credentials = auth.server_credentials(settings.security)
@@ -126,9 +136,56 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
     from retrieval.vectors.ray_shards import factory_from_settings
 
     shard_factory = factory_from_settings(settings)  # None: shards in process; else Ray actors (--ray)
-    lock = _lock_data_dir(data_dir)
-    crashes.arm(data_dir)  # record a native abort; keep the last run's (quarantine, see vectors.collection)
     stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(_lock_data_dir(data_dir).close)
+        crashes.arm(data_dir)  # record a native abort; keep the last run's (quarantine, see vectors.collection)
+        ctx, admission = await _open_context(settings, data_dir, shard_factory, stack)
+        server = grpc.aio.server(
+            interceptors=[CallInterceptor(settings.access_log, auth.Authenticator(keys), admission)],
+            options=[("grpc.max_receive_message_length", settings.limits.max_message_bytes),
+                     ("grpc.max_send_message_length", settings.limits.max_message_bytes),
+                     ("grpc.so_reuseport", 0)],
+        )
+        names = await _start_services(server, ctx, stack)
+        await ctx.jobs.open()  # after every service registered its job kinds: resumes interrupted jobs
+        health_servicer = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = bind_address(settings.host, settings.port)
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise FailedPrecondition(f"cannot listen on {address}: {e}") from None
+        _start_metrics(settings, stack)
+        if settings.http_port is not None:  # the HTTP/JSON API and dashboard, on this loop (retrieval.http)
+            from retrieval.http.server import HttpServer
+
+            http = HttpServer(ctx, auth.Authenticator(keys), admission, health_servicer.statuses)
+            await http.start()
+            stack.push_async_callback(http.stop, settings.grace_s)
+            print(f"retrieval: HTTP API and dashboard on {http.url}/", flush=True)
+        refresher = asyncio.create_task(metrics.refresh_forever(ctx.collections, ctx.jobs, admission))
+        stack.callback(refresher.cancel)
+        await server.start()
+        stack.push_async_callback(server.stop, settings.grace_s)
+        # first on the way out: NOT_SERVING to every Check, Watch and List
+        stack.push_async_callback(health_servicer.enter_graceful_shutdown)
+        stack.callback(logger.info, "shutting down (grace %.1f s)", settings.grace_s)
+        for name in ("", *names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        bound = bind_address(settings.host, port)
+        logger.info("serving on %s (%s, %s), data folder %s", bound, "TLS" if credentials else "plaintext",
+                    f"{len(keys)} API keys" if keys.enabled else "no API keys", data_dir)
+        print(f"retrieval: serving on {bound} (data folder {data_dir})", flush=True)
+        if on_ready is not None:
+            on_ready(port)
+        await stop.wait()
+    logger.info("stopped")
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -136,105 +193,58 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, on_ready=
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 
+
+async def _open_context(settings: Settings, data_dir: Path, shard_factory,
+                        stack: contextlib.AsyncExitStack) -> tuple[ServerContext, Admission]:
+    """The collections (opened) and the job manager (opened later, after the services registered their
+    job kinds) every service shares."""
     ctx = ServerContext(settings=settings, data_dir=data_dir,
                         collections=CollectionManager(data_dir, shard_settings(settings), limits(settings),
                                                       shard_factory),
                         jobs=JobManager(data_dir, max_concurrent=settings.max_concurrent_jobs))
     ctx.jobs.services["collections"] = ctx.collections
     await ctx.collections.open()
-    max_msg = settings.limits.max_message_bytes
+    stack.push_async_callback(ctx.collections.close)
+    stack.push_async_callback(ctx.jobs.close)
     admission = Admission.from_settings(settings.limits, on_reject=lambda r: metrics.REJECTED.labels(r).inc())
     ctx.extras["admission"] = admission
-    server = grpc.aio.server(
-        interceptors=[CallInterceptor(settings.access_log, auth.Authenticator(keys), admission)],
-        options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg),
-                 ("grpc.so_reuseport", 0)],
-    )
-    services = [factory() for factory in SERVICES]
-    names: list[str] = []
-    for svc in services:
-        await svc.start(server, ctx)
-        names.extend(svc.service_names)
-    await ctx.jobs.open()  # after every service registered its job kinds: resumes interrupted jobs
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    for svc in services:  # services declare their read-only methods (for read-only API keys)
-        for sname in svc.service_names:
-            reads = getattr(svc, "read_methods", None)
-            if reads:
-                auth.register_read_methods(sname, reads)
-    address = bind_address(settings.host, settings.port)
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as e:
-        await ctx.jobs.close()
-        await ctx.collections.close()
-        lock.close()
-        raise FailedPrecondition(f"cannot listen on {address}: {e}") from None
-    httpd = None
-    if settings.metrics_port is not None:
-        try:
-            httpd, mport = metrics.start_http(settings.metrics_port, unbracket(settings.metrics_host),
-                                              settings.security)
-        except OSError as e:
-            await ctx.jobs.close()
-            await ctx.collections.close()
-            lock.close()
-            raise FailedPrecondition(f"cannot serve metrics on "
-                                     f"{bind_address(settings.metrics_host, settings.metrics_port)}: {e}") from None
-        scheme = "https" if settings.security.tls_cert_file else "http"
-        if not auth.is_loopback(settings.metrics_host):
-            logger.warning("metrics are served on %s, reachable from other machines (no API key protects them)",
-                           settings.metrics_host)
-        print(f"retrieval: metrics on {scheme}://{bind_address(settings.metrics_host, mport)}/metrics", flush=True)
-    http = None
-    if settings.http_port is not None:  # the HTTP/JSON API and dashboard, on this loop (retrieval.http)
-        from retrieval.http.server import HttpServer
+    return ctx, admission
 
-        http = HttpServer(ctx, auth.Authenticator(keys), admission, health_servicer.statuses)
-        try:
-            await http.start()
-        except FailedPrecondition:
-            if httpd is not None:
-                httpd.shutdown()
-                httpd.server_close()
-            await ctx.jobs.close()
-            await ctx.collections.close()
-            lock.close()
-            raise
-        print(f"retrieval: HTTP API and dashboard on {http.url}/", flush=True)
-    refresher = asyncio.create_task(metrics.refresh_forever(ctx.collections, ctx.jobs, admission))
-    await server.start()
-    for name in ("", *names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    bound = bind_address(settings.host, port)
-    logger.info("serving on %s (%s, %s), data folder %s", bound, "TLS" if credentials else "plaintext",
-                f"{len(keys)} API keys" if keys.enabled else "no API keys", data_dir)
-    print(f"retrieval: serving on {bound} (data folder {data_dir})", flush=True)
-    if on_ready is not None:
-        on_ready(port)
+
+async def _start_services(server: grpc.aio.Server, ctx: ServerContext,
+                          stack: contextlib.AsyncExitStack) -> list[str]:
+    names: list[str] = []
+    for factory in SERVICES:
+        svc = factory()
+        await svc.start(server, ctx)
+        stack.push_async_callback(_stop_service, svc)
+        names.extend(svc.service_names)
+    return names
+
+
+async def _stop_service(svc) -> None:
     try:
-        await stop.wait()
-    finally:
-        logger.info("shutting down (grace %.1f s)", settings.grace_s)
-        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING to every Check, Watch and List
-        if http is not None:
-            await http.stop(settings.grace_s)
-        await server.stop(settings.grace_s)
-        refresher.cancel()
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        for svc in reversed(services):
-            try:
-                await svc.stop()
-            except Exception:
-                logger.exception("stopping %s failed", type(svc).__name__)
-        await ctx.jobs.close()
-        await ctx.collections.close()
-        lock.close()
-        logger.info("stopped")
+        await svc.stop()
+    except Exception:
+        logger.exception("stopping %s failed", type(svc).__name__)
+
+
+def _start_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -> None:
+    """The Prometheus endpoint (``metrics_port``; None: off)."""
+    if settings.metrics_port is None:
+        return
+    try:
+        httpd, mport = metrics.start_http(settings.metrics_port, unbracket(settings.metrics_host), settings.security)
+    except OSError as e:
+        raise FailedPrecondition(f"cannot serve metrics on "
+                                 f"{bind_address(settings.metrics_host, settings.metrics_port)}: {e}") from None
+    stack.callback(httpd.server_close)
+    stack.callback(httpd.shutdown)
+    scheme = "https" if settings.security.tls_cert_file else "http"
+    if not auth.is_loopback(settings.metrics_host):
+        logger.warning("metrics are served on %s, reachable from other machines (no API key protects them)",
+                       settings.metrics_host)
+    print(f"retrieval: metrics on {scheme}://{bind_address(settings.metrics_host, mport)}/metrics", flush=True)
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:

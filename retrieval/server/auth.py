@@ -16,7 +16,7 @@ API keys
 
 Read and write RPCs
     An RPC is a *read* when it is listed in :data:`READ_METHODS`, declared by its service
-    (``read_methods`` on the service entry in :mod:`retrieval.server.services`), or marked
+    (:func:`register_read_methods`, called from the service's ``start``), or marked
     ``option idempotency_level = NO_SIDE_EFFECTS;`` in its proto. Everything else is a write (fail
     closed). The same classification drives the in-flight write-bytes limit.
 
@@ -60,8 +60,8 @@ ENV_READ_ONLY_KEYS = "RETRIEVAL_READ_ONLY_API_KEYS"
 MIN_KEY_LEN = 16
 MAX_KEY_LEN = 256
 
-#: Methods that never change state, by full service name. Services added later declare theirs with a
-#: ``read_methods`` attribute on their service entry, or with NO_SIDE_EFFECTS in the proto.
+#: Methods that never change state, by full service name. Services added later declare theirs with
+#: :func:`register_read_methods` in their ``start``, or with NO_SIDE_EFFECTS in the proto.
 READ_METHODS: dict[str, frozenset[str]] = {
     "retrieval.v1.Collections": frozenset({"List", "Describe", "ListPayloadIndexes"}),
     "retrieval.v1.Points": frozenset({"Get", "Count", "Scroll"}),
