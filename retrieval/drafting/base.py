@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -59,6 +60,32 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @cached_property
+    def levels(self) -> list[tuple[int, int, int]]:
+        """``(d, lo, hi)`` for each depth present: nodes ``lo:hi`` have depth ``d`` (computed once; the
+        arrays of a candidate trie are not changed after it is made)."""
+        return depth_levels(self.depth)
+
+    def upto(self, max_depth: int) -> int:
+        """Number of nodes of depth ``<= max_depth`` (they are a prefix: BFS order)."""
+        lv = self.levels
+        if not lv or lv[-1][0] <= max_depth:
+            return len(self.tokens)
+        return next(lo for d, lo, _ in lv if d > max_depth)
+
+
+def depth_levels(depth: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(d, lo, hi)``: nodes ``lo:hi`` have depth ``d`` (``depth`` non-decreasing, 1-D)."""
+    n = len(depth)
+    if n == 0:
+        return []
+    cut = np.flatnonzero(depth[1:] != depth[:-1]) + 1
+    if len(cut) == 0:
+        return [(int(depth[0]), 0, n)]
+    b = [0, *cut.tolist(), n]
+    dl = depth[b[:-1]].tolist()
+    return [(dl[i], b[i], b[i + 1]) for i in range(len(dl))]
 
 
 @runtime_checkable

@@ -99,6 +99,19 @@ class Draft:
 
     # --- constructors ----------------------------------------------------------------------------
     @classmethod
+    def _checked_by_caller(cls, tokens: np.ndarray, parents: np.ndarray, probs: np.ndarray,
+                           source_index: np.ndarray, source_names: tuple[str, ...]) -> "Draft":
+        """A draft from fresh arrays that already satisfy the invariants (the merger's output: parents
+        topologically ordered, one entry per token, source indices in range): no copy, no check."""
+        d = object.__new__(cls)
+        object.__setattr__(d, "tokens", _ro(tokens.astype(np.int32, copy=False)))
+        object.__setattr__(d, "parents", _ro(parents.astype(np.int32, copy=False)))
+        object.__setattr__(d, "probs", _ro(probs.astype(np.float32, copy=False)))
+        object.__setattr__(d, "source_index", _ro(source_index.astype(np.uint8, copy=False)))
+        object.__setattr__(d, "source_names", tuple(source_names))
+        return d
+
+    @classmethod
     def empty(cls) -> "Draft":
         z = np.zeros(0)
         return cls(z, z, z, z, ())

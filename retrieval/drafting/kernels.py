@@ -112,12 +112,56 @@ def _narrow(tokens: np.ndarray, sa: np.ndarray, lo: int, hi: int, j: int, t: int
     return start, a
 
 
+#: Once a range is at most this wide, the rest of the pattern is compared in one vectorized step.
+SCAN_WIDTH = 64
+
+
+def _scan(tokens: np.ndarray, sa: np.ndarray, lo: int, hi: int, j: int, rest: np.ndarray) -> tuple[int, int]:
+    """Sub-range of ``sa[lo:hi]`` (all sharing a prefix of length ``j``) whose suffixes continue with
+    ``rest`` at offset ``j``: one gather of the ``(hi - lo, len(rest))`` window and one comparison.
+
+    The matching suffixes of a sorted range are contiguous, so the result is the span of the matches
+    (empty: ``(lo, lo)``). Positions past the end never match.
+    """
+    n = len(tokens)
+    s = np.asarray(sa[lo:hi], dtype=np.int64) + j
+    idx = s[:, None] + np.arange(len(rest), dtype=np.int64)
+    eq = (np.asarray(tokens[np.minimum(idx, n - 1)]) == rest).all(axis=1)
+    if idx.shape[1]:
+        eq &= idx[:, -1] < n
+    hit = np.flatnonzero(eq)
+    if len(hit) == 0:
+        return lo, lo
+    return lo + int(hit[0]), lo + int(hit[-1]) + 1
+
+
 def sa_range(tokens: np.ndarray, sa: np.ndarray, off: np.ndarray, pattern) -> tuple[int, int]:
     """Range ``[lo, hi)`` of ``sa`` whose suffixes start with ``pattern`` (empty range: ``lo == hi``).
 
     ``pattern`` must not contain the separator; ``off`` from :func:`bucket_offsets`. An empty pattern
-    matches everything.
+    matches everything. The range is narrowed one token at a time (:func:`_narrow`) while it is wider
+    than :data:`SCAN_WIDTH`, then the rest of the pattern is matched at once (:func:`_scan`); the occurrences
+    are those of :func:`sa_range_stepwise` (the one-token-at-a-time reference; where an empty range sits may differ).
     """
+    pat = np.asarray(pattern, dtype=np.int64).ravel()
+    if len(pat) == 0:
+        return 0, len(sa)
+    t0 = int(pat[0])
+    if t0 < 0 or t0 + 1 >= len(off):
+        return 0, 0
+    lo, hi = int(off[t0]), int(off[t0 + 1])
+    m = len(pat)
+    j = 1
+    while j < m and hi - lo > SCAN_WIDTH:
+        lo, hi = _narrow(tokens, sa, lo, hi, j, int(pat[j]))
+        j += 1
+    if j < m and hi > lo:
+        lo, hi = _scan(tokens, sa, lo, hi, j, pat[j:])
+    return lo, hi
+
+
+def sa_range_stepwise(tokens: np.ndarray, sa: np.ndarray, off: np.ndarray, pattern) -> tuple[int, int]:
+    """:func:`sa_range` narrowing one token at a time (the reference the fast path is tested against)."""
     pattern = [int(x) for x in pattern]
     if not pattern:
         return 0, len(sa)
@@ -139,7 +183,7 @@ def longest_suffix_match(tokens: np.ndarray, sa: np.ndarray, off: np.ndarray, co
     Returns ``(m, lo, hi)`` with ``sa[lo:hi]`` the occurrences, or ``(0, 0, 0)`` when even ``min_len``
     does not occur. Binary search on ``m`` (occurrence is monotone in ``m``).
     """
-    ctx = [int(x) for x in context[-max_len:]]
+    ctx = np.asarray(context[-max_len:] if max_len > 0 else context[:0], dtype=np.int64).ravel()
     max_len = min(max_len, len(ctx))
     if max_len < min_len or min_len < 1:
         return 0, 0, 0

@@ -36,7 +36,7 @@ import threading
 
 import numpy as np
 
-from retrieval.drafting.base import Candidates
+from retrieval.drafting.base import Candidates, depth_levels
 from retrieval.drafting.draft import Draft, DraftBudget
 from retrieval.errors import InvalidArgument
 
@@ -79,16 +79,25 @@ class Calibrator:
         T = len(true_next)
         if T == 0:
             return
+        tried_f: dict[str, list[np.ndarray]] = {}
+        hit_f: dict[str, list[np.ndarray]] = {}
         for c in cands:
             if len(c) == 0:
                 continue
-            tried, hit = evaluate_trie(c.tokens, c.parents, true_next, c.depth, levels_of(c))
-            if not tried.any():
+            tried, hit = evaluate_trie(c.tokens, c.parents, true_next, c.depth, c.levels)
+            ft = c.feat[tried]
+            if len(ft) == 0:
                 continue
-            h, t = self._tables(c.source, int(c.feat.max()) + 1)
+            tried_f.setdefault(c.source, []).append(ft)
+            hit_f.setdefault(c.source, []).append(c.feat[hit])
+        for source, parts in tried_f.items():
+            ft = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            hp = hit_f[source]
+            fh = hp[0] if len(hp) == 1 else np.concatenate(hp)
+            h, t = self._tables(source, int(ft.max()) + 1)
             with self._lock:
-                np.add.at(t, c.feat[tried], 1.0)
-                np.add.at(h, c.feat[hit], 1.0)
+                np.add.at(t, ft, 1.0)
+                np.add.at(h, fh, 1.0)
 
     def table(self, source: str) -> tuple[np.ndarray, np.ndarray]:
         """Copies of (hits, trials) of one source (for reports)."""
@@ -99,16 +108,6 @@ class Calibrator:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._hits.values()) + sum(a.nbytes for a in self._trials.values())
-
-
-def _levels(depth: np.ndarray) -> list[tuple[int, int, int]]:
-    """``(d, lo, hi)``: nodes ``lo:hi`` have depth ``d`` (``depth`` non-decreasing)."""
-    if len(depth) == 0:
-        return []
-    cut = np.flatnonzero(np.diff(depth)) + 1
-    b = np.concatenate([[0], cut, [len(depth)]]).tolist()
-    dl = depth[b[:-1]].tolist()
-    return [(dl[i], b[i], b[i + 1]) for i in range(len(dl))]
 
 
 def evaluate_trie(tokens: np.ndarray, parents: np.ndarray, true_next: np.ndarray,
@@ -126,7 +125,7 @@ def evaluate_trie(tokens: np.ndarray, parents: np.ndarray, true_next: np.ndarray
     if depth is None:
         depth = tree_depths(parents)
     T = len(true_next)
-    for d, lo, hi in (levels if levels is not None else _levels(depth)):
+    for d, lo, hi in (levels if levels is not None else depth_levels(depth)):
         if d > T:
             break
         par = parents[lo:hi]
@@ -141,22 +140,13 @@ def evaluate_trie(tokens: np.ndarray, parents: np.ndarray, true_next: np.ndarray
 _PRIME = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so h -> h * P is a bijection mod 2**64
 
 
-def levels_of(c: Candidates) -> list[tuple[int, int, int]]:
-    """:func:`_levels` of a candidate trie, cached on it."""
-    lv = getattr(c, "_levels", None)
-    if lv is None:
-        lv = _levels(c.depth)
-        c._levels = lv
-    return lv
-
-
 def path_hashes(tokens: np.ndarray, parents: np.ndarray, depth: np.ndarray, levels=None) -> np.ndarray:
     """``(m,)`` uint64 polynomial hash of each node's token path (root excluded), level by level:
     ``h(v) = h(parent) * P + token + 1 (mod 2**64)``, ``h(root) = 0``. The merger keys on (depth, hash)."""
     h = np.zeros(len(tokens), dtype=np.uint64)
     t = tokens.astype(np.uint64) + np.uint64(1)
     with np.errstate(over="ignore"):
-        for d, lo, hi in (levels if levels is not None else _levels(depth)):
+        for d, lo, hi in (levels if levels is not None else depth_levels(depth)):
             if d == 1:
                 h[lo:hi] = t[lo:hi]
             else:
@@ -173,98 +163,110 @@ def merge(cands: list[Candidates], budget: DraftBudget, calibrator: Calibrator |
     (:func:`path_hashes`' rule, depth in the top byte). Nodes with equal keys are the same token path;
     a collision between two different paths of one depth would at worst merge two proposals into one
     node, never produce an invalid tree.
+
+    Layout: index 0 of the working arrays is the root (``p = 1``, hash 0, depth 0), so every level is
+    ``x[lo:hi] = f(x[parent[lo:hi]])`` with no special case; the nodes of depth ``> max_depth`` are a
+    suffix of each (BFS-ordered) trie and are sliced off before anything is computed.
     """
     if combine not in ("noisy_or", "max"):
         raise InvalidArgument(f"combine={combine!r} is not a merge rule; expected 'noisy_or' or 'max'")
     cap = budget.max_nodes if budget.tree else min(budget.max_nodes, budget.max_depth)
     names: list[str] = []
-    TOK, PAR, DEP, Q, SRC = [], [], [], [], []
-    base = 0
+    TOK, PAR, DEP, Q, SRC = [_ROOT_TOK], [_ROOT_PAR], [_ROOT_DEP], [_ONE], [_ROOT_SRC]
+    base = 1
     for c in cands:
-        if len(c) == 0:
+        k = c.upto(budget.max_depth) if len(c) else 0
+        if k == 0:
             continue
         if c.source not in names:
             names.append(c.source)
-        TOK.append(c.tokens)
-        PAR.append(np.where(c.parents >= 0, c.parents + base, -1))
-        DEP.append(c.depth)
-        Q.append(calibrator.conditional(c) if calibrator is not None else c.prior)
-        SRC.append(np.full(len(c), names.index(c.source), dtype=np.int64))
-        base += len(c)
-    if not TOK:
+        q = calibrator.conditional(c) if calibrator is not None else c.prior
+        par = c.parents[:k]
+        TOK.append(c.tokens[:k])
+        PAR.append(np.where(par >= 0, par + base, 0))
+        DEP.append(c.depth[:k])
+        Q.append(q[:k])
+        SRC.append(np.full(k, names.index(c.source), dtype=np.int64))
+        base += k
+    if base == 1:
         return Draft.empty()
-    dep = np.concatenate(DEP)
-    keep = dep <= budget.max_depth  # ancestor-closed
-    o = np.argsort(dep, kind="stable")
-    o = o[keep[o]]
+    dep = np.concatenate(DEP).astype(np.uint16)
+    o = np.argsort(dep, kind="stable")  # the root (depth 0) stays first
     N = len(o)
-    inv_o = np.full(len(dep), -1, dtype=np.int64)
+    inv_o = np.empty(N, dtype=np.int64)
     inv_o[o] = np.arange(N)
-    par = np.concatenate(PAR)[o]
-    par = np.where(par >= 0, inv_o[np.maximum(par, 0)], -1)
+    par = inv_o[np.concatenate(PAR)[o]]
     tok = np.concatenate(TOK)[o]
     dep = dep[o]
     q = np.concatenate(Q)[o]
     src = np.concatenate(SRC)[o]
     p = np.empty(N)
+    p[0] = 1.0
     h = np.empty(N, dtype=np.uint64)
+    h[0] = 0
     t = tok.astype(np.uint64) + np.uint64(1)
-    levels = _levels(dep)
+    bounds = np.searchsorted(dep, np.arange(1, int(dep[-1]) + 2)).tolist()
     with np.errstate(over="ignore"):
-        for d, lo, hi in levels:
-            if d == 1:
-                p[lo:hi] = q[lo:hi]
-                h[lo:hi] = t[lo:hi]
-            else:
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi > lo:
                 pp = par[lo:hi]
-                p[lo:hi] = q[lo:hi] * p[pp]
+                np.multiply(q[lo:hi], p[pp], out=p[lo:hi])
                 h[lo:hi] = h[pp] * _PRIME + t[lo:hi]
-    key = (h & np.uint64((1 << 56) - 1)) | (dep.astype(np.uint64) << np.uint64(56))
+    key = (h[1:] & np.uint64((1 << 56) - 1)) | (dep[1:].astype(np.uint64) << np.uint64(56))
     # group equal keys; keys sort by depth first (top byte), so groups come out in BFS order
     o = np.argsort(key, kind="stable")
     ks = key[o]
-    head = np.empty(N, dtype=bool)
+    head = np.empty(N - 1, dtype=bool)
     head[0] = True
     np.not_equal(ks[1:], ks[:-1], out=head[1:])
+    starts = np.flatnonzero(head)
+    n = len(starts)
     grp = np.cumsum(head) - 1
-    n = int(grp[-1]) + 1
-    inv = np.empty(N, dtype=np.int64)
-    inv[o] = grp
-    first = o[head]
-    uk = ks[head]
+    inv = np.empty(N, dtype=np.int64)  # group of each working node (the root: -1)
+    inv[0] = -1
+    inv[1 + o] = grp
+    po = p[1:][o]
+    best = np.maximum.reduceat(po, starts)
     if combine == "noisy_or":
         with np.errstate(divide="ignore"):
-            Pm = 1.0 - np.exp(np.bincount(inv, weights=np.log1p(-np.minimum(p, 1.0)), minlength=n))
+            Pm = 1.0 - np.exp(np.add.reduceat(np.log1p(-np.minimum(po, 1.0)), starts))
     else:
-        Pm = np.zeros(n)
-        np.maximum.at(Pm, inv, p)
-    # the source credited with a node: the one giving it the highest probability
-    best = np.zeros(n)
-    np.maximum.at(best, inv, p)
-    top = p >= best[inv]
+        Pm = best.copy()
+    # the source credited with a node: the one giving it the highest probability (the last such one)
+    top = po >= best[grp]
     best_src = np.empty(n, dtype=np.int64)
-    best_src[inv[top]] = src[top]
+    best_src[grp[top]] = src[1:][o][top]
+    first = 1 + o[starts]
     m_tok, m_dep = tok[first], dep[first]
-    m_par = np.where(m_dep > 1, np.searchsorted(uk, key[np.maximum(par[first], 0)]), -1)
-    # p(child) <= p(parent), level by level (groups are already in BFS order)
-    for d, lo, hi in _levels(m_dep):
-        if d > 1:
+    m_par = inv[par[first]]
+    # p(child) <= p(parent), level by level (it holds already but for rounding; groups are in BFS order)
+    inner = m_par >= 0
+    if (Pm[inner] > Pm[m_par[inner]]).any():
+        gb = np.searchsorted(m_dep, np.arange(2, int(m_dep[-1]) + 2)).tolist()
+        for lo, hi in zip(gb[:-1], gb[1:]):
             Pm[lo:hi] = np.minimum(Pm[lo:hi], Pm[m_par[lo:hi]])
-    sel = np.zeros(n, dtype=bool)
     if budget.tree:
-        sel[np.lexsort((m_dep, -Pm))[:cap]] = True
+        idx = np.arange(n) if n <= cap else np.sort(np.lexsort((m_dep, -Pm))[:cap])
     else:
+        sel = []
         cur = -1
         for _ in range(cap):
             ch = np.flatnonzero(m_par == cur)
             if len(ch) == 0:
                 break
             cur = int(ch[np.argmax(Pm[ch])])
-            sel[cur] = True
-    idx = np.flatnonzero(sel)
+            sel.append(cur)
+        idx = np.array(sorted(sel), dtype=np.int64)
     # topological output order: by depth, then by probability
     idx = idx[np.lexsort((idx, -Pm[idx], m_dep[idx]))]
-    remap = np.full(n, -1, dtype=np.int64)
+    remap = np.full(n + 1, -1, dtype=np.int64)  # remap[-1] (the root) stays -1
     remap[idx] = np.arange(len(idx))
-    parents = np.where(m_par[idx] >= 0, remap[np.maximum(m_par[idx], 0)], -1)
-    return Draft(m_tok[idx], parents, Pm[idx], best_src[idx], tuple(names))
+    parents = remap[m_par[idx]]
+    return Draft._checked_by_caller(m_tok[idx], parents, Pm[idx], best_src[idx], tuple(names))
+
+
+_ROOT_TOK = np.zeros(1, dtype=np.int32)
+_ROOT_PAR = np.zeros(1, dtype=np.int64)
+_ROOT_DEP = np.zeros(1, dtype=np.int32)
+_ROOT_SRC = np.zeros(1, dtype=np.int64)
+_ONE = np.ones(1)

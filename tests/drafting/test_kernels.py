@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from retrieval.drafting.kernels import (bucket_offsets, build_suffix_array, gather_continuations,
-                                        longest_suffix_match, ngram_end_positions, pld_chain, prefix_trie, sa_range)
+                                        longest_suffix_match, ngram_end_positions, pld_chain, prefix_trie, sa_range,
+                                        sa_range_stepwise)
 
 
 def naive_sa(t):
@@ -132,3 +133,28 @@ def test_sa_range_on_wide_ranges_uses_binary_search_correctly():
         want = np.flatnonzero((win == pat).all(axis=1))
         assert sorted(sa[lo:hi].tolist()) == want.tolist()
     assert off[1] - off[0] > 256  # the first ranges are wide enough for the bisection path
+
+
+@pytest.mark.parametrize("n", [50, 3000])
+def test_sa_range_scan_path_equals_the_stepwise_reference(n):
+    """Long patterns over a small alphabet end in the vectorized window comparison (``_scan``), including
+    patterns running past the end of the corpus and patterns with unknown tokens."""
+    rng = np.random.default_rng(n)
+    t = rng.integers(0, 3, size=n).astype(np.int64)
+    t[-1] = 3
+    sa = build_suffix_array(t)
+    off = bucket_offsets(t, sa, 4)
+    for _ in range(300):
+        start = int(rng.integers(0, n))
+        pat = t[start:start + int(rng.integers(1, 16))].copy()  # occurs (or runs into the end)
+        if rng.random() < 0.3:
+            pat[rng.integers(0, len(pat))] = rng.integers(0, 3)
+        pat = pat[pat != 3]
+        if len(pat) == 0:
+            continue
+        want = sa_range_stepwise(t, sa, off, pat.tolist())
+        got = sa_range(t, sa, off, pat)
+        assert got == want or (got[0] == got[1] and want[0] == want[1])  # where an empty range sits is free
+        assert sorted(sa[want[0]:want[1]].tolist()) == [
+            i for i in range(n - len(pat) + 1) if t[i:i + len(pat)].tolist() == pat.tolist()]
+    assert sa_range(t, sa, off, [7]) == (0, 0) == sa_range_stepwise(t, sa, off, [7])
