@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from index_builder.readers import DEFAULT_BLOCK_SIZE, VectorReader, open_reader
+from retrieval.core.extras import need
 from retrieval.errors import InvalidArgument
 from retrieval.jobs import JobContext
 from retrieval.storage import atomic
@@ -273,7 +274,7 @@ def write_ground_truth(
             atomic.save_npy(p, arr)
         return [path, dpath]
     if ext in (".hdf5", ".h5"):
-        import h5py
+        h5py = need("h5py", "build", "writing ground truth as HDF5")
 
         if xq is None:
             raise InvalidArgument("writing ground truth as HDF5 needs the queries (xq) for the 'test' dataset")

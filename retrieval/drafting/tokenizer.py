@@ -23,7 +23,8 @@ import json
 import logging
 from pathlib import Path
 
-from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound
+from retrieval.core.extras import need
+from retrieval.errors import InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,7 @@ class Tokenizer:
         self.fingerprint = file_sha256(path)
         suffix = path.suffix.lower()
         if suffix == ".model":
-            try:
-                import sentencepiece as spm
-            except ImportError as e:  # pragma: no cover - depends on the install
-                raise FailedPrecondition("the 'sentencepiece' package is needed to read a .model tokenizer") from e
+            spm = need("sentencepiece", "drafts", "reading a SentencePiece (.model) tokenizer")
             try:
                 self._sp = spm.SentencePieceProcessor(model_file=str(path))
             except Exception as e:
@@ -121,10 +119,7 @@ class Tokenizer:
             self.vocab_size = int(self._sp.get_piece_size())
             self.vocab_fingerprint = vocab_fingerprint([self._sp.id_to_piece(i) for i in range(self.vocab_size)])
         elif suffix == ".json":
-            try:
-                import tokenizers
-            except ImportError as e:  # pragma: no cover
-                raise FailedPrecondition("the 'tokenizers' package is needed to read a tokenizer JSON") from e
+            tokenizers = need("tokenizers", "drafts", "reading a tokenizer JSON")
             try:
                 self._tk = tokenizers.Tokenizer.from_file(str(path))
             except Exception as e:
