@@ -634,9 +634,16 @@ def build(ctx: JobContext, spec: BuildSpec, *, data_dir: str | Path | None = Non
         from retrieval.client import Client
 
         client = Client(push, timeout=30, **(client_options or {}))
-        client.wait_ready(15)
-        if not replace and any(c["name"] == spec.collection for c in client.list_collections()):
-            raise AlreadyExists(f"collection {spec.collection!r} already exists on {push}; pass --replace to replace it")
+        try:
+            client.wait_ready(15)
+            if not replace and any(c["name"] == spec.collection for c in client.list_collections()):
+                raise AlreadyExists(f"collection {spec.collection!r} already exists on {push}; pass --replace to "
+                                    "replace it")
+            # before the build, not after it: the server must be allowed to read the folder it will import
+            client.import_collection(spec.collection, str(work / "collection"), replace=replace, check_only=True)
+        except BaseException:
+            client.close()
+            raise
     else:
         from retrieval.vectors.importing import data_dir_lock, folders_by_name
 

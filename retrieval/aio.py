@@ -36,6 +36,7 @@ import numpy as np
 
 from retrieval import client_convert as cc
 from retrieval import errors
+from retrieval.client import types
 from retrieval.client_convert import Hits, JobTimeout, Points
 from retrieval.v1 import collections_pb2_grpc, jobs_pb2_grpc, points_pb2_grpc, search_pb2_grpc
 
@@ -166,41 +167,42 @@ class AsyncClient:
     async def create_collection(self, name: str, dimension: int, metric: str = "l2", index=None,
                                 shards: int = 1) -> dict:
         req = cc.create_collection_request(name, dimension, metric, index, shards)
-        return cc.collection_info(await self._call(self._collections.Create, req))
+        return types.collection_info(await self._call(self._collections.Create, req))
 
     async def list_collections(self, include_internal: bool = False) -> list[dict]:
         """As :meth:`retrieval.Client.list_collections`."""
         from retrieval.v1 import collections_pb2
 
         req = collections_pb2.ListCollectionsRequest(include_internal=bool(include_internal))
-        return cc.collection_list(await self._call(self._collections.List, req))
+        return types.collection_list(await self._call(self._collections.List, req))
 
     async def describe_collection(self, name: str) -> dict:
-        return cc.collection_info(await self._call(self._collections.Describe, cc.describe_collection_request(name)))
+        return types.collection_info(await self._call(self._collections.Describe, cc.describe_collection_request(name)))
 
     async def create_payload_index(self, collection: str, key: str, type: str) -> dict:
         req = cc.create_payload_index_request(collection, key, type)
-        return cc.payload_index(await self._call(self._collections.CreatePayloadIndex, req))
+        return types.payload_index(await self._call(self._collections.CreatePayloadIndex, req))
 
     async def drop_payload_index(self, collection: str, key: str) -> None:
         await self._call(self._collections.DropPayloadIndex, cc.drop_payload_index_request(collection, key))
 
     async def list_payload_indexes(self, collection: str) -> list[dict]:
         req = cc.list_payload_indexes_request(collection)
-        return cc.payload_index_list(await self._call(self._collections.ListPayloadIndexes, req))
+        return types.payload_index_list(await self._call(self._collections.ListPayloadIndexes, req))
 
     async def drop_collection(self, name: str) -> None:
         await self._call(self._collections.Drop, cc.drop_collection_request(name))
 
     async def repair_collection(self, name: str, index=None) -> dict:
-        return cc.collection_info(await self._call(self._collections.Repair,
+        return types.collection_info(await self._call(self._collections.Repair,
                                                    cc.repair_collection_request(name, index)))
 
     async def import_collection(self, name: str, path: str, replace: bool = False,
-                                timeout: float | None = None) -> dict:
-        req = cc.import_collection_request(name, path, replace)
-        return cc.collection_info(await self._call(self._collections.Import, req,
-                                                   timeout if timeout is not None else max(self.timeout, 3600.0)))
+                                timeout: float | None = None, *, check_only: bool = False) -> types.CollectionInfo:
+        req = cc.import_collection_request(name, path, replace, check_only)
+        if timeout is None and not check_only:
+            timeout = max(self.timeout, 3600.0)
+        return types.collection_info(await self._call(self._collections.Import, req, timeout))
 
     # --- points ------------------------------------------------------------------------------------
     async def upsert(self, collection: str, ids, vectors, payloads: list | None = None) -> int:
@@ -260,16 +262,16 @@ class AsyncClient:
 
     # --- jobs --------------------------------------------------------------------------------------
     async def start_job(self, kind: str, **params) -> dict:
-        return cc.job(await self._call(self._jobs.Start, cc.start_job_request(kind, params)))
+        return types.job(await self._call(self._jobs.Start, cc.start_job_request(kind, params)))
 
     async def get_job(self, job_id: str) -> dict:
-        return cc.job(await self._call(self._jobs.Get, cc.job_ref(job_id)))
+        return types.job(await self._call(self._jobs.Get, cc.job_ref(job_id)))
 
     async def list_jobs(self, kind: str = "", state: str = "") -> list[dict]:
-        return cc.job_list(await self._call(self._jobs.List, cc.list_jobs_request(kind, state)))
+        return types.job_list(await self._call(self._jobs.List, cc.list_jobs_request(kind, state)))
 
     async def cancel_job(self, job_id: str) -> dict:
-        return cc.job(await self._call(self._jobs.Cancel, cc.job_ref(job_id)))
+        return types.job(await self._call(self._jobs.Cancel, cc.job_ref(job_id)))
 
     async def watch_job(self, job_id: str, timeout: float | None = None) -> AsyncIterator[dict]:
         """The job's record now and at every change, until it ends: ``async for rec in c.watch_job(id)``."""
@@ -277,7 +279,7 @@ class AsyncClient:
         call = self._jobs.Watch(cc.job_ref(job_id), timeout=timeout, metadata=self._md)
         try:
             async for msg in call:
-                yield cc.job(msg)
+                yield types.job(msg)
         except grpc.RpcError as e:
             if self._closed:
                 raise cc.closed_error() from None
@@ -351,7 +353,7 @@ class AsyncClient:
         return await self._run_job(job, progress=False)
 
     async def job_kinds(self) -> list[dict]:
-        return cc.job_kinds(await self._call(self._jobs.Kinds, cc.job_kinds_request()))
+        return types.job_kinds(await self._call(self._jobs.Kinds, cc.job_kinds_request()))
 
     # --- drafts (stateless) ------------------------------------------------------------------------
     @staticmethod
@@ -392,21 +394,19 @@ class AsyncClient:
 
         req = dconv.build_request_to_proto(name, inputs, tokenizer, vocab_size, input_format, text_fields, overwrite,
                                            _fingerprint(tokenizer_fingerprint))
-        job = cc.job(await self._call(self._stub("Drafts").BuildDatastore, req))
+        job = types.job(await self._call(self._stub("Drafts").BuildDatastore, req))
         return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def list_datastores(self) -> list[dict]:
-        from retrieval.drafting import convert as dconv
         from retrieval.v1 import drafts_pb2
 
         resp = await self._call(self._stub("Drafts").ListDatastores, drafts_pb2.ListDatastoresRequest())
-        return [dconv.datastore_info_from_proto(d) for d in resp.datastores]
+        return [types.datastore_info(d) for d in resp.datastores]
 
     async def describe_datastore(self, name: str) -> dict:
-        from retrieval.drafting import convert as dconv
         from retrieval.v1 import drafts_pb2
 
-        return dconv.datastore_info_from_proto(await self._call(self._stub("Drafts").DescribeDatastore,
+        return types.datastore_info(await self._call(self._stub("Drafts").DescribeDatastore,
                                                                 drafts_pb2.DatastoreRef(name=name)))
 
     async def drop_datastore(self, name: str) -> None:
@@ -430,16 +430,15 @@ class AsyncClient:
 
         req = cconv.build_request_to_proto(name, scorer, items, items_path, anchor_queries, query_log, k_q,
                                            query_seed, dual_encoder, params)
-        job = cc.job(await self._ce_long_call("BuildIndex", req, timeout))
+        job = types.job(await self._ce_long_call("BuildIndex", req, timeout))
         return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def ce_add_items(self, index: str, ids, texts, payloads: list | None = None,
                            timeout: float | None = None) -> dict:
-        from retrieval.crossencoder import convert as cconv
         from retrieval.v1 import crossencoder_pb2 as cpb
 
         req = cpb.AddCrossEncoderItemsRequest(index=index, items=cc.ce_items(ids, texts, payloads))
-        return cconv.add_result_from_proto(await self._ce_long_call("AddItems", req, timeout))
+        return types.ce_add_result(await self._ce_long_call("AddItems", req, timeout))
 
     async def ce_delete_items(self, index: str, ids) -> int:
         from retrieval.v1 import crossencoder_pb2 as cpb
@@ -451,40 +450,35 @@ class AsyncClient:
                         k_i: int = 0, rounds: int = 0, seed_fraction: float | None = None,
                         ridge: float | None = None, with_payloads: bool = False,
                         timeout: float | None = None) -> dict:
-        from retrieval.crossencoder import convert as cconv
         from retrieval.v1 import crossencoder_pb2 as cpb
 
         req = cc.message(cpb.CrossEncoderSearchRequest, index=index, query=query, k=k, with_payloads=with_payloads,
                          params=cc.ce_params(mode, budget, k_i, rounds, seed_fraction, ridge))
         t0 = time.perf_counter()
-        out = cconv.hits_from_proto(await self._ce_long_call("Search", req, timeout))
-        out["latency_seconds"] = time.perf_counter() - t0
-        return out
+        resp = await self._ce_long_call("Search", req, timeout)
+        return types.ce_hits(resp, latency_seconds=time.perf_counter() - t0)
 
     async def ce_search_batch(self, index: str, queries: list[str], k: int = 10, mode: str = "",
                               budget: int | None = None, k_i: int = 0, rounds: int = 0,
                               seed_fraction: float | None = None, ridge: float | None = None,
                               with_payloads: bool = False, timeout: float | None = None) -> list[dict]:
-        from retrieval.crossencoder import convert as cconv
         from retrieval.v1 import crossencoder_pb2 as cpb
 
         req = cc.message(cpb.CrossEncoderSearchBatchRequest, index=index, queries=list(queries), k=k,
                          with_payloads=with_payloads,
                          params=cc.ce_params(mode, budget, k_i, rounds, seed_fraction, ridge))
-        return [cconv.hits_from_proto(r) for r in (await self._ce_long_call("SearchBatch", req, timeout)).results]
+        return [types.ce_hits(r) for r in (await self._ce_long_call("SearchBatch", req, timeout)).results]
 
     async def describe_ce_index(self, index: str) -> dict:
-        from retrieval.crossencoder import convert as cconv
         from retrieval.v1 import crossencoder_pb2 as cpb
 
-        return cconv.info_from_proto(await self._ce_long_call("Describe", cpb.CrossEncoderIndexRef(index=index), None))
+        return types.ce_index_info(await self._ce_long_call("Describe", cpb.CrossEncoderIndexRef(index=index), None))
 
     async def list_ce_indexes(self) -> list[dict]:
-        from retrieval.crossencoder import convert as cconv
         from retrieval.v1 import crossencoder_pb2 as cpb
 
         resp = await self._ce_long_call("ListIndexes", cpb.ListCrossEncoderIndexesRequest(), None)
-        return [cconv.info_from_proto(i) for i in resp.indexes]
+        return [types.ce_index_info(i) for i in resp.indexes]
 
     async def drop_ce_index(self, index: str) -> None:
         from retrieval.v1 import crossencoder_pb2 as cpb
@@ -496,29 +490,26 @@ class AsyncClient:
         from retrieval.crossencoder import convert as cconv
 
         req = cconv.set_anchor_items_to_proto(index, k_i, anchor_method, seed)
-        return cconv.info_from_proto(await self._ce_long_call("SetAnchorItems", req, None))
+        return types.ce_index_info(await self._ce_long_call("SetAnchorItems", req, None))
 
     # --- graphs ------------------------------------------------------------------------------------
     async def create_graph(self, name: str, num_nodes: int = 0, directed: bool = False,
                            weighted: bool = False) -> dict:
-        from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
         req = cc.message(gpb.CreateGraphRequest, graph=name, num_nodes=num_nodes, directed=directed, weighted=weighted)
-        return gconv.graph_info_from_proto(await self._call(self._stub("Graphs").CreateGraph, req))
+        return types.graph_info(await self._call(self._stub("Graphs").CreateGraph, req))
 
     async def list_graphs(self) -> list[dict]:
-        from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
         resp = await self._call(self._stub("Graphs").ListGraphs, gpb.ListGraphsRequest())
-        return [gconv.graph_info_from_proto(g) for g in resp.graphs]
+        return [types.graph_info(g) for g in resp.graphs]
 
     async def describe_graph(self, name: str) -> dict:
-        from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
-        return gconv.graph_info_from_proto(await self._call(self._stub("Graphs").DescribeGraph,
+        return types.graph_info(await self._call(self._stub("Graphs").DescribeGraph,
                                                             gpb.GraphRef(graph=name)))
 
     async def drop_graph(self, name: str) -> None:
@@ -527,10 +518,9 @@ class AsyncClient:
         await self._call(self._stub("Graphs").DropGraph, gpb.GraphRef(graph=name))
 
     async def add_nodes(self, graph: str, count: int) -> dict:
-        from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
-        return gconv.graph_info_from_proto(await self._call(self._stub("Graphs").AddNodes,
+        return types.graph_info(await self._call(self._stub("Graphs").AddNodes,
                                                             cc.message(gpb.AddNodesRequest, graph=graph, count=count)))
 
     async def append_edges(self, graph: str, src, dst, weights=None, duplicates: str = "", chunk: int = 100_000,
@@ -543,11 +533,10 @@ class AsyncClient:
         reqs[0].self_loops = self_loops or ""
         resp = await self._stream_call(self._stub("Graphs").AppendEdges, iter(reqs),
                                        timeout if timeout is not None else max(self.timeout, 600.0))
-        return gconv.append_result_from_proto(resp)
+        return types.append_result(resp)
 
     async def set_node_features(self, graph: str, features) -> dict:
         from retrieval import convert
-        from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
         req = gpb.SetFeaturesRequest(graph=graph)
@@ -556,12 +545,12 @@ class AsyncClient:
             if x.ndim != 2:
                 raise errors.InvalidArgument(f"features must be a 2-D array [n, f], got shape {x.shape}")
             convert.vectors_to_proto(x, req.features)
-        return gconv.graph_info_from_proto(await self._call(self._stub("Graphs").SetFeatures, req))
+        return types.graph_info(await self._call(self._stub("Graphs").SetFeatures, req))
 
     async def set_node_labels(self, graph: str, labels) -> dict:
         from retrieval.graph import convert as gconv
 
-        return gconv.graph_info_from_proto(await self._call(self._stub("Graphs").SetLabels,
+        return types.graph_info(await self._call(self._stub("Graphs").SetLabels,
                                                             gconv.labels_to_proto(graph, labels)))
 
     async def neighbors(self, graph: str, nodes, direction: str = "out") -> list[tuple[np.ndarray, np.ndarray]]:
@@ -581,7 +570,7 @@ class AsyncClient:
                                    params=gconv.fastrp_params_to_proto(dict(params, dim=dim)))
         if index is not None:
             req.index.CopyFrom(cc.index_spec(index))
-        job = cc.job(await self._call(self._stub("Graphs").RunFastRP, req))
+        job = types.job(await self._call(self._stub("Graphs").RunFastRP, req))
         return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def import_graph(self, name: str, path: str, format: str = "auto", *, mode: str = "auto",
@@ -638,7 +627,7 @@ class AsyncClient:
             p["val_frac"] = val_frac
         if test_frac is not None:
             p["test_frac"] = test_frac
-        job = cc.job(await self._call(self._stub("Graphs").TrainLinkModel, gconv.train_params_to_request(p)))
+        job = types.job(await self._call(self._stub("Graphs").TrainLinkModel, gconv.train_params_to_request(p)))
         return await self._run_job(job, progress, detach or not wait, timeout)
 
     async def score_links(self, graph: str, src, dst, model: str = "ncn") -> np.ndarray:

@@ -326,8 +326,9 @@ def repair_collection_request(name, index=None):
     return req
 
 
-def import_collection_request(name, path, replace=False):
-    return message(collections_pb2.ImportCollectionRequest, name=name, path=str(path), replace=replace)
+def import_collection_request(name, path, replace=False, check_only=False):
+    return message(collections_pb2.ImportCollectionRequest, name=name, path=str(path), replace=replace,
+                   check_only=check_only)
 
 
 collection_info = convert.collection_info_from_proto

@@ -57,6 +57,10 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         return collections_pb2.DropCollectionResponse()
 
     async def Import(self, request, context):
+        if request.check_only:
+            import_path(request.path, self.settings, self.data_dir, must_exist=False)
+            self.manager.check_import(request.name, replace=request.replace)
+            return collections_pb2.CollectionInfo(name=request.name)
         source = import_path(request.path, self.settings, self.data_dir)
         col = await self.manager.import_folder(source, request.name, replace=request.replace)
         return convert.collection_info_to_proto(await col.describe())
@@ -75,9 +79,10 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
             indexes=[convert.payload_index_to_proto(e) for e in col.list_payload_indexes()])
 
 
-def import_path(path: str, settings, data_dir: Path | None) -> Path:
+def import_path(path: str, settings, data_dir: Path | None, must_exist: bool = True) -> Path:
     """The folder a client asked to import, checked: no ``..`` components, inside the folders clients
-    may name (symbolic links resolved), not inside the server's own collections."""
+    may name (symbolic links resolved), not inside the server's own collections, a folder (when
+    ``must_exist``)."""
     from retrieval.server.auth import resolve_client_file
 
     if settings is None or data_dir is None:
@@ -90,7 +95,7 @@ def import_path(path: str, settings, data_dir: Path | None) -> Path:
     own = (Path(data_dir) / "collections").resolve()
     if folder == own or own in folder.parents:
         raise InvalidArgument(f"{str(folder)!r} is inside the server's own collections folder")
-    if not folder.is_dir():
+    if must_exist and not folder.is_dir():
         raise NotFound(f"collection folder {str(folder)!r} does not exist on the server")
     return folder
 

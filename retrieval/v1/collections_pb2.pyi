@@ -95,14 +95,16 @@ class DropCollectionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ImportCollectionRequest(_message.Message):
-    __slots__ = ("name", "path", "replace")
+    __slots__ = ("name", "path", "replace", "check_only")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     replace: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    check_only: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., check_only: _Optional[bool] = ...) -> None: ...
 
 class RepairCollectionRequest(_message.Message):
     __slots__ = ("name", "index")

@@ -962,6 +962,14 @@ class CollectionManager:
             os.rename(col.folder, trash)
             await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
 
+    def check_import(self, name: str, replace: bool = False) -> None:
+        """What :meth:`import_folder` checks of the name before it reads anything."""
+        validate_name(name, "collection name")
+        if name in self._importing:
+            raise FailedPrecondition(f"collection {name!r} is being imported already")
+        if (name in self._collections or name in self._unserved) and not replace:
+            raise AlreadyExists(f"collection {name!r} already exists; pass replace to replace it")
+
     async def import_folder(self, source: Path, name: str, replace: bool = False, move: bool = False) -> Collection:
         """Attach the collection folder ``source`` (e.g. written by ``index_builder build``) as ``name``.
 
@@ -972,11 +980,7 @@ class CollectionManager:
         moment, then is closed and deleted (writes it took meanwhile go with it); without, an existing
         name is ALREADY_EXISTS. A failed import changes nothing (a moved ``source`` is moved back).
         """
-        validate_name(name, "collection name")
-        if name in self._importing:
-            raise FailedPrecondition(f"collection {name!r} is being imported already")
-        if (name in self._collections or name in self._unserved) and not replace:
-            raise AlreadyExists(f"collection {name!r} already exists; pass replace to replace it")
+        self.check_import(name, replace)
         loop = asyncio.get_running_loop()
         source = Path(source)
         self._importing.add(name)

@@ -65,6 +65,22 @@ def _check(env, name: str, n: int) -> None:
     assert id_recall(I, exact(env["xq"], env["xb"][:n], 10)[1]) >= 0.95
 
 
+def test_push_outside_the_allowed_folders_fails_before_the_build(env):
+    """--push asks the server first (Import with check_only): a work folder it may not read is refused
+    with the setting to change, before the build starts (it would create the work folder); nothing is
+    created on either side."""
+    c = env["client"]
+    outside = env["tmp"] / "elsewhere"
+    with pytest.raises(PermissionDenied, match="client_file_dirs"):
+        build(_ctx(env["tmp"]), BuildSpec(input=str(env["imports"] / "a.npy"), collection="never", index=SMALL_HNSW),
+              push=c.address, work_dir=outside, threads=1)
+    assert not outside.exists()
+    assert "never" not in [x.name for x in c.list_collections()]
+    # the check itself: allowed and free passes without the folder existing; a taken name does not
+    assert c.import_collection("fresh", str(env["imports"] / "not-yet"), check_only=True).name == "fresh"
+    assert not (env["imports"] / "not-yet").exists() and "fresh" not in [x.name for x in c.list_collections()]
+
+
 def test_push_then_replace_while_searching(env):
     c = env["client"]
     out = build(_ctx(env["tmp"]), BuildSpec(input=str(env["imports"] / "a.npy"), collection="pushed",
