@@ -347,13 +347,20 @@ def evaluate(model: LinkModel, x, adj: Adj, split: LinkSplit, cfg: NCNConfig, ks
     model.eval()
     with torch.no_grad():
         h = model.encode(x, adj)
-        out = {}
-        for part in parts:
-            pos = predict_logits(model, h, adj, getattr(split, part), cfg.test_batch_size)
-            neg = predict_logits(model, h, adj, getattr(split, part + "_neg"), cfg.test_batch_size)
-            res = {f"hits@{k}": hits_at_k(pos, neg, k) for k in ks}
-            res["auc"] = auc(pos, neg)
-            out[part] = res
+        freeze = getattr(model.predictor, "freeze", None)
+        if freeze is not None:
+            freeze(h, fold_linear=False)  # h + xlin(h) once, not once per batch (same numbers)
+        try:
+            out = {}
+            for part in parts:
+                pos = predict_logits(model, h, adj, getattr(split, part), cfg.test_batch_size)
+                neg = predict_logits(model, h, adj, getattr(split, part + "_neg"), cfg.test_batch_size)
+                res = {f"hits@{k}": hits_at_k(pos, neg, k) for k in ks}
+                res["auc"] = auc(pos, neg)
+                out[part] = res
+        finally:
+            if freeze is not None:
+                model.predictor.unfreeze()
     return out
 
 
@@ -665,8 +672,11 @@ class LinkScorer:
         self.graph = graph
         self.batch = int(batch)
         self._lock = threading.Lock()
-        with torch.no_grad():
+        with torch.inference_mode():
             self.h = model.encode(x, adj)
+            freeze = getattr(model.predictor, "freeze", None)
+            if freeze is not None:  # what every call would recompute for all n nodes, computed once
+                freeze(self.h)
 
     @staticmethod
     def from_training(res: TrainResult, graph: Graph) -> "LinkScorer":
@@ -713,7 +723,7 @@ class LinkScorer:
             raise InvalidArgument(f"pairs must have shape [P, 2], got {p.shape}")
         as_node_ids(p[:, 0], "pairs[:, 0]", self.graph.n)
         as_node_ids(p[:, 1], "pairs[:, 1]", self.graph.n)
-        with self._lock:
+        with self._lock, torch.inference_mode():
             logits = predict_logits(self.model, self.h, self.adj, p.astype(np.int64), self.batch)
         return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 

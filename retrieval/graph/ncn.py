@@ -486,10 +486,49 @@ class NCNPredictor(nn.Module):
         self.cfg = cfg
         self.m = _MLPs(cfg, cfg.hidden)
         self.depth = cfg.depth if cfg.predictor == "ncnc" else 0
+        # inference cache (see freeze): id(h) -> (h, h + xlin(h), first xcnlin layer of it or None)
+        self._frozen: dict[int, tuple] = {}
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
         """``h' = h + xlin(h)``: the representations summed over common neighbours."""
+        hit = self._frozen.get(id(h))
+        if hit is not None and hit[0] is h and not self.training:
+            return hit[1]
         return h + self.m.xlin(h) if self.m.xlin is not None else h
+
+    @torch.no_grad()
+    def freeze(self, h: torch.Tensor, fold_linear: bool = True) -> None:
+        """Cache, for inference with the fixed representations ``h``, what every call would recompute
+        for all ``n`` nodes: ``h' = h + xlin(h)`` (and, for NCNC with ``completion="reference"``, the
+        inner call's ``h' + xlin(h')``). ``fold_linear``: also cache ``W1 h'`` (``W1`` the first linear
+        layer of ``xcnlin``), so the common-neighbour sum is taken after that layer (it is linear:
+        ``W1 sum_k h'_k + b1 = sum_k W1 h'_k + b1``), one ``B x h x h`` product less per batch of pairs
+        (equal up to float rounding). Training mode ignores the cache; :meth:`unfreeze` drops it."""
+        self._frozen = {}
+        hx = self.transform(h)
+        chain = [(h, hx)]
+        if self.depth >= 1 and self.cfg.completion == "reference":
+            chain.append((hx, self.transform(hx)))
+        lin = self.m.xcnlin[0]
+        for a, ax in chain:
+            self._frozen[id(a)] = (a, ax, ax @ lin.weight.t() if fold_linear else None)
+
+    def unfreeze(self) -> None:
+        self._frozen = {}
+
+    def _xcn(self, h: torch.Tensor, hx: torch.Tensor, parts, B: int) -> torch.Tensor:
+        """``xcnlin(sum over parts)``, each part ``(b, k, w, sorted_unique)``: summed over rows of ``hx``,
+        or of the cached ``W1 hx`` (then ``xcnlin`` continues after its first layer)."""
+        hit = self._frozen.get(id(h))
+        folded = None if self.training or hit is None or hit[0] is not h or hit[1] is not hx else hit[2]
+        src = hx if folded is None else folded
+        acc = None
+        for b, k, w, su in parts:
+            y = spmm_rows(b, k, w, B, src, sorted_unique=su)
+            acc = y if acc is None else acc + y
+        if folded is None:
+            return self.m.xcnlin(acc)
+        return self.m.xcnlin[1:](acc + self.m.xcnlin[0].bias)
 
     def forward(self, h: torch.Tensor, adj: Adj, src: torch.Tensor, dst: torch.Tensor,
                 depth: int | None = None, hx: torch.Tensor | None = None, _dropped: bool = False) -> torch.Tensor:
@@ -502,7 +541,7 @@ class NCNPredictor(nn.Module):
         B = src.numel()
         if depth <= 0:
             b, k = common_neighbors(adj, src, dst)
-            xcn = spmm_rows(b, k, None, B, hx, sorted_unique=True)
+            parts = [(b, k, None, True)]
         else:
             (bc, kc), (b1, k1), (b2, k2) = common_neighbors(adj, src, dst, residual=True)
             rdeg = cfg.train_res_deg if self.training else cfg.test_res_deg
@@ -513,11 +552,9 @@ class NCNPredictor(nn.Module):
                 p1 = self._completion_prob(h, hx, adj, dst[b1], k1, depth - 1)
                 p2 = self._completion_prob(h, hx, adj, src[b2], k2, depth - 1)
             sampled = rdeg > 0
-            xcn = (spmm_rows(bc, kc, None, B, hx, sorted_unique=True)
-                   + spmm_rows(b1, k1, p1 * w1, B, hx, sorted_unique=not sampled)
-                   + spmm_rows(b2, k2, p2 * w2, B, hx, sorted_unique=not sampled))
+            parts = [(bc, kc, None, True), (b1, k1, p1 * w1, not sampled), (b2, k2, p2 * w2, not sampled)]
         xij = self.m.xijlin(h[src] * h[dst])
-        return self.m.lin(self.m.xcnlin(xcn) * self.m.beta + xij).squeeze(-1)
+        return self.m.lin(self._xcn(h, hx, parts, B) * self.m.beta + xij).squeeze(-1)
 
     def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
         """Completion probability from an NCN logit: ``alpha * pt q / (pt q + 1 - q)``, q = s(scale (l - offset))."""
@@ -526,6 +563,16 @@ class NCNPredictor(nn.Module):
         return cfg.alpha * cfg.pt * q / (cfg.pt * q + 1 - q)
 
     def _completion_prob(self, h, hx, adj, a, k, depth) -> torch.Tensor:
+        if not self.training and a.numel() > 1:
+            # inference: a pair (a, k) often comes back for many targets (PredictLinks: (u, k) for every
+            # candidate sharing the neighbour k); score each distinct pair once (training keeps its
+            # random stream unchanged and scores them all)
+            key, inv = torch.unique(a * adj.n + k, return_inverse=True)
+            if key.numel() < a.numel():
+                return self._completion_prob_all(h, hx, adj, key // adj.n, key % adj.n, depth)[inv]
+        return self._completion_prob_all(h, hx, adj, a, k, depth)
+
+    def _completion_prob_all(self, h, hx, adj, a, k, depth) -> torch.Tensor:
         out = torch.empty(a.numel(), device=h.device, dtype=h.dtype)
         step = self.cfg.splitsize
         ref = self.cfg.completion == "reference"
