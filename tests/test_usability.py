@@ -33,6 +33,22 @@ def test_index_parameters_in_any_case_and_unknown_ones_named():
         registry.spec_from_dict({"type": "hnsw", "efc": 100})
 
 
+def test_hnsw_spec_takes_hnswlibs_M_keyword(client):
+    import pytest
+
+    from retrieval.errors import InvalidArgument
+    from retrieval.indexes import registry
+    from retrieval.indexes.base import HnswSpec
+
+    assert HnswSpec(M=32) == HnswSpec(m=32) == registry.spec_from_dict(HnswSpec(M=32))
+    assert registry.spec_to_dict(HnswSpec(M=32)) == {"type": "hnsw", "m": 32, "ef_construction": 200}
+    with pytest.raises(InvalidArgument, match="disagree"):
+        HnswSpec(m=8, M=32)
+    info = client.create_collection("hnsw-M", dimension=4, index=HnswSpec(M=12, ef_construction=50))
+    assert (info.index.m, info.index.ef_construction) == (12, 50)
+    client.drop_collection("hnsw-M")
+
+
 def test_search_with_two_queries_points_to_search_batch(client):
     import pytest
 

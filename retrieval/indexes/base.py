@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numbers
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol, Union, runtime_checkable
 
@@ -38,13 +38,20 @@ def _check_int(v, what: str) -> None:
 
 @dataclass(frozen=True)
 class HnswSpec:
-    """hnswlib HNSW: ``m`` links per node, ``ef_construction`` build beam width."""
+    """hnswlib HNSW: ``m`` links per node, ``ef_construction`` build beam width.
+
+    ``M`` is accepted for ``m`` (hnswlib's and the paper's spelling): ``HnswSpec(M=32)``."""
 
     m: int = 16
     ef_construction: int = 200
+    M: InitVar[int | None] = None
     kind: ClassVar[str] = "hnsw"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, M: int | None = None) -> None:
+        if M is not None:
+            if self.m not in (16, M):
+                raise InvalidArgument(f"hnsw m={self.m} and M={M} disagree; give one of them")
+            object.__setattr__(self, "m", M)
         _check_int(self.m, "hnsw m")
         _check_int(self.ef_construction, "hnsw ef_construction")
         if not 2 <= self.m <= 256:

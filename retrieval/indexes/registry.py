@@ -50,9 +50,12 @@ async def avalidate(spec: IndexSpec, d: int, metric: str = "l2") -> None:
 
 
 def spec_from_dict(d: dict | str | None) -> IndexSpec:
-    """``"hnsw"`` or ``{"type": "faiss", "factory": "IVF256,PQ16"}`` -> a spec."""
+    """``"hnsw"``, ``{"type": "faiss", "factory": "IVF256,PQ16"}`` or a spec (``HnswSpec(M=32)``) -> a spec."""
     if d is None:
         return HnswSpec()
+    if dataclasses.is_dataclass(d) and not isinstance(d, type) and isinstance(getattr(d, "kind", None), str):
+        SPECS.get(d.kind)  # a registered kind
+        return d
     if isinstance(d, str):
         d = {"type": d}
     if not isinstance(d, dict):
