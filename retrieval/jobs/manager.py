@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from retrieval import crashes
 from retrieval.core.registry import Registry
@@ -121,8 +121,6 @@ class JobManager:
         self._sem = asyncio.Semaphore(max_concurrent)
         self._db: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: services the job bodies may need (e.g. "collections": the CollectionManager)
-        self.services: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------
     def register(self, kind: JobKind) -> None:

@@ -202,7 +202,6 @@ async def _open_context(settings: Settings, data_dir: Path, shard_factory,
                         collections=CollectionManager(data_dir, shard_settings(settings), limits(settings),
                                                       shard_factory),
                         jobs=JobManager(data_dir, max_concurrent=settings.max_concurrent_jobs))
-    ctx.jobs.services["collections"] = ctx.collections
     await ctx.collections.open()
     stack.push_async_callback(ctx.collections.close)
     stack.push_async_callback(ctx.jobs.close)

@@ -285,121 +285,142 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        service, name = split_method(method)
-        access = self.access_log
-        auth = self.auth
-        # health checks skip admission so probes answer even when the server is saturated
-        admission = None if method.startswith("/grpc.health.") else self.admission
-        write = not is_read_method(method)
-        session = method in SESSION_METHODS
-        deser = _safe_deserializer(h.request_deserializer)
-
-        def admit_checks(call: _Call) -> None:
-            verdict = auth.check(method, call.context.invocation_metadata())
-            if verdict.code is not None:
-                raise _Deny(verdict.code, verdict.message)
-
+        """``h`` inside the call's bookkeeping (auth, admission, metrics, access log, error mapping)."""
+        m = _Method(method, h, self)
         if h.unary_unary or h.stream_unary:
-            inner = h.unary_unary or h.stream_unary
-            streaming_in = h.stream_unary is not None
-            open_gauge = metrics.OPEN_STREAMS.labels(service, name) if streaming_in else None
+            return _wrap_unary(m, h)
+        return _wrap_stream(m, h)
 
-            async def unary_response(request, context):
-                call = _Call(method, service, name, context, streaming_in)
-                if open_gauge is not None:
-                    open_gauge.inc()
-                wb = 0
-                admitted = False
-                charge = None
-                try:
-                    admit_checks(call)
-                    if streaming_in:
-                        if admission is not None:
-                            admission.enter_stream(session)
-                            admitted = True
-                            if write:
-                                charge = StreamCharge(admission)
-                        request = _requests(request, method, charge, context)
-                    else:
-                        if isinstance(request, _Malformed):
-                            raise _malformed(method)
-                        if admission is not None:
-                            wb = request.ByteSize() if write else 0
-                            admission.enter_unary(wb)
-                            admitted = True
-                    return await _unary_result(inner, request, context, streaming_in)
-                except asyncio.CancelledError:
-                    call.cancelled()
-                    raise
-                except grpc.aio.AbortError:
-                    if call.code == grpc.StatusCode.OK:
-                        call.aborted_by_servicer()
-                    raise
-                except Exception as e:
-                    await call.fail(e)
-                finally:
-                    if open_gauge is not None:
-                        open_gauge.dec()
-                    if charge is not None:
-                        charge.close()
-                    if admitted:
-                        if streaming_in:
-                            admission.leave_stream(session)
-                        else:
-                            admission.leave_unary(wb)
-                    call.finish(access)
 
-            make = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
-            return make(unary_response, request_deserializer=deser, response_serializer=h.response_serializer)
+class _Method:
+    """What the wrapper of one method needs, worked out once per method (not per call)."""
 
-        inner = h.unary_stream or h.stream_stream
-        streaming_in = h.stream_stream is not None
-        hist = metrics.STREAM_MESSAGE_LATENCY.labels(service, name) if streaming_in else None
-        open_gauge = metrics.OPEN_STREAMS.labels(service, name)
+    def __init__(self, method: str, h: grpc.RpcMethodHandler, owner: CallInterceptor) -> None:
+        self.method = method
+        self.service, self.name = split_method(method)
+        self.access = owner.access_log
+        self.auth = owner.auth
+        # health checks skip admission so probes answer even when the server is saturated
+        self.admission = None if method.startswith("/grpc.health.") else owner.admission
+        self.write = not is_read_method(method)
+        self.session = method in SESSION_METHODS
+        self.deser = _safe_deserializer(h.request_deserializer)
 
-        # A coroutine writing through ``context.write``: it serves every kind of streaming handler (async
-        # generators, coroutines that write themselves such as grpc's health Watch, sync generators).
-        async def stream_response(request, context) -> None:
-            call = _Call(method, service, name, context, True)
-            admitted = False
-            charge = None
+    def admit(self, call: _Call) -> None:
+        verdict = self.auth.check(self.method, call.context.invocation_metadata())
+        if verdict.code is not None:
+            raise _Deny(verdict.code, verdict.message)
+
+
+def _wrap_unary(m: _Method, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A unary-response handler (unary or client-streaming requests) in the call's bookkeeping."""
+    inner = h.unary_unary or h.stream_unary
+    streaming_in = h.stream_unary is not None
+    open_gauge = metrics.OPEN_STREAMS.labels(m.service, m.name) if streaming_in else None
+    admission, write, session, method = m.admission, m.write, m.session, m.method
+
+    async def unary_response(request, context):
+        call = _Call(method, m.service, m.name, context, streaming_in)
+        if open_gauge is not None:
             open_gauge.inc()
-            try:
-                admit_checks(call)
+        wb = 0
+        admitted = False
+        charge = None
+        try:
+            m.admit(call)
+            if streaming_in:
                 if admission is not None:
                     admission.enter_stream(session)
                     admitted = True
-                arrivals: list[float] | None = None
-                if streaming_in:
-                    if write and admission is not None:
+                    if write:
                         charge = StreamCharge(admission)
-                    arrivals = []
-                    request = _requests(request, method, charge, context, arrivals)
-                elif isinstance(request, _Malformed):
+                request = _requests(request, method, charge, context)
+            else:
+                if isinstance(request, _Malformed):
                     raise _malformed(method)
-                async for resp in _responses(inner, request, context, streaming_in):
-                    if arrivals:
-                        hist.observe(time.perf_counter() - arrivals.pop(0))
-                    await context.write(resp)
-            except asyncio.CancelledError:
-                call.cancelled()
-                raise
-            except grpc.aio.AbortError:
-                if call.code == grpc.StatusCode.OK:
-                    call.aborted_by_servicer()
-                raise
-            except Exception as e:
-                await call.fail(e)
-            finally:
+                if admission is not None:
+                    wb = request.ByteSize() if write else 0
+                    admission.enter_unary(wb)
+                    admitted = True
+            return await _unary_result(inner, request, context, streaming_in)
+        except asyncio.CancelledError:
+            call.cancelled()
+            raise
+        except grpc.aio.AbortError:
+            if call.code == grpc.StatusCode.OK:
+                call.aborted_by_servicer()
+            raise
+        except Exception as e:
+            await call.fail(e)
+        finally:
+            if open_gauge is not None:
                 open_gauge.dec()
-                if charge is not None:
-                    charge.close()
-                if admitted:
+            if charge is not None:
+                charge.close()
+            if admitted:
+                if streaming_in:
                     admission.leave_stream(session)
-                call.finish(access)
+                else:
+                    admission.leave_unary(wb)
+            call.finish(m.access)
 
-        make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
-        return make(stream_response, request_deserializer=deser, response_serializer=h.response_serializer)
+    make = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
+    return make(unary_response, request_deserializer=m.deser, response_serializer=h.response_serializer)
+
+
+def _wrap_stream(m: _Method, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A streaming-response handler (unary or streaming requests) in the call's bookkeeping.
+
+    The wrapper is a coroutine writing through ``context.write``: it serves every kind of streaming
+    handler (async generators, coroutines that write themselves such as grpc's health Watch, sync
+    generators)."""
+    inner = h.unary_stream or h.stream_stream
+    streaming_in = h.stream_stream is not None
+    hist = metrics.STREAM_MESSAGE_LATENCY.labels(m.service, m.name) if streaming_in else None
+    open_gauge = metrics.OPEN_STREAMS.labels(m.service, m.name)
+    admission, write, session, method = m.admission, m.write, m.session, m.method
+
+    async def stream_response(request, context) -> None:
+        call = _Call(method, m.service, m.name, context, True)
+        admitted = False
+        charge = None
+        open_gauge.inc()
+        try:
+            m.admit(call)
+            if admission is not None:
+                admission.enter_stream(session)
+                admitted = True
+            arrivals: list[float] | None = None
+            if streaming_in:
+                if write and admission is not None:
+                    charge = StreamCharge(admission)
+                arrivals = []
+                request = _requests(request, method, charge, context, arrivals)
+            elif isinstance(request, _Malformed):
+                raise _malformed(method)
+            async for resp in _responses(inner, request, context, streaming_in):
+                if arrivals:
+                    hist.observe(time.perf_counter() - arrivals.pop(0))
+                await context.write(resp)
+        except asyncio.CancelledError:
+            call.cancelled()
+            raise
+        except grpc.aio.AbortError:
+            if call.code == grpc.StatusCode.OK:
+                call.aborted_by_servicer()
+            raise
+        except Exception as e:
+            await call.fail(e)
+        finally:
+            open_gauge.dec()
+            if charge is not None:
+                charge.close()
+            if admitted:
+                admission.leave_stream(session)
+            call.finish(m.access)
+
+    make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
+    return make(stream_response, request_deserializer=m.deser, response_serializer=h.response_serializer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,7 +499,3 @@ async def _requests(it, method: str, charge: StreamCharge | None, context, arriv
                 del arrivals[0]
             arrivals.append(time.perf_counter())
         yield m
-
-
-#: The name app.py used before the interceptor grew auth, limits and metrics.
-ErrorAndLogInterceptor = CallInterceptor

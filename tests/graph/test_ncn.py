@@ -286,3 +286,25 @@ def test_reference_completion_mode_matches_dense(adj_and_dense):
                     extra[b, only] = pred.calibrate(logit)
         ref = _dense_ncn(pred, h, A, src, dst, extra=extra)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("predictor", ["ncn", "ncnc"])
+def test_the_serving_cache_changes_no_score(celegans, predictor):
+    """LinkScorer caches h + xlin(h) (and W1 of it) once per model and scores each distinct completion
+    pair once; the scores equal the uncached model's, pair for pair (up to float rounding)."""
+    from retrieval.graph.linkpred import predict_logits
+
+    split = split_edges(celegans, seed=0)
+    cfg = make_config("cora", predictor=predictor, input="learnable", epochs=1, hidden=32)
+    res = train_link_model(split, None, cfg, seed=0)
+    sc = LinkScorer.from_training(res, celegans)
+    rng = np.random.default_rng(0)
+    pairs = np.concatenate([split.test[:200], rng.integers(0, celegans.n, size=(200, 2)),
+                            np.stack([np.zeros(50, np.int64), np.arange(50)], 1)])  # one node, many targets
+    cached = sc.score(pairs)
+    assert sc.model.predictor._frozen  # the cache was in use
+    sc.model.predictor.unfreeze()
+    with torch.no_grad():
+        plain = predict_logits(sc.model, sc.h, sc.adj, pairs, 64)
+    np.testing.assert_allclose(cached, 1.0 / (1.0 + np.exp(-plain.astype(np.float64))), rtol=1e-4, atol=1e-5)
+    assert np.ptp(cached) > 1e-3  # the scores differ between pairs: the comparison means something
