@@ -1316,8 +1316,79 @@ def graphs_predict(
 
 
 # --- cross-encoder indexes --------------------------------------------------------------------------
-ce_app = typer.Typer(help="Cross-encoder k-NN indexes: list, describe, drop, search.", no_args_is_help=True)
+ce_app = typer.Typer(help="Cross-encoder k-NN indexes: build, list, describe, drop, search.", no_args_is_help=True)
 app.add_typer(ce_app, name="ce")
+
+
+def _json_option(value: str | None, flag: str) -> dict | None:
+    """A ``--flag '{...}'`` option: a JSON object, or None when not given."""
+    if value is None:
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise _BadInput(f"{flag} {value[:200]!r} is not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise _BadInput(f"{flag} must be a JSON object, got {value[:200]!r}")
+    return out
+
+
+def _read_items(path: Path) -> list[dict]:
+    """Cross-encoder items from a local file: JSON Lines (one ``{"id", "text", "payload"?}`` per line) or
+    one JSON array of them."""
+    text = _read_text(path, "--items")
+    try:
+        if text.lstrip().startswith("["):
+            items = json.loads(text)
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise _BadInput(f"--items {str(path)!r} is not JSON Lines or a JSON array of items: {e}") from None
+    if not items or not all(isinstance(i, dict) for i in items):
+        raise _BadInput(f"--items {str(path)!r} must hold objects {{\"id\", \"text\", \"payload\"?}}, one per line")
+    return items
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _BadInput(f"{flag} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _BadInput(f"{flag} {str(path)!r} cannot be read as UTF-8 text: {e}") from None
+
+
+@ce_app.command("build")
+def ce_build(
+    name: str,
+    items: Optional[Path] = typer.Option(None, "--items", help="local JSON Lines file of {\"id\", \"text\", "
+                                         "\"payload\"?} (sent with the request)"),
+    items_path: Optional[str] = typer.Option(None, "--items-path", help="the same file on the server (inside its "
+                                             "allowed folders), for large corpora"),
+    anchors: Path = typer.Option(..., "--anchor-queries", help="text file, one anchor query per line (the rows "
+                                 "of the score matrix; a sample of real queries is best)"),
+    scorer: str = typer.Option("minilm-joint", "--scorer", help="scorer name, or a JSON spec such as "
+                               '\'{"name": "hf", "model_dir": "/models/ce", "device": "cpu"}\''),
+    params: Optional[str] = typer.Option(None, "--params", help='build parameters as JSON, e.g. \'{"k_i": 100}\''),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Build a cross-encoder index (a job, watched to the end) for `ce search`.
+
+    Example: retrieval ce build faq --items faq.jsonl --anchor-queries queries.txt --params '{"k_i": 50}'
+    """
+    with _errors():
+        if (items is None) == (items_path is None):
+            raise _BadInput("give exactly one of --items FILE (local) and --items-path PATH (on the server)")
+        spec = _json_option(scorer, "--scorer") if scorer.lstrip().startswith("{") else {"name": scorer}
+        queries = [q for q in _read_text(anchors, "--anchor-queries").splitlines() if q.strip()]
+        rows = _read_items(items) if items is not None else None
+        with _client(address) as c:
+            j = c.build_ce_index(name, spec, items=rows, items_path=items_path, anchor_queries=queries,
+                                 params=_json_option(params, "--params"), wait=False)
+            j = _watch(c, j["id"], quiet)
+    _job_outcome(j, as_json)
 
 
 @ce_app.command("list")
@@ -1378,8 +1449,37 @@ def ce_search(
 
 
 # --- draft datastores -------------------------------------------------------------------------------
-drafts_app = typer.Typer(help="Draft datastores (speculative decoding): list, describe, drop.", no_args_is_help=True)
+drafts_app = typer.Typer(help="Draft datastores (speculative decoding): build, list, describe, drop.",
+                         no_args_is_help=True)
 app.add_typer(drafts_app, name="drafts")
+
+
+@drafts_app.command("build")
+def drafts_build(
+    name: str,
+    inputs: list[str] = typer.Argument(..., help="files on the server (inside its allowed folders): text "
+                                       "(.txt, .jsonl, .json) with --tokenizer, or token ids (.ids, .npy)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer file on the server (.model or "
+                                            "tokenizer.json) for text inputs"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="for token-id inputs"),
+    input_format: str = typer.Option("auto", "--format", help="auto (by suffix), text, lines, jsonl, json, ids, npy"),
+    text_fields: Optional[str] = typer.Option(None, "--text-fields", help="jsonl/json: comma-separated fields "
+                                              "holding the text"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a datastore of that name"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = JSON_OUT,
+    address: str = ADDRESS,
+) -> None:
+    """Build a draft datastore (a job, watched to the end) that draft sessions look continuations up in.
+
+    Example: retrieval drafts build chat /srv/imports/outputs.jsonl --tokenizer /srv/imports/tokenizer.model
+    """
+    with _errors(), _client(address) as c:
+        fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields else None
+        j = c.build_datastore(name, list(inputs), tokenizer=tokenizer, vocab_size=vocab_size,
+                              input_format=input_format, text_fields=fields, overwrite=overwrite, wait=False)
+        j = _watch(c, j["id"], quiet)
+    _job_outcome(j, as_json)
 
 
 @drafts_app.command("list")

@@ -278,8 +278,11 @@ def test_graphs_errors(server, tmp_path, args, words):
 def test_drafts(server, client, tmp_path):
     a = server.address
     (tmp_path / "t.ids").write_text("1 2 3 4\n2 3 4 5\n")
-    job = client.build_datastore("cli-ds", [str(tmp_path / "t.ids")], vocab_size=7)
-    assert job["state"] == "succeeded", job
+    job = json.loads(ok(run("drafts", "build", "cli-ds", str(tmp_path / "t.ids"), "--vocab-size", "7", "-q",
+                            "--json", address=a)))
+    assert job["state"] == "succeeded" and job["kind"] == "build_datastore", job
+    one_line_error(run("drafts", "build", "cli-ds", str(tmp_path / "t.ids"), "--vocab-size", "7", "-q", address=a),
+                   "cli-ds")  # exists already, no --overwrite
     ds = json.loads(ok(run("drafts", "list", "--json", address=a)))
     assert [x["name"] for x in ds] == ["cli-ds"] and ds[0]["n_tokens"] == 8
     table = ok(run("drafts", "list", address=a)).splitlines()
@@ -297,9 +300,18 @@ def test_crossencoder(server, client, tmp_path):
     a = server.address
     model = make_tiny_hf_model(tmp_path / "model", seed=0)
     items = [{"id": i, "text": f"answer {i} of the question", "payload": {"n": i}} for i in range(10)]
-    job = client.build_ce_index("cli-ce", {"name": "hf", "model_dir": str(model), "device": "cpu"}, items=items,
-                                anchor_queries=["what is a", "how to", "the good"], params={"k_i": 2})
-    assert job["state"] == "succeeded", job
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tmp_path / "q.txt").write_text("what is a\nhow to\n\nthe good\n")
+    spec = json.dumps({"name": "hf", "model_dir": str(model), "device": "cpu"})
+    job = json.loads(ok(run("ce", "build", "cli-ce", "--items", str(tmp_path / "items.jsonl"), "--anchor-queries",
+                            str(tmp_path / "q.txt"), "--scorer", spec, "--params", '{"k_i": 2}', "-q", "--json",
+                            address=a)))
+    assert job["state"] == "succeeded" and job["kind"] == "crossencoder_build", job
+    assert client.describe_ce_index("cli-ce")["k_q"] == 3  # the blank line is no query
+    one_line_error(run("ce", "build", "cli-x", "--anchor-queries", str(tmp_path / "q.txt"), address=a),
+                   "give exactly one of --items")
+    one_line_error(run("ce", "build", "cli-x", "--items", str(tmp_path / "q.txt"), "--anchor-queries",
+                       str(tmp_path / "q.txt"), address=a), "is not JSON Lines")
     assert "cli-ce" in ok(run("ce", "list", address=a))
     assert json.loads(ok(run("ce", "list", "--json", address=a)))[0]["n_items"] == 10
     assert json.loads(ok(run("ce", "describe", "cli-ce", address=a)))["n_items"] == 10
