@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -34,9 +33,10 @@ from retrieval.errors import (
     NotFound,
     ResourceExhausted,
 )
-from retrieval.graph.fastrp import FastRPParams, check_params, fastrp
-from retrieval.graph.graph import DUPLICATE_POLICIES, Graph
-from retrieval.graph.store import SELF_LOOP_POLICIES, GraphStore, check_name, resolve_self_loops
+from retrieval.graph.engine_checks import MAX_DIM, GraphJobChecks  # noqa: F401 (MAX_DIM: graphs_servicer)
+from retrieval.graph.fastrp import FastRPParams, fastrp
+from retrieval.graph.graph import Graph
+from retrieval.graph.store import GraphStore, check_name, resolve_self_loops
 from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
@@ -44,9 +44,6 @@ logger = logging.getLogger(__name__)
 FASTRP_KIND = "fastrp"
 TRAIN_KIND = "link_model_train"
 IMPORT_KIND = "import_graph"
-IMPORT_FORMATS = ("auto", "csv", "tsv", "edgelist", "mat", "planetoid", "ogbl")
-IMPORT_PARAMS = ("graph", "path", "format", "mode", "delimiter", "header", "directed", "weighted", "index_base",
-                 "num_nodes", "self_loops", "duplicates")
 MAX_IMPORT_BYTES = 8 << 30       # what one import may copy from the client's folders
 IMPORT_READ_UNITS, IMPORT_UNITS = 60, 100  # progress: 0-60 copying bytes, then parsing, then storing
 # a folder input: only these subfolders are copied (the layouts of the Planetoid and OGB readers)
@@ -58,18 +55,16 @@ INTERNAL_COLLECTION_RE = re.compile(r"g-[A-Za-z0-9][A-Za-z0-9_.\-]{0,59}-[A-Za-z
 def is_internal_collection(name: str) -> bool:
     """Whether ``name`` has the form of a collection this engine creates (``g-<graph>-<embedding>-<token>``)."""
     return bool(INTERNAL_COLLECTION_RE.fullmatch(name))
+
+
 MAX_ALL_CANDIDATES = 50_000  # PredictLinks scores every node when no candidates are given, up to this n
-MAX_DIM = 4096
-MAX_ITERATIONS = 100
-MAX_EMBEDDING_BYTES = 16 << 30  # n x dim x float32, times the ~3 arrays FastRP holds
-MAX_LEARNABLE = 200_000_000     # n x hidden parameters of a learnable embedding table
 
 
 def _collection_name(graph: str, embedding: str) -> str:
     return f"g-{graph[:60]}-{embedding[:40]}-{uuid.uuid4().hex[:8]}"
 
 
-class GraphEngine:
+class GraphEngine(GraphJobChecks):
     """``root``: the store folder (``<data_dir>/graphs``). ``collections``: the server's CollectionManager
     (None outside the server: FastRP jobs then only store the embedding file). ``allowed_dirs``: a
     callable giving the folders ``import_graph`` may read client files from, through
@@ -82,48 +77,6 @@ class GraphEngine:
         self.device = device
         self._scorers: dict[tuple[str, str], tuple[tuple, object]] = {}
         self._scorers_lock = threading.Lock()
-
-    # ---- FastRP --------------------------------------------------------------------------------
-    def validate_fastrp(self, p: dict) -> dict:
-        """Check a FastRP job's params before the job is accepted."""
-        p = dict(p)
-        graph = check_name(p.get("graph"), "graph name")
-        g = self.store.load(graph)
-        p.setdefault("embedding", "fastrp")
-        check_name(p["embedding"], "embedding name")
-        params = dict(p.get("params") or {})
-        if "dim" not in params:
-            raise InvalidArgument("FastRP params need dim (the embedding dimension)")
-        try:
-            fp = FastRPParams(**params)
-        except TypeError as e:
-            raise InvalidArgument(f"unknown FastRP parameter: {e}") from None
-        if g.n == 0:
-            raise InvalidArgument(f"graph {graph!r} is empty (0 nodes): nothing to embed")
-        if isinstance(fp.dim, int) and fp.dim > MAX_DIM:
-            raise ResourceExhausted(f"dim = {fp.dim} is above the limit of {MAX_DIM}")
-        if len(fp.iteration_weights or ()) > MAX_ITERATIONS:
-            raise InvalidArgument(f"{len(fp.iteration_weights)} iteration weights; the limit is {MAX_ITERATIONS}")
-        if isinstance(fp.dim, int) and 3 * 4 * g.n * max(fp.dim, 0) > MAX_EMBEDDING_BYTES:
-            raise ResourceExhausted(f"FastRP of {g.n} nodes at dim {fp.dim} needs more than "
-                                    f"{MAX_EMBEDDING_BYTES >> 30} GiB")
-        use_features = bool(p.get("use_features", False))
-        if use_features and g.features is None:
-            raise InvalidArgument(f"graph {graph!r} has no node features; attach them or set use_features=false")
-        for w in check_params(fp, g.n, use_features):
-            logger.warning("FastRP on %s: %s", graph, w)
-        metric = p.get("metric") or "cosine"
-        if metric not in ("cosine", "l2", "ip"):
-            raise InvalidArgument(f"metric must be cosine, l2 or ip, got {metric!r}")
-        if p.get("index") is not None:
-            from retrieval.indexes import registry
-
-            spec = registry.spec_from_dict(p["index"])
-            registry.validate(spec, fp.dim, metric)  # a spec that would crash the job (or the server): refused now
-        p["metric"] = metric
-        p["params"] = fp.as_dict()
-        p["use_features"] = use_features
-        return p
 
     def fastrp_body(self, ctx, *, graph: str, embedding: str = "fastrp", params: dict, use_features: bool = False,
                     index: dict | None = None, metric: str = "cosine") -> dict:
@@ -244,60 +197,6 @@ class GraphEngine:
     def _allowed(self):
         return None if self._allowed_dirs is None else list(self._allowed_dirs())
 
-    def validate_import(self, p: dict) -> dict:
-        """Check an ``import_graph`` job's params (names, format, options, the input path through the
-        sandbox: a symlink, hard link or a path outside the allowed folders is refused now)."""
-        p = dict(p)
-        unknown = set(p) - set(IMPORT_PARAMS)
-        if unknown:
-            raise InvalidArgument(f"unknown import_graph parameter(s) {sorted(unknown)}; valid: {sorted(IMPORT_PARAMS)}")
-        graph = check_name(p.get("graph"), "graph name")
-        path = p.get("path")
-        if not isinstance(path, str) or not path:
-            raise InvalidArgument("import_graph needs path: the edge file or dataset folder to read (on the server)")
-        fmt = p.get("format") or "auto"
-        if fmt not in IMPORT_FORMATS:
-            raise InvalidArgument(f"format must be one of {list(IMPORT_FORMATS)}, got {fmt!r}")
-        mode = p.get("mode") or "auto"
-        if mode not in ("auto", "create", "append"):
-            raise InvalidArgument(f"mode must be auto, create or append, got {mode!r}")
-        exists = self.store.exists(graph)
-        if mode == "create" and exists:
-            raise AlreadyExists(f"graph {graph!r} already exists; drop it first or import with mode='append'")
-        if mode == "append" and not exists:
-            raise NotFound(f"graph {graph!r} does not exist (known graphs: {self.store.list()}); "
-                           "import with mode='create' or 'auto'")
-        delim = p.get("delimiter")
-        if delim is not None and (not isinstance(delim, str) or not delim or len(delim) > 4):
-            raise InvalidArgument(f"delimiter must be a short non-empty string (e.g. ',' or '\\t'), got {delim!r}")
-        header = p.get("header")
-        if header is not None and not isinstance(header, bool):
-            raise InvalidArgument(f"header must be true, false or null (detect), got {header!r}")
-        for f in ("directed", "weighted"):
-            if p.get(f) is not None and not isinstance(p[f], bool):
-                raise InvalidArgument(f"{f} must be true, false or null, got {p[f]!r}")
-        if p.get("index_base", 0) not in ("auto", 0, 1) or isinstance(p.get("index_base"), bool):
-            raise InvalidArgument(f"index_base must be 0, 1 or 'auto', got {p['index_base']!r}")
-        nn = p.get("num_nodes")
-        if nn is not None and (isinstance(nn, bool) or not isinstance(nn, int) or nn < 0):
-            raise InvalidArgument(f"num_nodes must be a non-negative integer, got {nn!r}")
-        if p.get("self_loops") not in (None, "", *SELF_LOOP_POLICIES):
-            raise InvalidArgument(f"self_loops must be one of {list(SELF_LOOP_POLICIES)}, got {p['self_loops']!r}")
-        if (p.get("duplicates") or "first") not in DUPLICATE_POLICIES:
-            raise InvalidArgument(f"duplicates must be one of {list(DUPLICATE_POLICIES)}, got {p['duplicates']!r}")
-        allowed = self._allowed()
-        if allowed is not None:  # open (and close) it now: a refused file fails the start, not the job
-            from retrieval.server import sandbox
-
-            if sandbox.is_dir(path):
-                sandbox.open_dir(path, allowed, "graph folder").close()
-            else:
-                sandbox.open_file(path, allowed, "edge file").close()
-        elif not Path(path).exists():
-            raise NotFound(f"{path} does not exist")
-        p.update(graph=graph, path=path, format=fmt, mode=mode)
-        return p
-
     def import_body(self, ctx, *, graph: str, path: str, format: str = "auto", mode: str = "auto",
                     delimiter: str | None = None, header: bool | None = None, directed: bool | None = None,
                     weighted: bool | None = None, index_base=0, num_nodes: int | None = None,
@@ -393,41 +292,6 @@ class GraphEngine:
             return X, meta, current
         nodes = _check_nodes(nodes, X.shape[0])
         return np.ascontiguousarray(X[nodes], dtype=np.float32), meta, current
-
-    # ---- link models -----------------------------------------------------------------------------
-    def validate_train(self, p: dict) -> dict:
-        from retrieval.graph.ncn import make_config
-
-        p = dict(p)
-        graph = check_name(p.get("graph"), "graph name")
-        g = self.store.load(graph)
-        if g.directed:
-            raise InvalidArgument(f"graph {graph!r} is directed; link models here need an undirected graph")
-        p["model"] = check_name(p.get("model") or "ncn", "model name")
-        cfg = make_config(p.get("preset") or None, **(p.get("config") or {}))
-        if cfg.input == "features" and g.features is None:
-            raise InvalidArgument(f"graph {graph!r} has no node features: pass config input='learnable' or 'fastrp'")
-        if cfg.input == "learnable" and g.n * cfg.hidden > MAX_LEARNABLE:
-            raise ResourceExhausted(f"a learnable table of {g.n} x {cfg.hidden} exceeds {MAX_LEARNABLE} parameters")
-        for f, default in (("val_frac", 0.1), ("test_frac", 0.2)):
-            v = p.get(f, default)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
-                raise InvalidArgument(f"{f} must be in [0, 1), got {v!r}")
-        if not 0 < p.get("test_frac", 0.2) or p.get("val_frac", 0.1) + p.get("test_frac", 0.2) >= 1:
-            raise InvalidArgument("need test_frac > 0 and val_frac + test_frac < 1")
-        if g.num_edges - g.num_self_loops < 10:
-            raise InvalidArgument(f"graph {graph!r} has {g.num_edges} edges; link prediction needs at least 10")
-        ev = p.get("evaluate") or "holdout"
-        if ev not in ("holdout", "none"):
-            raise InvalidArgument(f"evaluate must be 'holdout' (train on 70%, held-out edges masked when serving) "
-                                  f"or 'none' (train on every edge, no metrics), got {ev!r}")
-        p["evaluate"] = ev
-        dev = p.get("device") or "auto"
-        if dev not in ("auto", "cpu", "cuda"):
-            raise InvalidArgument(f"device must be auto, cpu or cuda, got {dev!r}")
-        p["device"] = dev
-        p["seed"] = int(p.get("seed") or 0) % (2**63)
-        return p
 
     def train_body(self, ctx, *, graph: str, model: str = "ncn", preset: str | None = None, config: dict | None = None,
                    seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2, device: str = "auto",

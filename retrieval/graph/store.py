@@ -38,11 +38,12 @@ import scipy.sparse as sp
 
 from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from retrieval.graph.graph import Graph, Labels, as_features, as_labels, as_node_ids, as_weights
+from retrieval.graph.names import NAME_RE, check_name
+from retrieval.graph.store_outputs import StoredOutputs
 from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 FORMAT_VERSION = 1
 MAX_NODES = 100_000_000  # per graph: the CSR row pointer alone is 8 bytes a node
 
@@ -65,17 +66,6 @@ def resolve_self_loops(policy: str | None, directed: bool) -> str:
     return policy
 
 
-def check_name(name, what: str = "graph name") -> str:
-    """A name is 1-128 characters of letters, digits, ``_ . -``, starting with a letter or digit.
-
-    This keeps names inside the store folder (no ``/``, ``..``, or hidden files)."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise InvalidArgument(
-            f"{what} {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
-
-
 # --------------------------------------------------------------------------------------------------
 # atomic file helpers
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +83,7 @@ def atomic_write_json(path: Path, obj) -> None:
 # --------------------------------------------------------------------------------------------------
 # the store
 # --------------------------------------------------------------------------------------------------
-class GraphStore:
+class GraphStore(StoredOutputs):
     """Named graphs under ``root``. See the module docstring for layout, durability and threads.
 
     ``cache_size``: how many loaded graph versions to keep in memory.
@@ -334,83 +324,6 @@ class GraphStore:
             lab = None if labels is None else as_labels(labels, g.n)
             self._commit(name, g.with_labels(lab), features=g.features, labels=lab, labels_changed=True)
             return {"version": self.version(name)}
-
-    # ---- artifacts: embeddings and models -----------------------------------------------------
-    def embeddings_dir(self, name: str) -> Path:
-        p = self.path(name) / "embeddings"
-        if not self.exists(name):
-            raise NotFound(f"graph {name!r} does not exist (known graphs: {self.list()})")
-        p.mkdir(exist_ok=True)
-        return p
-
-    def write_embedding_file(self, name: str, emb_name: str, emb: np.ndarray) -> str:
-        """Write embeddings ``[n, d]`` to a new file (not yet in use); returns its file name.
-        :meth:`commit_embeddings` makes it the current one."""
-        check_name(emb_name, "embedding name")
-        g = self.load(name)
-        emb = np.asarray(emb, dtype=np.float32)
-        if emb.ndim != 2 or emb.shape[0] != g.n:
-            raise InvalidArgument(f"embeddings must have shape ({g.n}, d), got {emb.shape}")
-        fname = f"{emb_name}.{uuid.uuid4().hex[:12]}.npy"
-        atomic_save_npy(self.embeddings_dir(name) / fname, emb)
-        return fname
-
-    def commit_embeddings(self, name: str, emb_name: str, fname: str, info: dict) -> dict:
-        """Point embedding ``emb_name`` at ``fname`` (atomic: the JSON is the commit point) and delete
-        the file it pointed at before. ``info`` is stored with it (e.g. the graph version, a collection)."""
-        check_name(emb_name, "embedding name")
-        with self._lock(name):
-            d = self.embeddings_dir(name)
-            arr = np.load(d / fname, mmap_mode="r", allow_pickle=False)
-            old = None
-            try:
-                old = json.loads((d / f"{emb_name}.json").read_text()).get("file")
-            except FileNotFoundError:
-                pass
-            meta = dict(info, name=emb_name, file=fname, n=int(arr.shape[0]), dim=int(arr.shape[1]),
-                        written=time.time())
-            del arr
-            atomic_write_json(d / f"{emb_name}.json", meta)
-            if old and old != fname and (d / old).exists():
-                (d / old).unlink()
-            return meta
-
-    def put_embeddings(self, name: str, emb_name: str, emb: np.ndarray, info: dict) -> dict:
-        """Store node embeddings ``[n, d]`` float32 (e.g. with ``info['graph_version']``), replacing
-        earlier ones of that name atomically."""
-        with self._lock(name):
-            return self.commit_embeddings(name, emb_name, self.write_embedding_file(name, emb_name, emb), info)
-
-    def embedding_info(self, name: str, emb_name: str) -> dict:
-        check_name(emb_name, "embedding name")
-        try:
-            return json.loads((self.path(name) / "embeddings" / f"{emb_name}.json").read_text())
-        except FileNotFoundError:
-            if not self.exists(name):
-                raise NotFound(f"graph {name!r} does not exist (known graphs: {self.list()})") from None
-            raise NotFound(f"graph {name!r} has no embeddings {emb_name!r} (known: {self.list_embeddings(name)})") from None
-
-    def load_embeddings(self, name: str, emb_name: str, mmap: bool = False) -> tuple[np.ndarray, dict]:
-        meta = self.embedding_info(name, emb_name)
-        arr = np.load(self.path(name) / "embeddings" / meta.get("file", f"{emb_name}.npy"), allow_pickle=False,
-                      mmap_mode="r" if mmap else None)
-        return arr, meta
-
-    def list_embeddings(self, name: str) -> list[str]:
-        d = self.path(name) / "embeddings"
-        return sorted(p.stem for p in d.glob("*.json")) if d.exists() else []
-
-    def models_dir(self, name: str, model_name: str) -> Path:
-        check_name(model_name, "model name")
-        if not self.exists(name):
-            raise NotFound(f"graph {name!r} does not exist (known graphs: {self.list()})")
-        p = self.path(name) / "models" / model_name
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def list_models(self, name: str) -> list[str]:
-        d = self.path(name) / "models"
-        return sorted(p.name for p in d.iterdir() if (p / "model.json").exists()) if d.exists() else []
 
     # ---- internals ----------------------------------------------------------------------------
     def _evict(self, name: str) -> None:
