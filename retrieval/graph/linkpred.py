@@ -371,6 +371,95 @@ def _config_hash(cfg: NCNConfig, split: LinkSplit, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _model_input(split: LinkSplit, features, cfg: NCNConfig, dev, seed: int):
+    """``(x, in_dim, input_features)``: the encoder's input for ``cfg.input`` (given features, FastRP
+    features computed from the training edges, or ``None`` for a learnable table)."""
+    n = split.n
+    if cfg.input == "features":
+        if features is None:
+            raise InvalidArgument("input='features' needs node features; use input='learnable' or 'fastrp' "
+                                  "for a featureless graph")
+        if features.shape[0] != n:
+            raise InvalidArgument(f"features must have {n} rows, got shape {features.shape}")
+        return to_torch_features(features, dev), features.shape[1], None
+    if cfg.input == "fastrp":
+        input_features = fastrp_features(n, split.train, cfg.fastrp_dim, seed)
+        return to_torch_features(input_features, dev), cfg.fastrp_dim, input_features
+    return None, cfg.hidden, None
+
+
+@dataclass
+class _Run:
+    """The state of a training run that a checkpoint (``last.pt``) carries across a restart."""
+
+    history: list = field(default_factory=list)
+    epoch_seconds: list = field(default_factory=list)
+    best: dict | None = None
+    best_val: float = -1.0
+    since_best: int = 0
+    start_epoch: int = 1
+
+    def resume(self, last: Path, tag: str, model, opt, gen, dev) -> None:
+        """Continue from ``last`` when it was written by a run of the same config, split and seed."""
+        if not last.exists():
+            return
+        state = torch.load(last, map_location=dev, weights_only=True)
+        if state.get("tag") != tag:
+            return
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["gen_rng"])
+        self.history, self.epoch_seconds = json.loads(state["history"]), json.loads(state["epoch_seconds"])
+        self.best = json.loads(state["best"]) if state["best"] else None
+        self.best_val, self.since_best = float(state["best_val"]), int(state["since_best"])
+        self.start_epoch = int(state["epoch"]) + 1
+        logger.info("resuming link-model training at epoch %d", self.start_epoch)
+
+    def save(self, last: Path, tag: str, epoch: int, model, opt, gen) -> None:
+        """Checkpoint after ``epoch`` (atomic: a kill mid-save keeps the previous one)."""
+        ckpt = {"tag": tag, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
+                "history": json.dumps(self.history),
+                "epoch_seconds": json.dumps(self.epoch_seconds), "best": json.dumps(self.best) if self.best else "",
+                "best_val": self.best_val, "since_best": self.since_best}
+        atomic.write_with(last, lambda f: torch.save(ckpt, f))
+
+
+def _save_best(path: Path, model, cfg: NCNConfig, best: dict) -> None:
+    """The weights of the best epoch so far, with the config and metrics the stored model reports."""
+    state = {"model": model.state_dict(), "config": json.dumps(cfg.as_dict()), "best": json.dumps(best)}
+    atomic.write_with(path, lambda f: torch.save(state, f))
+
+
+def _train_epoch(model, opt, x, train, full_adj, train_keys, cfg: NCNConfig, bs: int, gen, dev, ctx) -> list[float]:
+    """One epoch over a fresh permutation of the training edges with fresh negatives; the batch losses."""
+    n, E = full_adj.n, train.shape[0]
+    model.train()
+    perm = torch.randperm(E, generator=gen).to(dev)
+    neg = sample_training_negatives(n, E, train_keys, gen, dev)
+    losses = []
+    nb = max(1, E // bs)  # the last incomplete batch is dropped, as in the reference
+    if cfg.max_batches is not None:
+        nb = min(nb, cfg.max_batches)
+    for bi in range(nb):
+        if ctx is not None and bi:
+            ctx.check_cancelled()  # a cancel lands within a batch; last.pt / best.pt stay as they were
+        idx = perm[bi * bs:(bi + 1) * bs]
+        pos_e = train[idx]
+        adj = full_adj.remove_edges(pos_e[:, 0], pos_e[:, 1]) if cfg.mask_target else full_adj
+        h = model.encode(x, adj)
+        pos_out = model.score(h, adj, pos_e[:, 0], pos_e[:, 1])
+        neg_e = neg[idx]
+        neg_out = model.score(h, adj, neg_e[:, 0], neg_e[:, 1])
+        loss = -F.logsigmoid(pos_out).mean() - F.logsigmoid(-neg_out).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = None, *, seed: int = 0,
                      device: str | None = None, ctx=None, work_dir: str | Path | None = None,
                      ks=(20, 50, 100), time_budget: float | None = None, log=None) -> TrainResult:
@@ -391,22 +480,7 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
         raise InvalidArgument("the training split has no edges")
     torch.manual_seed(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    input_features = None
-    if cfg.input == "features":
-        if features is None:
-            raise InvalidArgument("input='features' needs node features; use input='learnable' or 'fastrp' "
-                                  "for a featureless graph")
-        if features.shape[0] != n:
-            raise InvalidArgument(f"features must have {n} rows, got shape {features.shape}")
-        x = to_torch_features(features, dev)
-        in_dim = features.shape[1]
-    elif cfg.input == "fastrp":
-        input_features = fastrp_features(n, split.train, cfg.fastrp_dim, seed)
-        x = to_torch_features(input_features, dev)
-        in_dim = cfg.fastrp_dim
-    else:
-        x, in_dim = None, cfg.hidden
+    x, in_dim, input_features = _model_input(split, features, cfg, dev, seed)
 
     train = torch.from_numpy(np.asarray(split.train, np.int64)).to(dev)
     full_adj = Adj.from_edges(train[:, 0], train[:, 1], n)
@@ -415,98 +489,53 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
     model = LinkModel(in_dim, cfg, num_nodes=n).to(dev)
     opt = torch.optim.Adam(model.param_groups())
 
-    history: list = []
-    epoch_seconds: list = []
-    best: dict | None = None
-    best_val = -1.0
-    since_best = 0
-    start_epoch = 1
     wd = Path(work_dir) if work_dir is not None else (Path(ctx.work_dir) if ctx is not None else None)
     tag = _config_hash(cfg, split, seed)
+    run = _Run()
     if wd is not None:
         wd.mkdir(parents=True, exist_ok=True)
-        last = wd / "last.pt"
-        if last.exists():
-            state = torch.load(last, map_location=dev, weights_only=True)
-            if state.get("tag") == tag:
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["opt"])
-                torch.set_rng_state(state["torch_rng"])
-                gen.set_state(state["gen_rng"])
-                history, epoch_seconds = json.loads(state["history"]), json.loads(state["epoch_seconds"])
-                best = json.loads(state["best"]) if state["best"] else None
-                best_val, since_best = float(state["best_val"]), int(state["since_best"])
-                start_epoch = int(state["epoch"]) + 1
-                logger.info("resuming link-model training at epoch %d", start_epoch)
+        run.resume(wd / "last.pt", tag, model, opt, gen, dev)
+    history, epoch_seconds = run.history, run.epoch_seconds
 
     E = train.shape[0]
     bs = min(cfg.batch_size, E)
     holdout = len(split.valid) > 0  # no validation edges (evaluate="none"): every epoch is the best so far
     stopped = False
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    for epoch in range(run.start_epoch, cfg.epochs + 1):
         if ctx is not None:
             ctx.check_cancelled()
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(E, generator=gen).to(dev)
-        neg = sample_training_negatives(n, E, train_keys, gen, dev)
-        losses = []
-        nb = max(1, E // bs)  # the last incomplete batch is dropped, as in the reference
-        if cfg.max_batches is not None:
-            nb = min(nb, cfg.max_batches)
-        for bi in range(nb):
-            if ctx is not None and bi:
-                ctx.check_cancelled()  # a cancel lands within a batch; last.pt / best.pt stay as they were
-            idx = perm[bi * bs:(bi + 1) * bs]
-            pos_e = train[idx]
-            adj = full_adj.remove_edges(pos_e[:, 0], pos_e[:, 1]) if cfg.mask_target else full_adj
-            h = model.encode(x, adj)
-            pos_out = model.score(h, adj, pos_e[:, 0], pos_e[:, 1])
-            neg_e = neg[idx]
-            neg_out = model.score(h, adj, neg_e[:, 0], neg_e[:, 1])
-            loss = -F.logsigmoid(pos_out).mean() - F.logsigmoid(-neg_out).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+        losses = _train_epoch(model, opt, x, train, full_adj, train_keys, cfg, bs, gen, dev, ctx)
         secs = time.perf_counter() - t0
         epoch_seconds.append(secs)
         last_epoch = epoch == cfg.epochs or (time_budget is not None and time.perf_counter() - t_start > time_budget)
         rec = {"epoch": epoch, "loss": float(np.mean(losses)), "train_seconds": secs}
         if not holdout:
-            best = {"epoch": epoch}
+            run.best = {"epoch": epoch}
             if wd is not None:
-                every = {"model": model.state_dict(), "config": json.dumps(cfg.as_dict()), "best": json.dumps(best)}
-                atomic.write_with(wd / "best.pt", lambda f, st=every: torch.save(st, f))
+                _save_best(wd / "best.pt", model, cfg, run.best)
         elif epoch % cfg.eval_every == 0 or last_epoch:
             t1 = time.perf_counter()
             val = evaluate(model, x, full_adj, split, cfg, ks, parts=("valid",))["valid"]
             rec["valid"] = val
             # Hits@K is 1.0 whatever the scores with fewer than K negatives: select by AUC then
             score = val[f"hits@{cfg.hits_k}"] if len(split.valid_neg) >= cfg.hits_k else val["auc"]
-            if score > best_val:
-                best_val, since_best = score, 0
+            if score > run.best_val:
+                run.best_val, run.since_best = score, 0
                 test = evaluate(model, x, full_adj, split, cfg, ks, parts=("test",))["test"]
-                best = {"epoch": epoch, "valid": val, "test": test}
+                run.best = {"epoch": epoch, "valid": val, "test": test}
                 rec["test"] = test
                 if wd is not None:
-                    best_state = {"model": model.state_dict(), "config": json.dumps(cfg.as_dict()),
-                                  "best": json.dumps(best)}
-                    atomic.write_with(wd / "best.pt", lambda f: torch.save(best_state, f))
+                    _save_best(wd / "best.pt", model, cfg, run.best)
             else:
-                since_best += 1
+                run.since_best += 1
             rec["eval_seconds"] = time.perf_counter() - t1
         history.append(rec)
         logger.info("epoch %d loss %.4f val %s (%.2fs)", epoch, rec["loss"],
                     rec.get("valid", {}).get(f"hits@{cfg.hits_k}"), secs)
         if wd is not None:
-            ckpt = {"tag": tag, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
-                    "history": json.dumps(history),
-                    "epoch_seconds": json.dumps(epoch_seconds), "best": json.dumps(best) if best else "",
-                    "best_val": best_val, "since_best": since_best}
-            atomic.write_with(wd / "last.pt", lambda f: torch.save(ckpt, f))  # a kill mid-save keeps the previous
+            run.save(wd / "last.pt", tag, epoch, model, opt, gen)
         if ctx is not None:
             ctx.progress(epoch, cfg.epochs, "link-model epochs")
         if log is not None:
@@ -515,17 +544,16 @@ def train_link_model(split: LinkSplit, features=None, cfg: NCNConfig | None = No
             stopped = True
             logger.info("time budget of %.0f s used up after epoch %d", time_budget, epoch)
             break
-        if cfg.patience is not None and since_best >= cfg.patience:
+        if cfg.patience is not None and run.since_best >= cfg.patience:
             stopped = True
-            logger.info("early stop at epoch %d (no better validation for %d evaluations)", epoch, since_best)
+            logger.info("early stop at epoch %d (no better validation for %d evaluations)", epoch, run.since_best)
             break
     # restore the best weights
     if wd is not None and (wd / "best.pt").exists():
         model.load_state_dict(torch.load(wd / "best.pt", map_location=dev, weights_only=True)["model"])
-    elif best is not None:
-        pass  # without a work_dir the final weights are kept (best metrics are still reported)
+    # without a work_dir the final weights are kept (best metrics are still reported)
     model.eval()
-    return TrainResult(model=model, x=x, adj=full_adj, config=cfg, best=best or {}, history=history,
+    return TrainResult(model=model, x=x, adj=full_adj, config=cfg, best=run.best or {}, history=history,
                        epoch_seconds=epoch_seconds, device=str(dev), stopped_early=stopped,
                        input_features=input_features)
 
