@@ -131,39 +131,15 @@ def _input_key(fp_key: str, queries: list[str], ids: list[int], texts: list[str]
     return h.hexdigest()
 
 
-def build_index(ctx: JobContext, *, index_dir: str | os.PathLike[str], items: list[dict[str, Any]] | str,
-                scorer: Scorer | dict[str, Any], anchor_queries: list[str] | None = None,
-                query_log: list[str] | None = None, k_q: int | None = None,
-                dual_encoder: DualEncoder | dict[str, Any] | None = None,
-                params: BuildParams | dict[str, Any] | None = None, query_seed: int = 0) -> dict[str, Any]:
-    """Job body: score ``k_q`` anchor queries x all items (resumable), factorise, write ``index_dir``.
-
-    ``items``: ``[{"id": int, "text": str, "payload": dict?}, ...]`` or a JSONL path. ``anchor_queries``
-    or (``query_log``, ``k_q``, ``query_seed``): see :func:`pick_anchor_queries`. ``params``:
-    :class:`BuildParams` (``k_i``, ``anchor_method``, ``solver``, ``ridge``, ``rank``, ``seed``,
-    ``chunk_size``). Returns the build statistics (calls, seconds, resumed chunks, truncations).
-    Raises :class:`AlreadyExists` if ``index_dir`` already holds an index.
-    """
-    t0 = time.perf_counter()
-    bp = BuildParams.from_any(params)
-    out_dir = Path(index_dir)
-    if (out_dir / "meta.json").exists():
-        raise AlreadyExists(f"an index already exists at {str(out_dir)!r}")
-    ids, texts, payloads = load_items(items)
-    queries = pick_anchor_queries(anchor_queries, query_log, k_q, query_seed)
-    sc = scorer_from_spec(scorer)
-    de_enc = dual_encoder_from_spec(dual_encoder)
-    if bp.anchor_method == "kmeans-de" and de_enc is None:
-        raise InvalidArgument("anchor_method 'kmeans-de' needs a dual_encoder")
-    fp = sc.fingerprint()
+def _score_anchor_matrix(ctx: JobContext, sc: Scorer, fp_key: str, queries: list[str], ids, texts: list[str], C: int):
+    """Score every anchor query against every item into the memory-mapped ``R.f32`` of the job's work
+    folder, ``C`` items per chunk, resuming after the chunks a previous run of the same inputs finished.
+    Returns ``(RT, r_path, state_p, state, resumed_chunks, calls_of_this_run)``."""
     N, kq = len(ids), len(queries)
-    C = bp.chunk_size
     n_chunks = (N + C - 1) // C
-
-    # --- resumable scoring of R ----------------------------------------------------------------
     wd = Path(ctx.work_dir)
     wd.mkdir(parents=True, exist_ok=True)
-    key = _input_key(fp.key, queries, ids, texts, C)
+    key = _input_key(fp_key, queries, ids, texts, C)
     state_p = wd / "state.json"
     r_path = wd / "R.f32"
     state = json.loads(state_p.read_text()) if state_p.exists() else None
@@ -204,30 +180,25 @@ def build_index(ctx: JobContext, *, index_dir: str | os.PathLike[str], items: li
         atomic.write_json(state_p, state)
         ctx.progress(min(N, len(done) * C), N, "scoring anchor queries x items")
     ctx.check_cancelled()
+    return RT, r_path, state_p, state, resumed, run_stats
 
-    # --- dual encoder, anchors, factors (no calls) --------------------------------------------
-    de = None
-    if de_enc is not None:
-        ctx.progress(0, N, "dual-encoder item embeddings")
-        parts = []
-        for s in range(0, N, 1024):
-            ctx.check_cancelled()
-            parts.append(de_enc.encode(texts[s : s + 1024]))
-            ctx.progress(min(N, s + 1024), N, "dual-encoder item embeddings")
-        de = np.concatenate(parts).astype(np.float32)
-    ctx.progress(0, 1, "solving CUR factors")
-    k_i = min(bp.k_i, N)
-    if k_i != bp.k_i:
-        logger.warning("k_i = %d exceeds the %d items; using k_i = %d", bp.k_i, N, k_i)
-        bp = dataclasses.replace(bp, k_i=k_i)
-    anchors = select_anchor_items(bp.anchor_method, k_i, RT, np.arange(N), de, bp.seed)
-    cur = solve_cur(RT, anchors, bp.solver, bp.ridge, bp.rank)
-    ctx.progress(1, 1, "solving CUR factors")
 
-    # --- write the folder (meta last) ----------------------------------------------------------
+def _dual_embeddings(ctx: JobContext, de_enc: DualEncoder, texts: list[str]) -> np.ndarray:
+    """The dual encoder's item embeddings ``(N, d)`` float32, 1,024 items at a time (cancellable)."""
+    N = len(texts)
+    ctx.progress(0, N, "dual-encoder item embeddings")
+    parts = []
+    for s in range(0, N, 1024):
+        ctx.check_cancelled()
+        parts.append(de_enc.encode(texts[s : s + 1024]))
+        ctx.progress(min(N, s + 1024), N, "dual-encoder item embeddings")
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _write_data_files(out_dir: Path, r_path: Path, ids, texts, payloads, de, cur, queries) -> None:
+    """The index folder's data files (everything but ``meta.json``, which names them and goes last)."""
+    N = len(ids)
     out_dir.mkdir(parents=True, exist_ok=True)
-    RT.flush()
-    del RT
     r_final = out_dir / "R.f32"
     shutil.copyfile(r_path, r_final)
     with open(out_dir / "alive.u8", "wb") as f:
@@ -240,6 +211,55 @@ def build_index(ctx: JobContext, *, index_dir: str | os.PathLike[str], items: li
             f.write(np.ascontiguousarray(de, dtype="<f4").tobytes())
     _save_cur(out_dir, 0, cur)
     (out_dir / "anchor_queries.json").write_text(json.dumps(queries, ensure_ascii=False))
+
+
+def build_index(ctx: JobContext, *, index_dir: str | os.PathLike[str], items: list[dict[str, Any]] | str,
+                scorer: Scorer | dict[str, Any], anchor_queries: list[str] | None = None,
+                query_log: list[str] | None = None, k_q: int | None = None,
+                dual_encoder: DualEncoder | dict[str, Any] | None = None,
+                params: BuildParams | dict[str, Any] | None = None, query_seed: int = 0) -> dict[str, Any]:
+    """Job body: score ``k_q`` anchor queries x all items (resumable), factorise, write ``index_dir``.
+
+    ``items``: ``[{"id": int, "text": str, "payload": dict?}, ...]`` or a JSONL path. ``anchor_queries``
+    or (``query_log``, ``k_q``, ``query_seed``): see :func:`pick_anchor_queries`. ``params``:
+    :class:`BuildParams` (``k_i``, ``anchor_method``, ``solver``, ``ridge``, ``rank``, ``seed``,
+    ``chunk_size``). Returns the build statistics (calls, seconds, resumed chunks, truncations).
+    Raises :class:`AlreadyExists` if ``index_dir`` already holds an index.
+    """
+    t0 = time.perf_counter()
+    bp = BuildParams.from_any(params)
+    out_dir = Path(index_dir)
+    if (out_dir / "meta.json").exists():
+        raise AlreadyExists(f"an index already exists at {str(out_dir)!r}")
+    ids, texts, payloads = load_items(items)
+    queries = pick_anchor_queries(anchor_queries, query_log, k_q, query_seed)
+    sc = scorer_from_spec(scorer)
+    de_enc = dual_encoder_from_spec(dual_encoder)
+    if bp.anchor_method == "kmeans-de" and de_enc is None:
+        raise InvalidArgument("anchor_method 'kmeans-de' needs a dual_encoder")
+    fp = sc.fingerprint()
+    N, kq = len(ids), len(queries)
+    C = bp.chunk_size
+    n_chunks = (N + C - 1) // C
+
+    # --- resumable scoring of R ----------------------------------------------------------------
+    RT, r_path, state_p, state, resumed, run_stats = _score_anchor_matrix(ctx, sc, fp.key, queries, ids, texts, C)
+
+    # --- dual encoder, anchors, factors (no calls) --------------------------------------------
+    de = _dual_embeddings(ctx, de_enc, texts) if de_enc is not None else None
+    ctx.progress(0, 1, "solving CUR factors")
+    k_i = min(bp.k_i, N)
+    if k_i != bp.k_i:
+        logger.warning("k_i = %d exceeds the %d items; using k_i = %d", bp.k_i, N, k_i)
+        bp = dataclasses.replace(bp, k_i=k_i)
+    anchors = select_anchor_items(bp.anchor_method, k_i, RT, np.arange(N), de, bp.seed)
+    cur = solve_cur(RT, anchors, bp.solver, bp.ridge, bp.rank)
+    ctx.progress(1, 1, "solving CUR factors")
+
+    # --- write the folder (meta last) ----------------------------------------------------------
+    RT.flush()
+    del RT
+    _write_data_files(out_dir, r_path, ids, texts, payloads, de, cur, queries)
     seconds = time.perf_counter() - t0
     build_stats = {
         "calls": int(state["calls"]),
