@@ -296,6 +296,56 @@ def _load_checkpoint(state: Path, spec_obj: IndexSpec, d: int, index_metric: str
     return None
 
 
+def _rows_of_shard(blk, row: int, spec: BuildSpec, shard: int, nshards: int):
+    """``(ids, vectors, input rows, payloads)`` of the rows of block ``blk`` (starting at input row ``row``)
+    that belong to ``shard``."""
+    ids = _block_ids(blk, row, spec)
+    rows = np.arange(row, row + len(blk.vectors), dtype=np.int64)
+    if nshards == 1:
+        return ids, blk.vectors, rows, blk.payloads
+    sel = np.flatnonzero(shard_of(ids, nshards) == shard)
+    pls = [blk.payloads[i] for i in sel.tolist()] if blk.payloads is not None else None
+    return ids[sel], blk.vectors[sel], rows[sel], pls
+
+
+def _train_on_sample(index, reader, spec: BuildSpec, config: CollectionConfig, shard: int, st: ShardStats,
+                     report, check_cancelled) -> bool:
+    """Train ``index`` (faiss IVF / PQ) on a seeded uniform sample of this shard's rows (one pass over the
+    input, keeping the rows with the smallest random keys); False when the shard has too few points."""
+    d, metric, nshards = config.dimension, config.metric, config.shards
+    need = index.train_size()
+    target = spec.train_sample or 4 * need
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([spec.seed, shard])
+    keys = np.zeros(0)
+    sample = np.zeros((0, d), np.float32)
+    row = 0
+    for blk in reader.blocks(spec.block_size, check_duplicates=False):
+        ids = _block_ids(blk, row, spec)
+        x = blk.vectors if nshards == 1 else blk.vectors[shard_of(ids, nshards) == shard]
+        kb = rng.random(len(x))
+        keys = np.concatenate([keys, kb])
+        sample = np.vstack([sample, x])
+        if len(keys) > target:
+            keep = np.argpartition(keys, target)[:target]
+            keys, sample = keys[keep], sample[keep]
+        row += len(blk.vectors)
+        report(0, row, "sampling for training")
+        if check_cancelled is not None:
+            check_cancelled()
+    st.sample_s = time.perf_counter() - t0
+    if len(sample) < max(need, 1):
+        logger.warning("shard %d has %d points, fewer than the %d the index needs to train; its points are "
+                       "stored and the server indexes them once enough exist", shard, len(sample), need)
+        return False
+    order = np.argsort(keys, kind="stable")  # a fixed order, independent of block size
+    t0 = time.perf_counter()
+    index.train(prepare_vectors(sample[order], metric))
+    st.train_s = time.perf_counter() - t0
+    logger.info("shard %d: trained %s on %d points in %.1f s", shard, config.index.kind, len(sample), st.train_s)
+    return True
+
+
 def build_shard(spec_json: dict, config_json: dict, facts: dict, shard: int, work: str, threads: int = 0,
                 checkpoint_s: float = 300.0, progress: Callable[[int, int, str], None] | None = None,
                 check_cancelled: Callable[[], None] | None = None) -> dict:
@@ -336,8 +386,7 @@ def build_shard(spec_json: dict, config_json: dict, facts: dict, shard: int, wor
     else:
         index, ids0, rows0, meta = ck
         ids_done, rows_done = [ids0], [rows0]
-        next_row = int(meta["next_row"])
-        st.resumed_from_row = next_row
+        next_row = st.resumed_from_row = int(meta["next_row"])
         logger.info("shard %d: resuming at input row %d with %d points from the checkpoint", shard, next_row,
                     len(ids0))
     store = PointStore(folder / "points.sqlite", d, "NORMAL")
@@ -352,40 +401,9 @@ def build_shard(spec_json: dict, config_json: dict, facts: dict, shard: int, wor
         try:
             path = str(reader.path)
             # ---- training (faiss IVF / PQ): a seeded uniform sample of this shard's rows
-            if not index.is_trained():
-                need = index.train_size()
-                target = spec.train_sample or 4 * need
-                t0 = time.perf_counter()
-                rng = np.random.default_rng([spec.seed, shard])
-                keys = np.zeros(0)
-                sample = np.zeros((0, d), np.float32)
-                row = 0
-                for blk in reader.blocks(spec.block_size, check_duplicates=False):
-                    ids = _block_ids(blk, row, spec)
-                    x = blk.vectors if nshards == 1 else blk.vectors[shard_of(ids, nshards) == shard]
-                    kb = rng.random(len(x))
-                    keys = np.concatenate([keys, kb])
-                    sample = np.vstack([sample, x])
-                    if len(keys) > target:
-                        keep = np.argpartition(keys, target)[:target]
-                        keys, sample = keys[keep], sample[keep]
-                    row += len(blk.vectors)
-                    report(0, row, "sampling for training")
-                    if check_cancelled is not None:
-                        check_cancelled()
-                st.sample_s = time.perf_counter() - t0
-                if len(sample) >= max(need, 1):
-                    order = np.argsort(keys, kind="stable")  # a fixed order, independent of block size
-                    t0 = time.perf_counter()
-                    index.train(prepare_vectors(sample[order], metric))
-                    st.train_s = time.perf_counter() - t0
-                    logger.info("shard %d: trained %s on %d points in %.1f s", shard, index_spec.kind, len(sample),
-                                st.train_s)
-                    _save_checkpoint(state, index, ids_done, rows_done, 0, store.last_seq)
-                else:
-                    logger.warning("shard %d has %d points, fewer than the %d the index needs to train; its points are "
-                                   "stored and the server indexes them once enough exist", shard, len(sample), need)
-                del sample, keys
+            if not index.is_trained() and _train_on_sample(index, reader, spec, config, shard, st, report,
+                                                           check_cancelled):
+                _save_checkpoint(state, index, ids_done, rows_done, 0, store.last_seq)
             index.reserve(max(0, _expected_rows(spec, facts, shard) - n_points))
             # ---- the points, block by block
             last_ckpt = time.monotonic()
@@ -393,14 +411,7 @@ def build_shard(spec_json: dict, config_json: dict, facts: dict, shard: int, wor
             t_read = time.perf_counter()
             for blk in reader.blocks(spec.block_size, start=next_row, check_duplicates=False):
                 m = len(blk.vectors)
-                ids = _block_ids(blk, row, spec)
-                rows = np.arange(row, row + m, dtype=np.int64)
-                if nshards > 1:
-                    sel = np.flatnonzero(shard_of(ids, nshards) == shard)
-                    ids, x, rows = ids[sel], blk.vectors[sel], rows[sel]
-                    pls = [blk.payloads[i] for i in sel.tolist()] if blk.payloads is not None else None
-                else:
-                    x, pls = blk.vectors, blk.payloads
+                ids, x, rows, pls = _rows_of_shard(blk, row, spec, shard, nshards)
                 _check_rows(ids, x, rows, metric, path)
                 if dup is not None:
                     dup.add(ids, row, rows=rows)
