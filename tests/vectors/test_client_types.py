@@ -67,3 +67,17 @@ def test_engine_views_hold_the_flat_methods(client: Client, info):
     assert "search" in dir(client.vectors) and "create_graph" in dir(client.graphs)
     with pytest.raises(AttributeError):
         client.vectors.create_graph  # noqa: B018 - a graph method is not a vector method
+
+
+def test_async_client_has_the_same_engines_and_records(server, info):
+    import asyncio
+
+    from retrieval.aio import AsyncClient
+
+    async def main():
+        async with AsyncClient(server.address) as ac:
+            return await ac.vectors.describe_collection("typed"), await ac.describe_collection("typed"), ac
+
+    grouped, flat, ac = asyncio.run(main())
+    assert isinstance(grouped, CollectionInfo) and grouped == flat and grouped.points == 10
+    assert "search" in dir(ac.vectors) and "create_graph" in dir(ac.graphs) and "create_graph" not in dir(ac.vectors)
