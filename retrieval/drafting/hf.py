@@ -204,6 +204,42 @@ def _prompt_ids(input_ids) -> list[int]:
 
 
 @torch.inference_mode()
+def _check_generate_args(kv, max_new_tokens, topk, budget) -> None:
+    if kv not in KV_MODES:
+        raise InvalidArgument(f"kv={kv!r} is not a KV cache mode; valid: {', '.join(KV_MODES)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InvalidArgument(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 0:
+        raise InvalidArgument(f"topk must be an integer >= 0, got {topk!r}")
+    if budget is not None and not isinstance(budget, DraftBudget):
+        raise InvalidArgument(f"budget must be a DraftBudget, got {type(budget).__name__}")
+
+
+def _accepted(acc: list[int], eos, room: int) -> tuple[list[int], bool]:
+    """The accepted tokens of a step (draft path + bonus) cut at the first EOS and at ``room`` tokens,
+    and whether generation ends with them."""
+    cut = min(len(acc), room)
+    for j, t in enumerate(acc[:cut]):
+        if t in eos:
+            cut = j + 1
+            break
+    done = cut < len(acc) or cut >= room or acc[cut - 1] in eos
+    return acc[:cut], done
+
+
+def _advance_cache(cache, kv: str, C: int, m: int, path: list[int], toks: list[int], bonus: int, device):
+    """Keep the KV cache of the accepted path only; returns the new ``(cached tokens, pending tokens)``."""
+    j = 0  # path[:j] == [0, 1, ..., j-1]: stored contiguously right after the pending tokens
+    while j < len(path) and path[j] == j:
+        j += 1
+    if kv == "rerun" or j == len(path):
+        _keep(cache, C + m + j)
+        return C + m + j, [toks[i] for i in path[j:]] + [bonus]
+    keep = torch.cat([torch.arange(C + m), C + m + torch.tensor(path, dtype=torch.long)]).to(device)
+    _keep(cache, keep)
+    return C + m + len(path), [bonus]
+
+
 def speculative_generate(model, input_ids, client, *, datastore: str | None = None, max_new_tokens: int = 32,
                          budget: DraftBudget | None = None, sources=None, vocab_size: int | None = None,
                          eos_token_id=_DEFAULT, topk: int = 0, kv: str = "gather", discard: bool = False,
@@ -228,14 +264,7 @@ def speculative_generate(model, input_ids, client, *, datastore: str | None = No
     do_sample=False, max_new_tokens=max_new_tokens)``.
     """
     t_start = time.perf_counter()
-    if kv not in KV_MODES:
-        raise InvalidArgument(f"kv={kv!r} is not a KV cache mode; valid: {', '.join(KV_MODES)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise InvalidArgument(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 0:
-        raise InvalidArgument(f"topk must be an integer >= 0, got {topk!r}")
-    if budget is not None and not isinstance(budget, DraftBudget):
-        raise InvalidArgument(f"budget must be a DraftBudget, got {type(budget).__name__}")
+    _check_generate_args(kv, max_new_tokens, topk, budget)
     prompt = _prompt_ids(input_ids)
     V = int(vocab_size or model.config.vocab_size)
     eos = _eos_set(model, eos_token_id)
@@ -275,30 +304,15 @@ def speculative_generate(model, input_ids, client, *, datastore: str | None = No
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **fwd, **kw).logits[0, -(n + 1):]
             pred = logits.argmax(-1).tolist()
             path, bonus = greedy_walk(toks, pars.tolist(), pred)
-            acc = [toks[i] for i in path] + [bonus]
-            cut = min(len(acc), max_new_tokens - len(out))
-            for j, t in enumerate(acc[:cut]):
-                if t in eos:
-                    cut = j + 1
-                    break
-            done = cut < len(acc) or len(out) + cut >= max_new_tokens or acc[cut - 1] in eos
-            acc = acc[:cut]
+            acc, done = _accepted([toks[i] for i in path] + [bonus], eos, max_new_tokens - len(out))
+            cut = len(acc)
             out += acc
             top = None
             if topk:
                 rows = torch.tensor([0] + [1 + i for i in path], device=logits.device)[:cut]
                 top = logits.index_select(0, rows).topk(min(topk, logits.shape[-1]), dim=-1).indices.cpu().numpy()
             if not done:  # keep the cache of the accepted path only
-                j = 0  # path[:j] == [0, 1, ..., j-1]: stored contiguously right after the pending tokens
-                while j < len(path) and path[j] == j:
-                    j += 1
-                if kv == "rerun" or j == len(path):
-                    _keep(cache, C + m + j)
-                    C, pending = C + m + j, [toks[i] for i in path[j:]] + [bonus]
-                else:
-                    keep = torch.cat([torch.arange(C + m), C + m + torch.tensor(path, dtype=torch.long)]).to(device)
-                    _keep(cache, keep)
-                    C, pending = C + m + len(path), [bonus]
+                C, pending = _advance_cache(cache, kv, C, m, path, toks, bonus, device)
             res.accepted.append(len(path))
             res.paths.append(path)
             res.emitted.append(cut)
