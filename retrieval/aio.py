@@ -24,10 +24,6 @@ serialise them).
 from __future__ import annotations
 
 import logging
-import os
-
-import grpc
-import grpc.aio
 
 from retrieval.client.aio_crossencoder import AsyncCrossEncoderMixin
 from retrieval.client.aio_drafts import AsyncDraftsMixin
@@ -67,17 +63,6 @@ class AsyncClient(AsyncVectorsMixin, AsyncJobsMixin, AsyncDraftsMixin, AsyncCros
     drafts = engine(AsyncDraftsMixin)
     crossencoder = engine(AsyncCrossEncoderMixin)
     graphs = engine(AsyncGraphsMixin)
-
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float = 30.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.aio.Channel | None = None, *,
-                 api_key: str | None = None, api_key_file: str | os.PathLike | None = None,
-                 tls: bool | None = None, root_certificates: bytes | str | os.PathLike | None = None,
-                 client_cert: bytes | str | os.PathLike | None = None,
-                 client_key: bytes | str | os.PathLike | None = None, server_name: str | None = None,
-                 max_busy_retries: int = 5) -> None:
-        super().__init__(address, timeout, max_message_bytes, channel, api_key=api_key, api_key_file=api_key_file,
-                         tls=tls, root_certificates=root_certificates, client_cert=client_cert,
-                         client_key=client_key, server_name=server_name, max_busy_retries=max_busy_retries)
 
     def __repr__(self) -> str:
         return f"AsyncClient({self.address!r})"

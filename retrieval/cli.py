@@ -548,17 +548,23 @@ def _table(rows: list[dict], cols: list[str], empty: str = "none") -> None:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
-def _parse_filter(text: str | None) -> dict | None:
-    """``--filter`` JSON (``{"must": [{"key": "color", "equals": "red"}]}``) -> dict, or a one-line error."""
-    if text is None:
+def _json_option(value: str | None, flag: str, like: str = "") -> dict | None:
+    """A ``--flag '{...}'`` option: a JSON object, or None when not given; else a one-line error
+    (``like``: an example shown when the value is JSON but not an object)."""
+    if value is None:
         return None
     try:
-        f = json.loads(text)
+        out = json.loads(value)
     except json.JSONDecodeError as e:
-        raise _BadInput(f"--filter {text!r} is not valid JSON: {e}") from None
-    if not isinstance(f, dict):
-        raise _BadInput(f"--filter must be a JSON object like '{{\"must\": [...]}}', got {text!r}")
-    return f
+        raise _BadInput(f"{flag} {value!r} is not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise _BadInput(f"{flag} must be a JSON object{f' like {like}' if like else ''}, got {value!r}")
+    return out
+
+
+def _parse_filter(text: str | None) -> dict | None:
+    """``--filter`` JSON (``{"must": [{"key": "color", "equals": "red"}]}``) -> dict, or a one-line error."""
+    return _json_option(text, "--filter", like="'{\"must\": [...]}'")
 
 
 def _load_npy(path: Path, what: str):
@@ -1240,14 +1246,7 @@ def graphs_train(
 ) -> None:
     """Train a link-prediction model (a job, watched to the end) for `graphs predict`."""
     with _errors():
-        cfg = None
-        if config is not None:
-            try:
-                cfg = json.loads(config)
-            except json.JSONDecodeError as e:
-                raise _BadInput(f"--config {config!r} is not valid JSON: {e}") from None
-            if not isinstance(cfg, dict):
-                raise _BadInput(f"--config must be a JSON object, got {config!r}")
+        cfg = _json_option(config, "--config")
         with _client(address) as c:
             j = c.train_link_model(name, model=model, preset=preset, config=cfg, seed=seed, device=device,
                                    evaluate=evaluate, wait=False)
@@ -1318,19 +1317,6 @@ def graphs_predict(
 # --- cross-encoder indexes --------------------------------------------------------------------------
 ce_app = typer.Typer(help="Cross-encoder k-NN indexes: build, list, describe, drop, search.", no_args_is_help=True)
 app.add_typer(ce_app, name="ce")
-
-
-def _json_option(value: str | None, flag: str) -> dict | None:
-    """A ``--flag '{...}'`` option: a JSON object, or None when not given."""
-    if value is None:
-        return None
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise _BadInput(f"{flag} {value[:200]!r} is not valid JSON: {e}") from None
-    if not isinstance(out, dict):
-        raise _BadInput(f"{flag} must be a JSON object, got {value[:200]!r}")
-    return out
 
 
 def _read_items(path: Path) -> list[dict]:

@@ -63,7 +63,9 @@ def test_list_and_jobs_return_records(client, info):
 
 
 def test_engine_views_hold_the_flat_methods(client: Client, info):
-    assert client.vectors.describe_collection("typed") == client.describe_collection("typed")
+    grouped, flat = client.vectors.describe_collection("typed"), client.describe_collection("typed")
+    # the same call (the index may still be catching up between the two: compare what cannot change)
+    assert type(grouped) is type(flat) and (grouped.name, grouped.points) == (flat.name, flat.points) == ("typed", 10)
     assert "search" in dir(client.vectors) and "create_graph" in dir(client.graphs)
     with pytest.raises(AttributeError):
         client.vectors.create_graph  # noqa: B018 - a graph method is not a vector method
@@ -79,5 +81,6 @@ def test_async_client_has_the_same_engines_and_records(server, info):
             return await ac.vectors.describe_collection("typed"), await ac.describe_collection("typed"), ac
 
     grouped, flat, ac = asyncio.run(main())
-    assert isinstance(grouped, CollectionInfo) and grouped == flat and grouped.points == 10
+    assert isinstance(grouped, CollectionInfo) and type(flat) is type(grouped)
+    assert (grouped.name, grouped.points, grouped.dimension) == (flat.name, flat.points, flat.dimension) == ("typed", 10, 4)
     assert "search" in dir(ac.vectors) and "create_graph" in dir(ac.graphs) and "create_graph" not in dir(ac.vectors)
