@@ -7,6 +7,7 @@ used where zero is a meaningful value (ridge, seed_fraction, seed) or must be to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -208,19 +209,43 @@ def hits_from_proto(msg: pb.CrossEncoderHits) -> dict[str, Any]:
 
 # --- index info and mutations -----------------------------------------------------------------------
 def info_to_proto(name: str, d: dict[str, Any], spec: dict[str, Any] | None = None) -> pb.CrossEncoderIndexInfo:
-    """From :meth:`CrossEncoderIndex.describe` (plus the engine's scorer spec)."""
+    """From :meth:`CrossEncoderIndex.describe` (plus the engine's scorer spec). The build settings,
+    build statistics and search defaults go in typed fields, and also (deprecated) as the JSON
+    fields clients before them read; the scorer and dual-encoder fingerprints stay JSON (their
+    fields depend on the backend)."""
     scorer = {"spec": spec.get("scorer") if spec else None, "fingerprint": d["scorer"]}
     de = {"spec": spec.get("dual_encoder") if spec else None, "fingerprint": d.get("dual_encoder")}
-    return pb.CrossEncoderIndexInfo(
+    stats = d.get("build_stats") or {}
+    msg = pb.CrossEncoderIndexInfo(
         name=name, n_items=d["n_items"], k_q=d["k_q"], k_i=d["k_i"], anchor_queries=d["anchor_queries"],
         anchor_item_ids=[int(i) for i in d["anchor_item_ids"]], scorer_json=json.dumps(scorer),
         dual_encoder_json=json.dumps(de) if de["fingerprint"] or de["spec"] else "",
-        build_json=json.dumps({"params": d["build"], "stats": d.get("build_stats", {})}),
+        build_json=json.dumps({"params": d["build"], "stats": stats}),
         search_defaults_json=json.dumps({"defaults": d["search_defaults"], "min_budget": d["min_budget"]}),
-        modes=d["modes"])
+        modes=d["modes"], build_params=build_params_to_proto(d["build"]),
+        search_defaults=search_params_to_proto(SearchParams(**d["search_defaults"])), min_budget=d["min_budget"])
+    if stats:
+        msg.build_stats.CopyFrom(pb.CrossEncoderBuildStats(**stats))
+    return msg
+
+
+def _stored_build_params(msg: pb.CrossEncoderBuildParams) -> dict[str, Any]:
+    """Every field of a built index's settings (``build_params_from_proto`` keeps only the set ones)."""
+    return {"k_i": int(msg.k_i), "anchor_method": msg.anchor_method, "solver": msg.solver, "ridge": float(msg.ridge),
+            "rank": int(msg.rank) or None, "seed": int(msg.seed), "chunk_size": int(msg.chunk_size)}
 
 
 def info_from_proto(msg: pb.CrossEncoderIndexInfo) -> dict[str, Any]:
+    if msg.HasField("build_params"):
+        stats = {}  # an index built before build statistics were recorded has none
+        if msg.HasField("build_stats"):  # every field: zeros are values here, not absences
+            stats = {f.name: getattr(msg.build_stats, f.name) for f in msg.build_stats.DESCRIPTOR.fields}
+        build = {"params": _stored_build_params(msg.build_params), "stats": stats}
+        search_defaults = {"defaults": dataclasses.asdict(search_params_from_proto(msg.search_defaults)),
+                           "min_budget": dict(msg.min_budget)}
+    else:  # a server from before the typed fields
+        build = json.loads(msg.build_json) if msg.build_json else None
+        search_defaults = json.loads(msg.search_defaults_json) if msg.search_defaults_json else None
     return {
         "name": msg.name,
         "n_items": int(msg.n_items),
@@ -230,8 +255,8 @@ def info_from_proto(msg: pb.CrossEncoderIndexInfo) -> dict[str, Any]:
         "anchor_item_ids": [int(i) for i in msg.anchor_item_ids],
         "scorer": json.loads(msg.scorer_json) if msg.scorer_json else None,
         "dual_encoder": json.loads(msg.dual_encoder_json) if msg.dual_encoder_json else None,
-        "build": json.loads(msg.build_json) if msg.build_json else None,
-        "search_defaults": json.loads(msg.search_defaults_json) if msg.search_defaults_json else None,
+        "build": build,
+        "search_defaults": search_defaults,
         "modes": list(msg.modes),
     }
 

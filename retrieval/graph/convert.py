@@ -53,7 +53,14 @@ def graph_info_to_proto(d: dict) -> pb.GraphInfo:
         degree=pb.DegreeStats(min=deg.get("min", 0), max=deg.get("max", 0), mean=deg.get("mean", 0.0)),
         feature_dim=d.get("feature_dim", 0), version=d.get("version", 0), embeddings=d.get("embeddings", []),
         models=d.get("models", []), labels_json=json.dumps(d["labels"]) if d.get("labels") else "",
-        describe_json=json.dumps(d, sort_keys=True))
+        describe_json=json.dumps(d, sort_keys=True), labels=_labels_to_proto(d.get("labels")))
+
+
+def _labels_to_proto(lab: dict | None) -> pb.GraphLabels | None:
+    if not lab:
+        return None
+    return pb.GraphLabels(multilabel=bool(lab["multilabel"]), num_classes=int(lab["num_classes"]),
+                          num_labeled=int(lab["num_labeled"]))
 
 
 def graph_info_from_proto(msg: pb.GraphInfo) -> dict:
@@ -64,7 +71,10 @@ def graph_info_from_proto(msg: pb.GraphInfo) -> dict:
            "degree": {"min": msg.degree.min, "max": msg.degree.max, "mean": msg.degree.mean},
            "feature_dim": msg.feature_dim, "version": msg.version, "embeddings": list(msg.embeddings),
            "models": list(msg.models)}
-    if msg.labels_json:
+    if msg.HasField("labels"):
+        lab = msg.labels
+        out["labels"] = {"multilabel": lab.multilabel, "num_classes": lab.num_classes, "num_labeled": lab.num_labeled}
+    elif msg.labels_json:  # a server from before GraphInfo.labels
         out["labels"] = json.loads(msg.labels_json)
     return out
 

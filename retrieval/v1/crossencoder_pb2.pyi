@@ -207,7 +207,14 @@ class CrossEncoderIndexRef(_message.Message):
     def __init__(self, index: _Optional[str] = ...) -> None: ...
 
 class CrossEncoderIndexInfo(_message.Message):
-    __slots__ = ("name", "n_items", "k_q", "k_i", "anchor_queries", "anchor_item_ids", "scorer_json", "dual_encoder_json", "build_json", "search_defaults_json", "modes")
+    __slots__ = ("name", "n_items", "k_q", "k_i", "anchor_queries", "anchor_item_ids", "scorer_json", "dual_encoder_json", "build_json", "search_defaults_json", "modes", "build_params", "build_stats", "search_defaults", "min_budget")
+    class MinBudgetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     N_ITEMS_FIELD_NUMBER: _ClassVar[int]
     K_Q_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +226,10 @@ class CrossEncoderIndexInfo(_message.Message):
     BUILD_JSON_FIELD_NUMBER: _ClassVar[int]
     SEARCH_DEFAULTS_JSON_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
+    BUILD_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_STATS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     n_items: int
     k_q: int
@@ -230,7 +241,31 @@ class CrossEncoderIndexInfo(_message.Message):
     build_json: str
     search_defaults_json: str
     modes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., n_items: _Optional[int] = ..., k_q: _Optional[int] = ..., k_i: _Optional[int] = ..., anchor_queries: _Optional[_Iterable[str]] = ..., anchor_item_ids: _Optional[_Iterable[int]] = ..., scorer_json: _Optional[str] = ..., dual_encoder_json: _Optional[str] = ..., build_json: _Optional[str] = ..., search_defaults_json: _Optional[str] = ..., modes: _Optional[_Iterable[str]] = ...) -> None: ...
+    build_params: CrossEncoderBuildParams
+    build_stats: CrossEncoderBuildStats
+    search_defaults: CrossEncoderSearchParams
+    min_budget: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., n_items: _Optional[int] = ..., k_q: _Optional[int] = ..., k_i: _Optional[int] = ..., anchor_queries: _Optional[_Iterable[str]] = ..., anchor_item_ids: _Optional[_Iterable[int]] = ..., scorer_json: _Optional[str] = ..., dual_encoder_json: _Optional[str] = ..., build_json: _Optional[str] = ..., search_defaults_json: _Optional[str] = ..., modes: _Optional[_Iterable[str]] = ..., build_params: _Optional[_Union[CrossEncoderBuildParams, _Mapping]] = ..., build_stats: _Optional[_Union[CrossEncoderBuildStats, _Mapping]] = ..., search_defaults: _Optional[_Union[CrossEncoderSearchParams, _Mapping]] = ..., min_budget: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class CrossEncoderBuildStats(_message.Message):
+    __slots__ = ("calls", "calls_this_run", "scorer_seconds", "seconds_this_run", "resumed_chunks", "n_chunks", "truncated_items", "truncated_anchor_queries")
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_THIS_RUN_FIELD_NUMBER: _ClassVar[int]
+    SCORER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_THIS_RUN_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    N_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_ANCHOR_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    calls: int
+    calls_this_run: int
+    scorer_seconds: float
+    seconds_this_run: float
+    resumed_chunks: int
+    n_chunks: int
+    truncated_items: int
+    truncated_anchor_queries: int
+    def __init__(self, calls: _Optional[int] = ..., calls_this_run: _Optional[int] = ..., scorer_seconds: _Optional[float] = ..., seconds_this_run: _Optional[float] = ..., resumed_chunks: _Optional[int] = ..., n_chunks: _Optional[int] = ..., truncated_items: _Optional[int] = ..., truncated_anchor_queries: _Optional[int] = ...) -> None: ...
 
 class ListCrossEncoderIndexesRequest(_message.Message):
     __slots__ = ()

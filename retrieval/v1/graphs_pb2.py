@@ -27,13 +27,15 @@ from . import common_pb2 as retrieval_dot_v1_dot_common__pb2
 from . import jobs_pb2 as retrieval_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19retrieval/v1/graphs.proto\x12\x0cretrieval.v1\x1a\x19retrieval/v1/common.proto\x1a\x17retrieval/v1/jobs.proto\"\x19\n\x08GraphRef\x12\r\n\x05graph\x18\x01 \x01(\t\"Z\n\x12\x43reateGraphRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tnum_nodes\x18\x02 \x01(\x04\x12\x10\n\x08\x64irected\x18\x03 \x01(\x08\x12\x10\n\x08weighted\x18\x04 \x01(\x08\"5\n\x0b\x44\x65greeStats\x12\x0b\n\x03min\x18\x01 \x01(\x04\x12\x0b\n\x03max\x18\x02 \x01(\x04\x12\x0c\n\x04mean\x18\x03 \x01(\x01\"\xab\x02\n\tGraphInfo\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tnum_nodes\x18\x02 \x01(\x04\x12\x11\n\tnum_edges\x18\x03 \x01(\x04\x12\x10\n\x08\x64irected\x18\x04 \x01(\x08\x12\x10\n\x08weighted\x18\x05 \x01(\x08\x12\x12\n\nself_loops\x18\x06 \x01(\x04\x12\x10\n\x08isolated\x18\x07 \x01(\x04\x12)\n\x06\x64\x65gree\x18\x08 \x01(\x0b\x32\x19.retrieval.v1.DegreeStats\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\x04\x12\x12\n\nembeddings\x18\x0b \x03(\t\x12\x0e\n\x06models\x18\x0c \x03(\t\x12\x13\n\x0blabels_json\x18\r \x01(\t\x12\x15\n\rdescribe_json\x18\x0e \x01(\t\"\x13\n\x11ListGraphsRequest\"=\n\x12ListGraphsResponse\x12\'\n\x06graphs\x18\x01 \x03(\x0b\x32\x17.retrieval.v1.GraphInfo\"\x13\n\x11\x44ropGraphResponse\"/\n\x0f\x41\x64\x64NodesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"v\n\x12\x41ppendEdgesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x03(\x04\x12\x0b\n\x03\x64st\x18\x03 \x03(\x04\x12\x0f\n\x07weights\x18\x04 \x03(\x02\x12\x12\n\nduplicates\x18\x05 \x01(\t\x12\x12\n\nself_loops\x18\x06 \x01(\t\"v\n\x13\x41ppendEdgesResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x04\x12\x11\n\tnum_edges\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x1a\n\x12self_loops_dropped\x18\x05 \x01(\x04\"L\n\x12SetFeaturesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\'\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x15.retrieval.v1.Vectors\"B\n\x0bMultiLabels\x12\x13\n\x0bnum_classes\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x03(\x04\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\r\"\x94\x01\n\x10SetLabelsRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12,\n\x06single\x18\x02 \x01(\x0b\x32\x1a.retrieval.v1.SingleLabelsH\x00\x12*\n\x05multi\x18\x03 \x01(\x0b\x32\x19.retrieval.v1.MultiLabelsH\x00\x12\r\n\x05\x63lear\x18\x04 \x01(\x08\x42\x08\n\x06labels\"\x1e\n\x0cSingleLabels\x12\x0e\n\x06labels\x18\x01 \x03(\x03\"C\n\x10NeighborsRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x03(\x04\x12\x11\n\tdirection\x18\x03 \x01(\t\"B\n\x11NeighborsResponse\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x04\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xd7\x02\n\x0c\x46\x61stRPParams\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x19\n\x11iteration_weights\x18\x02 \x03(\x01\x12\x11\n\x04\x62\x65ta\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\t\n\x01s\x18\x04 \x01(\t\x12\x1b\n\x0eself_influence\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eproperty_ratio\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tnormalize\x18\x07 \x01(\x08H\x03\x88\x01\x01\x12!\n\x14propagate_normalized\x18\x08 \x01(\x08H\x04\x88\x01\x01\x12\x18\n\x0bstandardize\x18\t \x01(\x08H\x05\x88\x01\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x42\x07\n\x05_betaB\x11\n\x0f_self_influenceB\x11\n\x0f_property_ratioB\x0c\n\n_normalizeB\x17\n\x15_propagate_normalizedB\x0e\n\x0c_standardize\"\xae\x01\n\x10RunFastRPRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x01(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.retrieval.v1.FastRPParams\x12\x14\n\x0cuse_features\x18\x04 \x01(\x08\x12&\n\x05index\x18\x05 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\x12\x0e\n\x06metric\x18\x06 \x01(\t\"\x93\x01\n\x13SimilarNodesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\x04\x12\t\n\x01k\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.retrieval.v1.SearchParams\x12\x14\n\x0cinclude_self\x18\x06 \x01(\x08\"\'\n\x08NodeHits\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"?\n\x14SimilarNodesResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.retrieval.v1.NodeHits\"T\n\x14GetEmbeddingsRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\x04\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"\x88\x01\n\x0f\x45mbeddingsChunk\x12&\n\x07vectors\x18\x01 \x01(\x0b\x32\x15.retrieval.v1.Vectors\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x15\n\rgraph_version\x18\x04 \x01(\x04\x12\x17\n\x0f\x63urrent_version\x18\x05 \x01(\x04\"\xd4\x01\n\x15TrainLinkModelRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\x08val_frac\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttest_frac\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x65valuate\x18\t \x01(\tB\x0b\n\t_val_fracB\x0c\n\n_test_frac\"K\n\x11ScoreLinksRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03src\x18\x03 \x03(\x04\x12\x0b\n\x03\x64st\x18\x04 \x03(\x04\"+\n\x12ScoreLinksResponse\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\"\xa7\x01\n\x13PredictLinksRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\x04\x12\t\n\x01k\x18\x04 \x01(\r\x12\x12\n\ncandidates\x18\x05 \x03(\x04\x12\x11\n\tembedding\x18\x06 \x01(\t\x12\x16\n\x0enum_candidates\x18\x07 \x01(\r\x12\x19\n\x11include_neighbors\x18\x08 \x01(\x08\"?\n\x14PredictLinksResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.retrieval.v1.NodeHits2\x87\t\n\x06Graphs\x12H\n\x0b\x43reateGraph\x12 .retrieval.v1.CreateGraphRequest\x1a\x17.retrieval.v1.GraphInfo\x12O\n\nListGraphs\x12\x1f.retrieval.v1.ListGraphsRequest\x1a .retrieval.v1.ListGraphsResponse\x12@\n\rDescribeGraph\x12\x16.retrieval.v1.GraphRef\x1a\x17.retrieval.v1.GraphInfo\x12\x44\n\tDropGraph\x12\x16.retrieval.v1.GraphRef\x1a\x1f.retrieval.v1.DropGraphResponse\x12\x42\n\x08\x41\x64\x64Nodes\x12\x1d.retrieval.v1.AddNodesRequest\x1a\x17.retrieval.v1.GraphInfo\x12T\n\x0b\x41ppendEdges\x12 .retrieval.v1.AppendEdgesRequest\x1a!.retrieval.v1.AppendEdgesResponse(\x01\x12H\n\x0bSetFeatures\x12 .retrieval.v1.SetFeaturesRequest\x1a\x17.retrieval.v1.GraphInfo\x12\x44\n\tSetLabels\x12\x1e.retrieval.v1.SetLabelsRequest\x1a\x17.retrieval.v1.GraphInfo\x12L\n\tNeighbors\x12\x1e.retrieval.v1.NeighborsRequest\x1a\x1f.retrieval.v1.NeighborsResponse\x12>\n\tRunFastRP\x12\x1e.retrieval.v1.RunFastRPRequest\x1a\x11.retrieval.v1.Job\x12U\n\x0cSimilarNodes\x12!.retrieval.v1.SimilarNodesRequest\x1a\".retrieval.v1.SimilarNodesResponse\x12Y\n\rGetEmbeddings\x12\".retrieval.v1.GetEmbeddingsRequest\x1a\x1d.retrieval.v1.EmbeddingsChunk\"\x03\x90\x02\x01\x30\x01\x12H\n\x0eTrainLinkModel\x12#.retrieval.v1.TrainLinkModelRequest\x1a\x11.retrieval.v1.Job\x12O\n\nScoreLinks\x12\x1f.retrieval.v1.ScoreLinksRequest\x1a .retrieval.v1.ScoreLinksResponse\x12U\n\x0cPredictLinks\x12!.retrieval.v1.PredictLinksRequest\x1a\".retrieval.v1.PredictLinksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19retrieval/v1/graphs.proto\x12\x0cretrieval.v1\x1a\x19retrieval/v1/common.proto\x1a\x17retrieval/v1/jobs.proto\"\x19\n\x08GraphRef\x12\r\n\x05graph\x18\x01 \x01(\t\"Z\n\x12\x43reateGraphRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tnum_nodes\x18\x02 \x01(\x04\x12\x10\n\x08\x64irected\x18\x03 \x01(\x08\x12\x10\n\x08weighted\x18\x04 \x01(\x08\"5\n\x0b\x44\x65greeStats\x12\x0b\n\x03min\x18\x01 \x01(\x04\x12\x0b\n\x03max\x18\x02 \x01(\x04\x12\x0c\n\x04mean\x18\x03 \x01(\x01\"\xda\x02\n\tGraphInfo\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tnum_nodes\x18\x02 \x01(\x04\x12\x11\n\tnum_edges\x18\x03 \x01(\x04\x12\x10\n\x08\x64irected\x18\x04 \x01(\x08\x12\x10\n\x08weighted\x18\x05 \x01(\x08\x12\x12\n\nself_loops\x18\x06 \x01(\x04\x12\x10\n\x08isolated\x18\x07 \x01(\x04\x12)\n\x06\x64\x65gree\x18\x08 \x01(\x0b\x32\x19.retrieval.v1.DegreeStats\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\x04\x12\x12\n\nembeddings\x18\x0b \x03(\t\x12\x0e\n\x06models\x18\x0c \x03(\t\x12\x17\n\x0blabels_json\x18\r \x01(\tB\x02\x18\x01\x12\x15\n\rdescribe_json\x18\x0e \x01(\t\x12)\n\x06labels\x18\x0f \x01(\x0b\x32\x19.retrieval.v1.GraphLabels\"K\n\x0bGraphLabels\x12\x12\n\nmultilabel\x18\x01 \x01(\x08\x12\x13\n\x0bnum_classes\x18\x02 \x01(\r\x12\x13\n\x0bnum_labeled\x18\x03 \x01(\x04\"\x13\n\x11ListGraphsRequest\"=\n\x12ListGraphsResponse\x12\'\n\x06graphs\x18\x01 \x03(\x0b\x32\x17.retrieval.v1.GraphInfo\"\x13\n\x11\x44ropGraphResponse\"/\n\x0f\x41\x64\x64NodesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"v\n\x12\x41ppendEdgesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x03(\x04\x12\x0b\n\x03\x64st\x18\x03 \x03(\x04\x12\x0f\n\x07weights\x18\x04 \x03(\x02\x12\x12\n\nduplicates\x18\x05 \x01(\t\x12\x12\n\nself_loops\x18\x06 \x01(\t\"v\n\x13\x41ppendEdgesResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x04\x12\x11\n\tnum_edges\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x1a\n\x12self_loops_dropped\x18\x05 \x01(\x04\"L\n\x12SetFeaturesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\'\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x15.retrieval.v1.Vectors\"B\n\x0bMultiLabels\x12\x13\n\x0bnum_classes\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x03(\x04\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\r\"\x94\x01\n\x10SetLabelsRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12,\n\x06single\x18\x02 \x01(\x0b\x32\x1a.retrieval.v1.SingleLabelsH\x00\x12*\n\x05multi\x18\x03 \x01(\x0b\x32\x19.retrieval.v1.MultiLabelsH\x00\x12\r\n\x05\x63lear\x18\x04 \x01(\x08\x42\x08\n\x06labels\"\x1e\n\x0cSingleLabels\x12\x0e\n\x06labels\x18\x01 \x03(\x03\"C\n\x10NeighborsRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x03(\x04\x12\x11\n\tdirection\x18\x03 \x01(\t\"B\n\x11NeighborsResponse\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x04\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xd7\x02\n\x0c\x46\x61stRPParams\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x19\n\x11iteration_weights\x18\x02 \x03(\x01\x12\x11\n\x04\x62\x65ta\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\t\n\x01s\x18\x04 \x01(\t\x12\x1b\n\x0eself_influence\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eproperty_ratio\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tnormalize\x18\x07 \x01(\x08H\x03\x88\x01\x01\x12!\n\x14propagate_normalized\x18\x08 \x01(\x08H\x04\x88\x01\x01\x12\x18\n\x0bstandardize\x18\t \x01(\x08H\x05\x88\x01\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x42\x07\n\x05_betaB\x11\n\x0f_self_influenceB\x11\n\x0f_property_ratioB\x0c\n\n_normalizeB\x17\n\x15_propagate_normalizedB\x0e\n\x0c_standardize\"\xae\x01\n\x10RunFastRPRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x01(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.retrieval.v1.FastRPParams\x12\x14\n\x0cuse_features\x18\x04 \x01(\x08\x12&\n\x05index\x18\x05 \x01(\x0b\x32\x17.retrieval.v1.IndexSpec\x12\x0e\n\x06metric\x18\x06 \x01(\t\"\x93\x01\n\x13SimilarNodesRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\x04\x12\t\n\x01k\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.retrieval.v1.SearchParams\x12\x14\n\x0cinclude_self\x18\x06 \x01(\x08\"\'\n\x08NodeHits\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"?\n\x14SimilarNodesResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.retrieval.v1.NodeHits\"T\n\x14GetEmbeddingsRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\x04\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"\x88\x01\n\x0f\x45mbeddingsChunk\x12&\n\x07vectors\x18\x01 \x01(\x0b\x32\x15.retrieval.v1.Vectors\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x15\n\rgraph_version\x18\x04 \x01(\x04\x12\x17\n\x0f\x63urrent_version\x18\x05 \x01(\x04\"\xd4\x01\n\x15TrainLinkModelRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\x08val_frac\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\ttest_frac\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x65valuate\x18\t \x01(\tB\x0b\n\t_val_fracB\x0c\n\n_test_frac\"K\n\x11ScoreLinksRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03src\x18\x03 \x03(\x04\x12\x0b\n\x03\x64st\x18\x04 \x03(\x04\"+\n\x12ScoreLinksResponse\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\"\xa7\x01\n\x13PredictLinksRequest\x12\r\n\x05graph\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\x04\x12\t\n\x01k\x18\x04 \x01(\r\x12\x12\n\ncandidates\x18\x05 \x03(\x04\x12\x11\n\tembedding\x18\x06 \x01(\t\x12\x16\n\x0enum_candidates\x18\x07 \x01(\r\x12\x19\n\x11include_neighbors\x18\x08 \x01(\x08\"?\n\x14PredictLinksResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.retrieval.v1.NodeHits2\x87\t\n\x06Graphs\x12H\n\x0b\x43reateGraph\x12 .retrieval.v1.CreateGraphRequest\x1a\x17.retrieval.v1.GraphInfo\x12O\n\nListGraphs\x12\x1f.retrieval.v1.ListGraphsRequest\x1a .retrieval.v1.ListGraphsResponse\x12@\n\rDescribeGraph\x12\x16.retrieval.v1.GraphRef\x1a\x17.retrieval.v1.GraphInfo\x12\x44\n\tDropGraph\x12\x16.retrieval.v1.GraphRef\x1a\x1f.retrieval.v1.DropGraphResponse\x12\x42\n\x08\x41\x64\x64Nodes\x12\x1d.retrieval.v1.AddNodesRequest\x1a\x17.retrieval.v1.GraphInfo\x12T\n\x0b\x41ppendEdges\x12 .retrieval.v1.AppendEdgesRequest\x1a!.retrieval.v1.AppendEdgesResponse(\x01\x12H\n\x0bSetFeatures\x12 .retrieval.v1.SetFeaturesRequest\x1a\x17.retrieval.v1.GraphInfo\x12\x44\n\tSetLabels\x12\x1e.retrieval.v1.SetLabelsRequest\x1a\x17.retrieval.v1.GraphInfo\x12L\n\tNeighbors\x12\x1e.retrieval.v1.NeighborsRequest\x1a\x1f.retrieval.v1.NeighborsResponse\x12>\n\tRunFastRP\x12\x1e.retrieval.v1.RunFastRPRequest\x1a\x11.retrieval.v1.Job\x12U\n\x0cSimilarNodes\x12!.retrieval.v1.SimilarNodesRequest\x1a\".retrieval.v1.SimilarNodesResponse\x12Y\n\rGetEmbeddings\x12\".retrieval.v1.GetEmbeddingsRequest\x1a\x1d.retrieval.v1.EmbeddingsChunk\"\x03\x90\x02\x01\x30\x01\x12H\n\x0eTrainLinkModel\x12#.retrieval.v1.TrainLinkModelRequest\x1a\x11.retrieval.v1.Job\x12O\n\nScoreLinks\x12\x1f.retrieval.v1.ScoreLinksRequest\x1a .retrieval.v1.ScoreLinksResponse\x12U\n\x0cPredictLinks\x12!.retrieval.v1.PredictLinksRequest\x1a\".retrieval.v1.PredictLinksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'retrieval.v1.graphs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GRAPHINFO'].fields_by_name['labels_json']._loaded_options = None
+  _globals['_GRAPHINFO'].fields_by_name['labels_json']._serialized_options = b'\030\001'
   _globals['_GRAPHS'].methods_by_name['GetEmbeddings']._loaded_options = None
   _globals['_GRAPHS'].methods_by_name['GetEmbeddings']._serialized_options = b'\220\002\001'
   _globals['_GRAPHREF']._serialized_start=95
@@ -43,55 +45,57 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEGREESTATS']._serialized_start=214
   _globals['_DEGREESTATS']._serialized_end=267
   _globals['_GRAPHINFO']._serialized_start=270
-  _globals['_GRAPHINFO']._serialized_end=569
-  _globals['_LISTGRAPHSREQUEST']._serialized_start=571
-  _globals['_LISTGRAPHSREQUEST']._serialized_end=590
-  _globals['_LISTGRAPHSRESPONSE']._serialized_start=592
-  _globals['_LISTGRAPHSRESPONSE']._serialized_end=653
-  _globals['_DROPGRAPHRESPONSE']._serialized_start=655
-  _globals['_DROPGRAPHRESPONSE']._serialized_end=674
-  _globals['_ADDNODESREQUEST']._serialized_start=676
-  _globals['_ADDNODESREQUEST']._serialized_end=723
-  _globals['_APPENDEDGESREQUEST']._serialized_start=725
-  _globals['_APPENDEDGESREQUEST']._serialized_end=843
-  _globals['_APPENDEDGESRESPONSE']._serialized_start=845
-  _globals['_APPENDEDGESRESPONSE']._serialized_end=963
-  _globals['_SETFEATURESREQUEST']._serialized_start=965
-  _globals['_SETFEATURESREQUEST']._serialized_end=1041
-  _globals['_MULTILABELS']._serialized_start=1043
-  _globals['_MULTILABELS']._serialized_end=1109
-  _globals['_SETLABELSREQUEST']._serialized_start=1112
-  _globals['_SETLABELSREQUEST']._serialized_end=1260
-  _globals['_SINGLELABELS']._serialized_start=1262
-  _globals['_SINGLELABELS']._serialized_end=1292
-  _globals['_NEIGHBORSREQUEST']._serialized_start=1294
-  _globals['_NEIGHBORSREQUEST']._serialized_end=1361
-  _globals['_NEIGHBORSRESPONSE']._serialized_start=1363
-  _globals['_NEIGHBORSRESPONSE']._serialized_end=1429
-  _globals['_FASTRPPARAMS']._serialized_start=1432
-  _globals['_FASTRPPARAMS']._serialized_end=1775
-  _globals['_RUNFASTRPREQUEST']._serialized_start=1778
-  _globals['_RUNFASTRPREQUEST']._serialized_end=1952
-  _globals['_SIMILARNODESREQUEST']._serialized_start=1955
-  _globals['_SIMILARNODESREQUEST']._serialized_end=2102
-  _globals['_NODEHITS']._serialized_start=2104
-  _globals['_NODEHITS']._serialized_end=2143
-  _globals['_SIMILARNODESRESPONSE']._serialized_start=2145
-  _globals['_SIMILARNODESRESPONSE']._serialized_end=2208
-  _globals['_GETEMBEDDINGSREQUEST']._serialized_start=2210
-  _globals['_GETEMBEDDINGSREQUEST']._serialized_end=2294
-  _globals['_EMBEDDINGSCHUNK']._serialized_start=2297
-  _globals['_EMBEDDINGSCHUNK']._serialized_end=2433
-  _globals['_TRAINLINKMODELREQUEST']._serialized_start=2436
-  _globals['_TRAINLINKMODELREQUEST']._serialized_end=2648
-  _globals['_SCORELINKSREQUEST']._serialized_start=2650
-  _globals['_SCORELINKSREQUEST']._serialized_end=2725
-  _globals['_SCORELINKSRESPONSE']._serialized_start=2727
-  _globals['_SCORELINKSRESPONSE']._serialized_end=2770
-  _globals['_PREDICTLINKSREQUEST']._serialized_start=2773
-  _globals['_PREDICTLINKSREQUEST']._serialized_end=2940
-  _globals['_PREDICTLINKSRESPONSE']._serialized_start=2942
-  _globals['_PREDICTLINKSRESPONSE']._serialized_end=3005
-  _globals['_GRAPHS']._serialized_start=3008
-  _globals['_GRAPHS']._serialized_end=4167
+  _globals['_GRAPHINFO']._serialized_end=616
+  _globals['_GRAPHLABELS']._serialized_start=618
+  _globals['_GRAPHLABELS']._serialized_end=693
+  _globals['_LISTGRAPHSREQUEST']._serialized_start=695
+  _globals['_LISTGRAPHSREQUEST']._serialized_end=714
+  _globals['_LISTGRAPHSRESPONSE']._serialized_start=716
+  _globals['_LISTGRAPHSRESPONSE']._serialized_end=777
+  _globals['_DROPGRAPHRESPONSE']._serialized_start=779
+  _globals['_DROPGRAPHRESPONSE']._serialized_end=798
+  _globals['_ADDNODESREQUEST']._serialized_start=800
+  _globals['_ADDNODESREQUEST']._serialized_end=847
+  _globals['_APPENDEDGESREQUEST']._serialized_start=849
+  _globals['_APPENDEDGESREQUEST']._serialized_end=967
+  _globals['_APPENDEDGESRESPONSE']._serialized_start=969
+  _globals['_APPENDEDGESRESPONSE']._serialized_end=1087
+  _globals['_SETFEATURESREQUEST']._serialized_start=1089
+  _globals['_SETFEATURESREQUEST']._serialized_end=1165
+  _globals['_MULTILABELS']._serialized_start=1167
+  _globals['_MULTILABELS']._serialized_end=1233
+  _globals['_SETLABELSREQUEST']._serialized_start=1236
+  _globals['_SETLABELSREQUEST']._serialized_end=1384
+  _globals['_SINGLELABELS']._serialized_start=1386
+  _globals['_SINGLELABELS']._serialized_end=1416
+  _globals['_NEIGHBORSREQUEST']._serialized_start=1418
+  _globals['_NEIGHBORSREQUEST']._serialized_end=1485
+  _globals['_NEIGHBORSRESPONSE']._serialized_start=1487
+  _globals['_NEIGHBORSRESPONSE']._serialized_end=1553
+  _globals['_FASTRPPARAMS']._serialized_start=1556
+  _globals['_FASTRPPARAMS']._serialized_end=1899
+  _globals['_RUNFASTRPREQUEST']._serialized_start=1902
+  _globals['_RUNFASTRPREQUEST']._serialized_end=2076
+  _globals['_SIMILARNODESREQUEST']._serialized_start=2079
+  _globals['_SIMILARNODESREQUEST']._serialized_end=2226
+  _globals['_NODEHITS']._serialized_start=2228
+  _globals['_NODEHITS']._serialized_end=2267
+  _globals['_SIMILARNODESRESPONSE']._serialized_start=2269
+  _globals['_SIMILARNODESRESPONSE']._serialized_end=2332
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_start=2334
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_end=2418
+  _globals['_EMBEDDINGSCHUNK']._serialized_start=2421
+  _globals['_EMBEDDINGSCHUNK']._serialized_end=2557
+  _globals['_TRAINLINKMODELREQUEST']._serialized_start=2560
+  _globals['_TRAINLINKMODELREQUEST']._serialized_end=2772
+  _globals['_SCORELINKSREQUEST']._serialized_start=2774
+  _globals['_SCORELINKSREQUEST']._serialized_end=2849
+  _globals['_SCORELINKSRESPONSE']._serialized_start=2851
+  _globals['_SCORELINKSRESPONSE']._serialized_end=2894
+  _globals['_PREDICTLINKSREQUEST']._serialized_start=2897
+  _globals['_PREDICTLINKSREQUEST']._serialized_end=3064
+  _globals['_PREDICTLINKSRESPONSE']._serialized_start=3066
+  _globals['_PREDICTLINKSRESPONSE']._serialized_end=3129
+  _globals['_GRAPHS']._serialized_start=3132
+  _globals['_GRAPHS']._serialized_end=4291
 # @@protoc_insertion_point(module_scope)

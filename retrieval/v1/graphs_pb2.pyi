@@ -38,7 +38,7 @@ class DegreeStats(_message.Message):
     def __init__(self, min: _Optional[int] = ..., max: _Optional[int] = ..., mean: _Optional[float] = ...) -> None: ...
 
 class GraphInfo(_message.Message):
-    __slots__ = ("graph", "num_nodes", "num_edges", "directed", "weighted", "self_loops", "isolated", "degree", "feature_dim", "version", "embeddings", "models", "labels_json", "describe_json")
+    __slots__ = ("graph", "num_nodes", "num_edges", "directed", "weighted", "self_loops", "isolated", "degree", "feature_dim", "version", "embeddings", "models", "labels_json", "describe_json", "labels")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     NUM_NODES_FIELD_NUMBER: _ClassVar[int]
     NUM_EDGES_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class GraphInfo(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LABELS_JSON_FIELD_NUMBER: _ClassVar[int]
     DESCRIBE_JSON_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     graph: str
     num_nodes: int
     num_edges: int
@@ -67,7 +68,18 @@ class GraphInfo(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     labels_json: str
     describe_json: str
-    def __init__(self, graph: _Optional[str] = ..., num_nodes: _Optional[int] = ..., num_edges: _Optional[int] = ..., directed: _Optional[bool] = ..., weighted: _Optional[bool] = ..., self_loops: _Optional[int] = ..., isolated: _Optional[int] = ..., degree: _Optional[_Union[DegreeStats, _Mapping]] = ..., feature_dim: _Optional[int] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., labels_json: _Optional[str] = ..., describe_json: _Optional[str] = ...) -> None: ...
+    labels: GraphLabels
+    def __init__(self, graph: _Optional[str] = ..., num_nodes: _Optional[int] = ..., num_edges: _Optional[int] = ..., directed: _Optional[bool] = ..., weighted: _Optional[bool] = ..., self_loops: _Optional[int] = ..., isolated: _Optional[int] = ..., degree: _Optional[_Union[DegreeStats, _Mapping]] = ..., feature_dim: _Optional[int] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., labels_json: _Optional[str] = ..., describe_json: _Optional[str] = ..., labels: _Optional[_Union[GraphLabels, _Mapping]] = ...) -> None: ...
+
+class GraphLabels(_message.Message):
+    __slots__ = ("multilabel", "num_classes", "num_labeled")
+    MULTILABEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    NUM_LABELED_FIELD_NUMBER: _ClassVar[int]
+    multilabel: bool
+    num_classes: int
+    num_labeled: int
+    def __init__(self, multilabel: _Optional[bool] = ..., num_classes: _Optional[int] = ..., num_labeled: _Optional[int] = ...) -> None: ...
 
 class ListGraphsRequest(_message.Message):
     __slots__ = ()

@@ -84,7 +84,17 @@ def test_info_add_and_anchor_requests(fixture_index):
     assert info["anchor_queries"] == d["anchor_queries"] and info["anchor_item_ids"] == d["anchor_item_ids"]
     assert info["scorer"] == {"spec": {"name": "table"}, "fingerprint": d["scorer"]}
     assert info["build"] == {"params": d["build"], "stats": d["build_stats"]}
-    assert info["search_defaults"]["defaults"] == d["search_defaults"]
+    assert info["search_defaults"] == {"defaults": d["search_defaults"], "min_budget": d["min_budget"]}
+    # the typed fields and the deprecated JSON ones (what older servers send) read the same
+    msg = cconv.info_to_proto("fx", d, spec)
+    assert msg.build_params.k_i == d["build"]["k_i"] and msg.build_stats.calls == d["build_stats"]["calls"]
+    assert msg.search_defaults.budget == d["search_defaults"]["budget"] and dict(msg.min_budget) == d["min_budget"]
+    for f in ("build_params", "build_stats", "search_defaults", "min_budget"):
+        msg.ClearField(f)
+    assert cconv.info_from_proto(msg) == info
+    old = dict(d, build_stats={}, build=dict(d["build"], rank=4, ridge=0.0))  # before build stats; a zero ridge
+    back = cconv.info_from_proto(cconv.info_to_proto("fx", old, spec))
+    assert back["build"] == {"params": old["build"], "stats": {}}
     a = AddResult(added=2, calls=600, scorer_seconds=1.5, seconds=1.6, truncated_items=1)
     assert cconv.add_result_from_proto(cconv.add_result_to_proto(a)) == {
         "added": 2, "calls": 600, "scorer_seconds": 1.5, "seconds": 1.6, "truncated_items": 1}

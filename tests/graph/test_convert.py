@@ -18,7 +18,16 @@ def test_graph_info_round_trip():
     msg = gconv.graph_info_to_proto(d)
     msg.describe_json = ""
     back = gconv.graph_info_from_proto(msg)
-    assert back["n"] == 4 and back["m"] == 2 and back["labels"]["num_classes"] == 2 and back["models"] == ["ncn"]
+    assert back["n"] == 4 and back["m"] == 2 and back["models"] == ["ncn"]
+    # the typed labels message, and the deprecated JSON one older servers send, read the same
+    assert msg.labels.num_classes == 2 and msg.labels.num_labeled == 3 and not msg.labels.multilabel
+    assert back["labels"] == d["labels"] == {"multilabel": False, "num_classes": 2, "num_labeled": 3}
+    msg.ClearField("labels")
+    assert gconv.graph_info_from_proto(msg)["labels"] == d["labels"]
+    msg.labels_json = ""
+    assert "labels" not in gconv.graph_info_from_proto(msg)
+    unlabelled = gconv.graph_info_to_proto(dict(Graph.from_edges(3, [0], [1]).describe(), name="u"))
+    assert not unlabelled.HasField("labels") and not unlabelled.labels_json
 
 
 def test_edges_round_trip_and_checks():
