@@ -6,7 +6,7 @@ Output: a collection folder in exactly the server's format (see :mod:`retrieval.
 ``collection.json``; per shard ``shard-<i>/points.sqlite`` (the points, written with the server's
 :class:`retrieval.storage.points.PointStore`) and ``shard-<i>/snapshots/<seq>/`` (the index saved by the
 server's backend, ``labels.npy`` and ``manifest.json``, written by
-:func:`retrieval.vectors.shard.write_snapshot`), with ``seq`` = the point store's ``meta.last_seq``,
+:func:`retrieval.vectors.shard_indexer.write_snapshot`), with ``seq`` = the point store's ``meta.last_seq``,
 so a server opening the folder loads the snapshot and replays nothing. Ids are routed to shards with
 :func:`retrieval.vectors.collection.shard_of`, as the server routes them.
 
@@ -70,7 +70,8 @@ from retrieval.storage.names import validate_name
 from retrieval.vectors.collection import Limits, shard_of
 from retrieval.vectors.config import METRICS, CollectionConfig
 from retrieval.vectors.delta import NO_ID
-from retrieval.vectors.shard import prepare_vectors, write_snapshot
+from retrieval.vectors.results import prepare_vectors
+from retrieval.vectors.shard_indexer import write_snapshot
 
 logger = logging.getLogger(__name__)
 

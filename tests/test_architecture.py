@@ -132,3 +132,16 @@ def test_index_builder_is_a_plugin_of_the_installed_package():
 
     names = [m.__name__ for m in plugins.plugins()]
     assert "index_builder.plugin" in names, "reinstall the package (pip install -e .): its entry points are stale"
+
+
+MAX_CLASS_LINES = 400
+
+
+def test_no_class_over_400_lines():
+    """A class that outgrows this is split along its seams (mixins in their own modules: see Shard)."""
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []

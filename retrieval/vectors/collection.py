@@ -51,7 +51,8 @@ from retrieval.vectors.collection_checks import CollectionChecks, _each, shard_o
 from retrieval.vectors.config import MAX_DIM, MAX_SHARDS, METRICS, CollectionConfig  # noqa: F401 (re-exported)
 from retrieval.vectors.delta import NO_ID
 from retrieval.vectors.handles import ShardFactory, ShardHandle, local_shard
-from retrieval.vectors.shard import PAYLOAD_INDEXES_FILE, ShardSettings, merge_topk, read_payload_specs
+from retrieval.vectors.results import merge_topk
+from retrieval.vectors.shard import PAYLOAD_INDEXES_FILE, ShardSettings, read_payload_specs
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ import numpy as np
 from retrieval.errors import FailedPrecondition, InvalidArgument, RetrievalError, Unavailable
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec, QueryParams
-from retrieval.vectors.shard import ShardSettings, prepare_vectors
+from retrieval.vectors.results import prepare_vectors
+from retrieval.vectors.shard import ShardSettings
 
 logger = logging.getLogger(__name__)
 

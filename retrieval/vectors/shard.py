@@ -30,7 +30,6 @@ thread's changes to them; the loop holds it only for in-memory steps (at most on
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import shutil
@@ -42,16 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.core.faults import is_disk_full
 from retrieval.errors import Cancelled, FailedPrecondition
 from retrieval.indexes import registry
 from retrieval.indexes.base import IndexSpec, QueryParams, VectorIndex
 from retrieval.indexes.exact import knn
 from retrieval.storage import snapshots
-from retrieval.storage.points import PointStore, scan_payloads
-from retrieval.vectors import filters as flt
+from retrieval.storage.points import PointStore
 from retrieval.vectors import payload_index as pidx_mod
 from retrieval.vectors.delta import NO_ID, Delta
+from retrieval.vectors.results import empty_results, merge_topk, prepare_vectors
+from retrieval.vectors.shard_filtered import FilteredSearch
+from retrieval.vectors.shard_indexer import WRITES, Indexer
 
 logger = logging.getLogger(__name__)
 
@@ -73,45 +73,6 @@ class ShardSettings:
     write_priority_rows: int = 200_000  # the indexer yields to in-flight writes until the delta holds this many
 
 
-class _WriteActivity:
-    """Process-wide: writes in flight and when the last one started. Indexers of every shard yield to
-    writes of any shard, since they compete for the same CPU cores."""
-
-    in_flight = 0
-    last = 0.0
-
-
-WRITES = _WriteActivity()
-DISK_FULL_BACKOFF_S = 5.0
-
-
-def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
-    """Stored vectors (n, d) float32 -> index-ready vectors: L2-normalised rows for ``"cosine"``, else ``x``."""
-    if metric != "cosine":
-        return x
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def write_snapshot(root: Path, index: VectorIndex, labels: np.ndarray, seq: int, spec: IndexSpec, d: int,
-                   index_metric: str) -> Path:
-    """Save ``index`` with its label map (uint64 point id per label, NO_ID for hidden labels) as the
-    snapshot of write ``seq`` under ``root`` (``<shard>/snapshots``), atomically; older snapshots are
-    removed once the new one is in place. Returns the snapshot folder. Used by the shard and by the
-    offline builder (``index_builder``), so both write one format."""
-    meta = {"kind": spec.kind, "d": d, "metric": index_metric, "spec": registry.spec_to_dict(spec),
-            "labels": int(len(labels))}
-    tmp = snapshots.begin(root)
-    try:
-        files = index.save(tmp)
-        np.save(tmp / "labels.npy", np.asarray(labels, np.uint64))
-        final = snapshots.commit(root, tmp, seq, meta, [*files, "labels.npy"])
-    except BaseException:
-        snapshots.abort(tmp)
-        raise
-    snapshots.cleanup(root, final)
-    return final
-
-
 PAYLOAD_INDEXES_FILE = "payload_indexes.json"  # in the collection folder: {"indexes": [{"key", "type"}]}
 
 
@@ -124,16 +85,11 @@ def read_payload_specs(collection_folder: Path) -> dict[str, str]:
     return {e["key"]: e["type"] for e in d.get("indexes", [])}
 
 
-def merge_topk(D1: np.ndarray, I1: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int):
-    """Merge two (nq, *) result sets into the k nearest per row (ties keep the first set first)."""
-    D = np.hstack([D1, D2])
-    I = np.hstack([I1, I2])
-    order = np.argsort(D, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+class Shard(FilteredSearch, Indexer):
+    """An in-process shard; also the local implementation of :class:`retrieval.vectors.handles.ShardHandle`.
 
-
-class Shard:
-    """An in-process shard; also the local implementation of :class:`retrieval.vectors.handles.ShardHandle`."""
+    Filtered search and payload indexes are in :class:`~retrieval.vectors.shard_filtered.FilteredSearch`;
+    the indexer, snapshots and rebuilds in :class:`~retrieval.vectors.shard_indexer.Indexer`."""
 
     is_local = True  # search() may be called synchronously on the event-loop thread
 
@@ -358,8 +314,7 @@ class Shard:
             D, L = self.index.search(xq, k, params)
             I = np.where(L >= 0, self.ext_of_lab[np.maximum(L, 0)] if len(self.ext_of_lab) else NO_ID, NO_ID)
         else:
-            D = np.full((len(xq), k), np.inf, np.float32)
-            I = np.full((len(xq), k), NO_ID, np.uint64)
+            D, I = empty_results(len(xq), k)
         if len(self.delta):
             D2, I2 = self.delta.search(xq, k, self.index_metric)
             D, I = merge_topk(D, I, D2, I2, k)
@@ -384,152 +339,11 @@ class Shard:
             D, R = knn(xq, xb, k, self.index_metric)
             I = np.where(R >= 0, self.ext_of_lab[labels[np.maximum(R, 0)]], NO_ID)
         else:
-            D = np.full((len(xq), k), np.inf, np.float32)
-            I = np.full((len(xq), k), NO_ID, np.uint64)
+            D, I = empty_results(len(xq), k)
         if len(self.delta):
             D2, I2 = self.delta.search(xq, k, self.index_metric)
             D, I = merge_topk(D, I, D2, I2, k)
         return D, I
-
-    async def search_filtered(self, xq: np.ndarray, k: int, params: QueryParams, where: tuple[str, list]):
-        """k-NN among the points matching a filter: from the payload indexes when they answer it
-        exactly (``where`` is a :class:`filters.SqlWhere` carrying the filter; see
-        :mod:`retrieval.vectors.payload_index`), else by SQL over the payloads."""
-        self._check_open()
-        f = getattr(where, "filter", None)
-        if f is not None and self.pidx.columns:
-            mask = self.pidx.evaluate(f)
-            if mask is not None:
-                return await self._search_matching(xq, k, params, np.flatnonzero(mask))
-            dk = self.pidx.datetime_keys()
-            if dk and self.pidx.touches(f, dk):  # range conditions on datetime keys also read timestamps
-                where = flt.to_sql(f, datetime_keys=dk)
-        thr = self.settings.filter_exact_threshold
-        ids, vecs = await self._on_reader(lambda: self.store.match(where, thr + 1, True))
-        if len(ids) <= thr or params.exact:
-            if params.exact and len(ids) > thr:
-                ids, vecs = await self._on_reader(lambda: self.store.match(where, None, True))
-            return self._exact_over(xq, k, ids, vecs)
-        ids, _ = await self._on_reader(lambda: self.store.match(where, None, False))
-        allowed = np.zeros(self.next_label, bool)
-        labs = [lab for lab in map(self.lab_of_ext.get, ids.tolist()) if lab is not None]
-        allowed[np.asarray(labs, np.int64)] = True
-        if self.index.is_trained() and labs:
-            D, L = self.index.search(xq, k, params, allowed)
-            I = np.where(L >= 0, self.ext_of_lab[np.maximum(L, 0)], NO_ID)
-        else:
-            D = np.full((len(xq), k), np.inf, np.float32)
-            I = np.full((len(xq), k), NO_ID, np.uint64)
-        if len(self.delta):
-            D2, I2 = self.delta.search(xq, k, self.index_metric, allowed_ids=ids)
-            D, I = merge_topk(D, I, D2, I2, k)
-        # A graph search may strand a query among too few allowed points: redo those rows exactly.
-        short = np.flatnonzero((I != NO_ID).sum(1) < min(k, len(ids)))
-        if len(short):
-            got, vecs, _ = await self._on_reader(lambda: self.store.get(ids, True, False))
-            D[short], I[short] = self._exact_over(xq[short], k, got, vecs)
-        return D, I
-
-    async def _search_matching(self, xq: np.ndarray, k: int, params: QueryParams, slots: np.ndarray):
-        """k-NN among the points in payload-index ``slots`` (the matches of a filter), as planned by
-        :func:`payload_index.plan_filtered`: exact over the matches when few, else the vector index
-        with an allowed-label mask (and a wider beam when the selectivity is low)."""
-        p = self.pidx
-        nq = len(xq)
-        D = np.full((nq, k), np.inf, np.float32)
-        I = np.full((nq, k), NO_ID, np.uint64)
-        thr = self.settings.filter_exact_threshold
-        if p.vec is not None:
-            thr = max(thr, self.settings.filter_exact_in_memory)
-        plan = pidx_mod.plan_filtered(len(slots), p.count_live(), k, thr, params.ef, params.exact)
-        if plan.kind == "none":
-            return D, I
-        if plan.kind == "exact" and p.vec is not None:  # every matching point's vector is in memory
-            return p.exact_knn(xq, slots, k, self.index_metric)
-        p.sync_labels(self.index, self.ext_of_lab, self.next_label)
-        ext = p.ext_of_slot[slots]
-        labs = p.lab[slots]
-        in_idx = labs >= 0
-        if len(self.delta) and not in_idx.all():  # points not indexed yet are in the delta
-            D, I = self.delta.search(xq, k, self.index_metric, allowed_ids=ext[~in_idx])
-        li = labs[in_idx]
-        if plan.kind == "exact":
-            if len(li):
-                if self.spec.kind in ("hnsw", "exact"):  # these keep the exact (index-ready) vectors
-                    D2, R = knn(xq, self.index.get_vectors(li), k, self.index_metric)
-                    ei = ext[in_idx]
-                    I2 = np.where(R >= 0, ei[np.maximum(R, 0)], NO_ID)
-                else:  # lossy codes (PQ, SQ): the original vectors from the store
-                    got, vecs, _ = await self._on_reader(lambda: self.store.get(ext[in_idx], True, False))
-                    D2, I2 = self._exact_over(xq, k, got, vecs)
-                D, I = merge_topk(D, I, D2, I2, k)
-            return D, I
-        if len(li) and self.index.is_trained():
-            allowed = np.zeros(self.next_label, bool)
-            allowed[li] = True
-            D2, L = self.index.search(xq, k, dataclasses.replace(params, ef=plan.ef), allowed)
-            I2 = np.where(L >= 0, self.ext_of_lab[np.maximum(L, 0)], NO_ID)
-            D, I = merge_topk(D, I, D2, I2, k)
-        # A graph search may strand a query among too few allowed points: redo those rows exactly.
-        short = np.flatnonzero((I != NO_ID).sum(1) < min(k, len(ext)))
-        if len(short):
-            got, vecs, _ = await self._on_reader(lambda: self.store.get(ext, True, False))
-            D[short], I[short] = self._exact_over(xq[short], k, got, vecs)
-        return D, I
-
-    # ------------------------------------------------------------------------------------------
-    # Payload indexes (definitions are the collection's; contents derive from the point store)
-    # ------------------------------------------------------------------------------------------
-    def _build_payload_index(self, specs: dict[str, str]):
-        """Worker thread: ``(seq, PayloadIndexSet)`` of every stored point as of write ``seq``."""
-        t0 = time.perf_counter()
-        seq, rows = scan_payloads(self.store.path, dim=self.d)
-        pset = pidx_mod.scan_build(specs, rows, self.d, self.prepare)
-        logger.info("shard %s: built payload indexes %s over %d points in %.2f s", self.name, sorted(specs),
-                    pset.count_live(), time.perf_counter() - t0)
-        return seq, pset
-
-    async def set_payload_indexes(self, specs: dict[str, str]) -> None:
-        """Make the payload indexes exactly ``specs`` (``{key: type}``). Dropped keys go at once; new
-        ones are built from the point store on a worker thread while writes go on, then the writes
-        applied meanwhile are caught up from the store (in-memory application paused) and the new
-        set replaces the old one."""
-        self._check_open()
-        cur = self.pidx.specs()
-        if all(cur.get(key) == t for key, t in specs.items()):
-            for key in set(cur) - set(specs):
-                self.pidx.drop(key)
-            if not self.pidx.columns:
-                self.pidx = pidx_mod.PayloadIndexSet()
-            return
-        loop = asyncio.get_running_loop()
-        seq, pset = await loop.run_in_executor(None, self._build_payload_index, dict(specs))
-        self._paused = True
-        try:
-            it = self.store.changes_since(seq, with_payloads=True)
-            while True:
-                block = await self._on_reader(next, it, None)
-                if block is None:
-                    break
-                kind, ids, vecs, _, pls = block
-                if kind == "delete":
-                    pset.delete(ids)
-                else:
-                    pset.upsert(ids, pls, self.prepare(vecs))
-            self.pidx = pset
-        finally:
-            self._paused = False
-            self._drain()
-
-    def payload_index_info(self) -> list[dict]:
-        """``[{"key", "type", "points"}]``: points = live points with at least one indexed value."""
-        return self.pidx.info()
-
-    def _exact_over(self, xq, k, ids: np.ndarray, vecs: np.ndarray):
-        if len(ids) == 0:
-            return np.full((len(xq), k), np.inf, np.float32), np.full((len(xq), k), NO_ID, np.uint64)
-        D, R = knn(xq, self.prepare(vecs), k, self.index_metric)
-        return D, np.where(R >= 0, ids[np.maximum(R, 0)], NO_ID)
 
     async def read(self, fn):
         """Run ``fn(store)`` on the reader thread (get, count, scroll, payloads)."""
@@ -558,187 +372,6 @@ class Shard:
         except asyncio.CancelledError:
             token.set()
             raise
-
-    # ------------------------------------------------------------------------------------------
-    # The indexer
-    # ------------------------------------------------------------------------------------------
-    async def _indexer(self) -> None:
-        while not self._closed:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(1.0, self.settings.snapshot_interval_s / 4))
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
-                await self._index_pending()
-                await self._maybe_rebuild()
-                await self._maybe_snapshot()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if is_disk_full(e):  # snapshots cannot be written; the store and searches are unaffected
-                    logger.warning("shard %s: disk full, index snapshot not written; retrying in %.0f s",
-                                   self.name, DISK_FULL_BACKOFF_S)
-                    await asyncio.sleep(DISK_FULL_BACKOFF_S)
-                    continue
-                logger.exception("shard %s: indexer step failed; retrying in 1 s", self.name)
-                await asyncio.sleep(1.0)
-
-    async def _index_pending(self) -> None:
-        loop = asyncio.get_running_loop()
-        while len(self.delta) and not self._closed:
-            if not self.index.is_trained():
-                need = self.index.train_size()
-                if len(self.delta) < need:
-                    self.state = "untrained"
-                    return
-                self.state = "training"
-                _, xt, _ = self.delta.live_arrays()
-                rng = np.random.default_rng(0)
-                if len(xt) > 4 * need:
-                    xt = xt[rng.choice(len(xt), 4 * need, replace=False)]
-                await loop.run_in_executor(None, self.index.train, xt)
-                logger.info("shard %s: trained %s on %d points", self.name, self.spec.kind, len(xt))
-            self.state = "indexing"
-            if self._snapshot_lock.locked():  # an explicit snapshot is saving the index: add nothing meanwhile
-                async with self._snapshot_lock:
-                    pass
-                continue
-            # Writes first: acknowledged ingest must not wait behind index builds (both need the CPU).
-            # The delta is searched exactly meanwhile; past write_priority_rows the indexer stops yielding.
-            if (WRITES.in_flight or time.monotonic() - WRITES.last < 0.05) \
-                    and len(self.delta) < self.settings.write_priority_rows:
-                await asyncio.sleep(0.01)
-                continue
-            with self.lock:  # searches on the pool wait for this slice (at most indexer_slice_ms)
-                rows, ids, vecs = self.delta.take(self._chunk)
-                labels = np.arange(self.next_label, self.next_label + len(rows), dtype=np.int64)
-                t0 = time.perf_counter()
-                self.index.add(vecs, labels)
-                dt = time.perf_counter() - t0
-                self._grow_labels(self.next_label + len(rows))
-                self.ext_of_lab[labels] = ids
-                self.lab_of_ext.update(zip(ids.tolist(), labels.tolist()))
-                self.next_label += len(rows)
-                self.delta.consume(rows)
-            # keep each slice near the target so searches never wait long behind the indexer
-            target = self.settings.indexer_slice_ms / 1000
-            if dt > 0:
-                self._chunk = int(min(65536, max(16, self._chunk * min(2.0, max(0.5, target / dt)))))
-            await asyncio.sleep(0)
-        if self.state in ("indexing", "training", "untrained"):
-            self.state = "ready"
-
-    def _grow_labels(self, n: int) -> None:
-        if n > len(self.ext_of_lab):
-            new = np.full(max(n, 2 * len(self.ext_of_lab), 1024), NO_ID, np.uint64)
-            new[: len(self.ext_of_lab)] = self.ext_of_lab
-            self.ext_of_lab = new
-
-    # ------------------------------------------------------------------------------------------
-    # Snapshots
-    # ------------------------------------------------------------------------------------------
-    def _snapshot_seq_now(self) -> int:
-        m = self.delta.min_seq()
-        return self.applied_seq if m is None else m - 1
-
-    async def _maybe_snapshot(self, force: bool = False) -> None:
-        if not self.index.is_trained():
-            return
-        seq = self._snapshot_seq_now()
-        if seq <= self.snapshot_seq:
-            return
-        due = (self._written_since_snapshot >= self.settings.snapshot_every
-               or time.monotonic() - self._last_snapshot_t >= self.settings.snapshot_interval_s)
-        if force or (due and not len(self.delta)):
-            await self.snapshot()
-
-    async def snapshot(self) -> int:
-        """Write a snapshot of the index now, or wait for the one in flight if it covers every write
-        applied now; returns the seq of the newest snapshot (the indexer is paused while it saves)."""
-        want = self._snapshot_seq_now()
-        async with self._snapshot_lock:
-            if self.snapshot_seq >= want:  # the snapshot we waited for (or an earlier one) covers us
-                return self.snapshot_seq
-            seq = self._snapshot_seq_now()
-            if seq <= self.snapshot_seq or not self.index.is_trained():
-                return self.snapshot_seq
-            labels = self.ext_of_lab[: self.next_label].copy()
-            root = self.folder / "snapshots"
-            index = self.index
-
-            def write():
-                with self._snapshot_files:
-                    return write_snapshot(root, index, labels, seq, self.spec, self.d, self.index_metric)
-
-            t0 = time.perf_counter()
-            # shielded: if the caller is cancelled (close), the write goes on in its thread; close waits
-            # for it, and the thread lock keeps a later write from starting before this one ends
-            self._snapshot_write = asyncio.get_running_loop().run_in_executor(None, write)
-            await asyncio.shield(self._snapshot_write)
-            await asyncio.get_running_loop().run_in_executor(self._wexec, self.store.purge_tombstones, seq)
-            if self.index is index:  # a rebuild swapped the index meanwhile: its snapshot is still due
-                self.snapshot_seq = seq
-            self._written_since_snapshot = 0
-            self._last_snapshot_t = time.monotonic()
-            logger.info("shard %s: snapshot at seq %d in %.2f s", self.name, seq, time.perf_counter() - t0)
-            return seq
-
-    # ------------------------------------------------------------------------------------------
-    # Rebuilds (reclaim hidden slots of backends without native delete)
-    # ------------------------------------------------------------------------------------------
-    async def _maybe_rebuild(self) -> None:
-        st = self.index.stats()
-        if self.index.capabilities.native_delete or st.hidden < max(1024, self.settings.rebuild_hidden_fraction * (st.live + st.hidden)):
-            return
-        await self.rebuild()
-
-    async def rebuild(self) -> None:
-        """Build a fresh index from the point store, then swap it in and replay what changed meanwhile."""
-        loop = asyncio.get_running_loop()
-        self.state = "rebuilding"
-        upto = self.applied_seq
-        spec, d, metric, threads = self.spec, self.d, self.index_metric, self.settings.index_threads
-        path = self.store.path
-
-        def build():
-            store = PointStore(path, d, self.settings.synchronous, inspect_wal=False)
-            try:
-                index = registry.create(spec, d, metric, threads)
-                ids_all, vec_all = [], []
-                for ids, vecs in store.iter_points(max_seq=upto):
-                    ids_all.append(ids)
-                    vec_all.append(self.prepare(vecs))
-                ids = np.concatenate(ids_all) if ids_all else np.zeros(0, np.uint64)
-                xb = np.vstack(vec_all) if vec_all else np.zeros((0, d), np.float32)
-                if not index.is_trained():
-                    if len(xb) < index.train_size():
-                        return None
-                    index.train(xb[: 4 * index.train_size()])
-                for i in range(0, len(xb), 65536):
-                    index.add(xb[i : i + 65536], np.arange(i, min(i + 65536, len(xb)), dtype=np.int64))
-                return index, ids
-            finally:
-                store.close()
-
-        built = await loop.run_in_executor(None, build)
-        if built is None:
-            self.state = "ready"
-            return
-        index, ids = built
-        # Swap: pause in-memory application of new writes, install, replay the writes after `upto`.
-        self._paused = True
-        try:
-            self._install(index, ids, upto)
-            await self._replay(upto)
-        finally:
-            self._paused = False
-            self._drain()
-        self.snapshot_seq = 0  # force a new snapshot of the rebuilt index
-        self.state = "ready"
-        logger.info("shard %s: rebuilt %s with %d points", self.name, self.spec.kind, len(ids))
 
     # ------------------------------------------------------------------------------------------
     # Introspection and shutdown
