@@ -142,7 +142,9 @@ class GraphsMixin:
                          device: str = "", wait: bool = True, *, progress: bool | None = None, detach: bool = False,
                          timeout: float | None = None, evaluate: str = "") -> JobInfo:
         """Train an NCN / NCNC / GCN link model (job kind ``link_model_train``); ``config``: NCNConfig
-        overrides, e.g. ``{"predictor": "ncnc", "input": "learnable", "epochs": 50}``. ``evaluate``:
+        overrides, e.g. ``{"predictor": "ncnc", "input": "learnable", "epochs": 50}``; ``preset`` ``""`` /
+        ``"auto"``: chosen from the graph (features, size, density; early stopping on), or a name in
+        ``retrieval.graph.ncn.PRESETS``; the result's ``preset`` says which. ``evaluate``:
         ``holdout`` (default: 70/10/20 split, held-out edges masked when the model serves) or ``none``
         (every edge trains, no metrics). Returns the final job record; ``detach`` (or ``wait=False``): the
         record at once. ``progress`` / ``timeout`` / Ctrl-C: as in :meth:`_run_job`."""

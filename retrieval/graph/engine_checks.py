@@ -125,7 +125,7 @@ class GraphJobChecks:
 
     # ---- link models -----------------------------------------------------------------------------
     def validate_train(self, p: dict) -> dict:
-        from retrieval.graph.ncn import make_config
+        from retrieval.graph.ncn import config_for_graph
 
         p = dict(p)
         graph = check_name(p.get("graph"), "graph name")
@@ -133,7 +133,8 @@ class GraphJobChecks:
         if g.directed:
             raise InvalidArgument(f"graph {graph!r} is directed; link models here need an undirected graph")
         p["model"] = check_name(p.get("model") or "ncn", "model name")
-        cfg = make_config(p.get("preset") or None, **(p.get("config") or {}))
+        cfg, _ = config_for_graph(p.get("preset") or None, g.n, g.num_edges - g.num_self_loops,
+                                  g.features is not None, p.get("config") or {})
         if cfg.input == "features" and g.features is None:
             raise InvalidArgument(f"graph {graph!r} has no node features: pass config input='learnable' or 'fastrp'")
         if cfg.input == "learnable" and g.n * cfg.hidden > MAX_LEARNABLE:

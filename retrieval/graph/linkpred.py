@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from retrieval.errors import Cancelled, FailedPrecondition, InvalidArgument
 from retrieval.graph.graph import Graph, as_node_ids
-from retrieval.graph.ncn import Adj, LinkModel, NCNConfig, make_config
+from retrieval.graph.ncn import Adj, LinkModel, NCNConfig, config_for_graph
 from retrieval.storage import atomic
 
 logger = logging.getLogger(__name__)
@@ -590,7 +590,8 @@ def ncn_train_job(ctx, *, store_root: str, graph: str, model_name: str = "ncn", 
     store = GraphStore(store_root)
     g = store.load(graph)
     version = store.version(graph)
-    cfg = make_config(preset, **(config or {}))
+    cfg, chosen = config_for_graph(preset, g.n, g.num_edges - g.num_self_loops, g.features is not None, config)
+    logger.info("training %s/%s with preset %s", graph, model_name, chosen)
     if cfg.input == "features" and g.features is None:
         raise InvalidArgument(f"graph {graph!r} has no node features: set config input='learnable' or 'fastrp'")
     if evaluate not in EVALUATE_MODES:
@@ -616,10 +617,10 @@ def ncn_train_job(ctx, *, store_root: str, graph: str, model_name: str = "ncn", 
     held = _save_held_out(mdir, split, evaluate)
     meta = {"config": cfg.as_dict(), "graph_version": version, "seed": seed, "split": split.describe(),
             "metrics": res.best, "summary": res.summary(), "in_dim": _in_dim(cfg, g, res), "n": g.n,
-            "evaluate": evaluate, "held_out_edges": held}
+            "evaluate": evaluate, "held_out_edges": held, "preset": chosen}
     atomic.write_json(mdir / "model.json", meta, sort_keys=True)
     return {"graph": graph, "model": model_name, "metrics": res.best, "summary": res.summary(),
-            "graph_version": version, "evaluate": evaluate, "held_out_edges": held}
+            "graph_version": version, "evaluate": evaluate, "held_out_edges": held, "preset": chosen}
 
 
 def _save_held_out(mdir: Path, split: LinkSplit, evaluate: str) -> int:

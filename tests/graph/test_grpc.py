@@ -197,15 +197,21 @@ def test_link_model_training_and_serving(client, ce, celegans, server):
     with pytest.raises(InvalidArgument, match="unknown NCN hyper-parameters"):
         client.train_link_model(ce, config={"nonsense": 1})
     with pytest.raises(InvalidArgument, match="no node features"):
+        client.train_link_model("w", config={"epochs": 1, "input": "features"})
+    # no preset: "auto" picks a learned table for a featureless graph; this one has too few edges
+    with pytest.raises(InvalidArgument, match="at least 10"):
         client.train_link_model("w", config={"epochs": 1})
 
 
 def test_training_patience_stops_and_cancel_keeps_the_best_epoch(client, ce):
     # learning rates 0: no validation improvement after the first evaluation; patience 1 stops at epoch 2
-    job = client.train_link_model(ce, model="pat", config={"input": "learnable", "epochs": 50, "hidden": 8,
+    # no preset named: "auto" chooses the Cora settings for this small graph (the result says so)
+    job = client.train_link_model(ce, model="pat", config={"epochs": 50, "hidden": 8,
                                                            "gnn_lr": 0.0, "pred_lr": 0.0, "patience": 1,
                                                            "max_batches": 1})
     assert job["state"] == "succeeded", job
+    assert job["result"]["preset"]["preset"] == "auto" and job["result"]["preset"]["chosen"] == "cora"
+    assert "297 nodes < 10,000" in job["result"]["preset"]["why"]
     assert job["result"]["summary"]["stopped_early"] and job["result"]["summary"]["epochs_run"] == 2
     # a cancelled training keeps its best epoch so far as the model
     import time

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from retrieval.errors import Cancelled
+from retrieval.errors import Cancelled, InvalidArgument
 from retrieval.graph.graph import Graph
 from retrieval.graph.linkpred import LinkScorer, hits_at_k, ncn_train_job, split_edges, train_link_model
 from retrieval.graph.ncn import make_config
@@ -83,3 +83,44 @@ def test_cancelled_training_keeps_the_best_epoch(tmp_path, celegans):
         ncn_train_job(_CancelAfter(tmp_path / "work2", 0), store_root=str(store.root), graph="ce", preset="cora",
                       config=cfg, seed=0, model_name="other")
     assert store.list_models("ce") == ["ncn"]
+
+
+def test_auto_preset_follows_features_size_and_density(celegans):
+    from retrieval.graph.ncn import AUTO_PATIENCE, PRESETS, auto_preset, config_for_graph
+
+    # Cora-sized with features: the Cora settings; past 10k nodes: PubMed's
+    assert auto_preset(2_708, 5_278, True)[0] == "cora"
+    assert auto_preset(19_717, 44_324, True)[0] == "pubmed"
+    # featureless and sparse (C. elegans, mean degree 14.5): Cora's settings over a learned table
+    m = celegans.num_edges - celegans.num_self_loops
+    name, extra, why = auto_preset(celegans.n, m, False)
+    assert (name, extra["input"]) == ("cora", "learnable") and "mean degree 14.5" in why
+    # featureless and dense (ogbl-ddi: 4,267 nodes, 1,067,911 edges): the ddi settings
+    assert auto_preset(4_267, 1_067_911, False)[0] == "ddi"
+    # the chosen preset's values, early stopping on, the user's config on top
+    cfg, chosen = config_for_graph("", celegans.n, m, False, {"hidden": 8, "patience": 3})
+    assert chosen == {"preset": "auto", "chosen": "cora", "why": why}
+    assert (cfg.input, cfg.hidden, cfg.patience, cfg.gnn_lr) == ("learnable", 8, 3, PRESETS["cora"]["gnn_lr"])
+    assert config_for_graph(None, 4_267, 1_067_911, False)[0].encoder == "sum"
+    assert config_for_graph("auto", 100, 300, True)[0].patience == AUTO_PATIENCE
+    # a named preset is the reference's, untouched: no early stop added
+    cfg, chosen = config_for_graph("cora", celegans.n, m, False, {"input": "learnable"})
+    assert cfg.patience is None and chosen == {"preset": "cora"}
+    with pytest.raises(InvalidArgument, match="valid presets.*auto"):
+        config_for_graph("coral", 10, 10, True)
+    with pytest.raises(InvalidArgument, match="chosen from the graph"):
+        make_config("auto")
+
+
+def test_a_featureless_graph_trains_with_no_preset_named(tmp_path, celegans):
+    """Before ``auto`` this was an error ("has no node features"); now the job picks a learned table and
+    stops early, and the result and model.json say what was chosen."""
+    store = GraphStore(tmp_path / "graphs")
+    store.put("ce", celegans)
+    cfg = {"epochs": 30, "hidden": 8, "max_batches": 1, "gnn_lr": 0.0, "pred_lr": 0.0, "patience": 2}
+    out = ncn_train_job(_CancelAfter(tmp_path / "work", 10**9), store_root=str(store.root), graph="ce",
+                        config=cfg, seed=0)
+    assert out["preset"]["chosen"] == "cora" and out["preset"]["preset"] == "auto"
+    assert out["summary"]["stopped_early"] and out["summary"]["epochs_run"] == 3
+    meta = json.loads((store.path("ce") / "models" / "ncn" / "model.json").read_text())
+    assert meta["preset"] == out["preset"] and meta["config"]["input"] == "learnable"
