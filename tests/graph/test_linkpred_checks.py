@@ -86,7 +86,7 @@ def test_cancelled_training_keeps_the_best_epoch(tmp_path, celegans):
 
 
 def test_auto_preset_follows_features_size_and_density(celegans):
-    from retrieval.graph.ncn import AUTO_PATIENCE, PRESETS, auto_preset, config_for_graph
+    from retrieval.graph.ncn import PRESETS, auto_preset, config_for_graph
 
     # Cora-sized with features: the Cora settings; past 10k nodes: PubMed's
     assert auto_preset(2_708, 5_278, True)[0] == "cora"
@@ -102,7 +102,12 @@ def test_auto_preset_follows_features_size_and_density(celegans):
     assert chosen == {"preset": "auto", "chosen": "cora", "why": why}
     assert (cfg.input, cfg.hidden, cfg.patience, cfg.gnn_lr) == ("learnable", 8, 3, PRESETS["cora"]["gnn_lr"])
     assert config_for_graph(None, 4_267, 1_067_911, False)[0].encoder == "sum"
-    assert config_for_graph("auto", 100, 300, True)[0].patience == AUTO_PATIENCE
+    # early stop after half the epochs without a better validation score, whatever the epoch count
+    assert config_for_graph("auto", 100, 300, True)[0].patience == 50
+    assert config_for_graph("auto", 100, 300, True, {"epochs": 30, "eval_every": 3})[0].patience == 5
+    assert config_for_graph("auto", 100, 300, True, {"patience": None})[0].patience is None
+    with pytest.raises(InvalidArgument, match="epochs must be a positive integer"):
+        config_for_graph("auto", 100, 300, True, {"epochs": "many"})
     # a named preset is the reference's, untouched: no early stop added
     cfg, chosen = config_for_graph("cora", celegans.n, m, False, {"input": "learnable"})
     assert cfg.patience is None and chosen == {"preset": "cora"}
