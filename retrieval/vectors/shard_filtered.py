@@ -63,12 +63,7 @@ class FilteredSearch:
         if len(self.delta):
             D2, I2 = self.delta.search(xq, k, self.index_metric, allowed_ids=ids)
             D, I = merge_topk(D, I, D2, I2, k)
-        # A graph search may strand a query among too few allowed points: redo those rows exactly.
-        short = np.flatnonzero((I != NO_ID).sum(1) < min(k, len(ids)))
-        if len(short):
-            got, vecs, _ = await self._on_reader(lambda: self.store.get(ids, True, False))
-            D[short], I[short] = self._exact_over(xq[short], k, got, vecs)
-        return D, I
+        return await self._redo_stranded(xq, k, D, I, ids)
 
     async def _search_matching(self, xq: np.ndarray, k: int, params: QueryParams, slots: np.ndarray):
         """k-NN among the points in payload-index ``slots`` (the matches of a filter), as planned by
@@ -109,10 +104,14 @@ class FilteredSearch:
             D2, L = self.index.search(xq, k, dataclasses.replace(params, ef=plan.ef), allowed)
             I2 = np.where(L >= 0, self.ext_of_lab[np.maximum(L, 0)], NO_ID)
             D, I = merge_topk(D, I, D2, I2, k)
-        # A graph search may strand a query among too few allowed points: redo those rows exactly.
-        short = np.flatnonzero((I != NO_ID).sum(1) < min(k, len(ext)))
+        return await self._redo_stranded(xq, k, D, I, ext)
+
+    async def _redo_stranded(self, xq: np.ndarray, k: int, D: np.ndarray, I: np.ndarray, ids: np.ndarray):
+        """A graph search may strand a query among too few allowed points (``ids``): redo those rows
+        exactly over the allowed points' stored vectors."""
+        short = np.flatnonzero((I != NO_ID).sum(1) < min(k, len(ids)))
         if len(short):
-            got, vecs, _ = await self._on_reader(lambda: self.store.get(ext, True, False))
+            got, vecs, _ = await self._on_reader(lambda: self.store.get(ids, True, False))
             D[short], I[short] = self._exact_over(xq[short], k, got, vecs)
         return D, I
 
