@@ -20,7 +20,11 @@ sampled non-edge per positive; loss ``-log s(pos) - log(1 - s(neg))``.
 
 Common neighbours are computed with sorted 64-bit keys ``b * n + k`` (b = target index in the batch,
 k = neighbour) of the gathered CSR rows and a ``searchsorted`` intersection; the aggregation is a sparse
-``(B x n) @ (n x h)`` product (``torch.sparse.mm``), so no ``B x n`` dense matrix is formed.
+``(B x n) @ (n x h)`` product (``torch.sparse.mm``), so no ``B x n`` dense matrix is formed. Inference
+(the same numbers up to float rounding) scores both sides of NCNC's completion in one batch, each
+distinct missing edge ``{j, k}`` once, finds their common neighbours grouped by a shared endpoint
+(:func:`pair_common_neighbors`: the completion pairs of a batch are few nodes against many) and sums them
+with ``embedding_bag`` (:func:`bag_rows`).
 
 Departures from the reference code, and why:
 - ``completion="paper"`` scores the missing edges with the depth-0 predictor on the *same* node
@@ -42,6 +46,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -168,6 +173,140 @@ def common_neighbors(adj: Adj, src: torch.Tensor, dst: torch.Tensor, residual: b
     return cn, (b1[~m1], k1[~m1]), (b2[~m2], k2[~m2])
 
 
+def pair_common_neighbors(adj: Adj, x: torch.Tensor, y: torch.Tensor, max_table: int = 1 << 22,
+                          max_work: int = 1 << 23, small: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Common neighbours of the pairs ``(x[b], y[b])`` as ``(b, k)``, sorted by (b, k): the answer of
+    ``common_neighbors(adj, x, y)``, found faster when endpoints repeat across pairs (NCNC's completion
+    step: one node against thousands, the candidates of a PredictLinks against the node's neighbours).
+
+    Each distinct pair gets an *anchor* (the endpoint found in more pairs; ties: the higher degree) and a
+    *partner*. Each anchor ``a`` takes the cheapest of three ways, counted in entries read:
+
+    - mask: mark ``N(a)`` in a table row, test every partner's neighbours against it
+      (``deg(a) + sum_p deg(p)``);
+    - walk: write the pair ids into the row at the partners, walk ``a -> c -> k`` for ``c in N(a)``,
+      ``k in N(c)``; ``c`` is a common neighbour of the pair the row holds at ``k``
+      (``sum_{c in N(a)} deg(c)``);
+    - walk into ``P``: the same walk whose second hop only reaches ``P``, the partners of the anchors left
+      with a mask (the rows of ``A[:, P]`` are built once, when that costs less than the masks).
+
+    When hardly any endpoint is shared (more anchors than half the pairs), or the pairs' rows hold fewer
+    than ``small`` entries in all (the fixed cost of the grouping would dominate), the sorted-key
+    intersection of :func:`common_neighbors` is used. ``adj`` must be symmetric (:meth:`Adj.from_edges` with its default
+    ``symmetric=True``). Memory: a table of ``max(max_table, n)`` int32 entries (``max_table // n``
+    anchors at a time) and about ``max_work`` entries gathered at a time, plus the answer. A pure function
+    (thread-safe)."""
+    n, dev = adj.n, x.device
+    deg = adj.deg()
+    if x.numel() == 0 or int(deg[x].sum() + deg[y].sum()) < small:
+        return common_neighbors(adj, x, y)
+    a, p = _anchor_partner(deg, x, y)
+    key, inv = torch.unique(a * n + p, return_inverse=True)  # distinct pairs, grouped by anchor
+    a, p = key // n, key % n
+    anchors, r_of, per = torch.unique_consecutive(a, return_inverse=True, return_counts=True)
+    if 2 * anchors.numel() > x.numel():
+        return common_neighbors(adj, x, y)
+    ga, gc = gather_rows(adj, anchors)  # (r, c): c in N(anchors[r])
+    mode, cost, hops = _cn_plan(adj, deg, anchors, r_of, per, p, ga, gc)
+    R, M = anchors.numel(), key.numel()
+    rows = max(1, min(R, max_table // max(n, 1)))
+    table = torch.full((rows * n,), -1, dtype=torch.int32 if M < 2 ** 31 else torch.long, device=dev)
+    pstart, gstart = torch.cumsum(per, 0) - per, torch.cumsum(deg[anchors], 0) - deg[anchors]
+    js, cs = [], []
+    for s, e in _chunks(cost, rows, max_work):
+        j0, j1 = int(pstart[s]), int(pstart[e - 1] + per[e - 1])
+        g0, g1 = int(gstart[s]), int(gstart[e - 1] + deg[anchors[e - 1]])
+        jj, rj, mj = torch.arange(j0, j1, device=dev), r_of[j0:j1] - s, mode[r_of[j0:j1]]
+        gr, gn, mg = ga[g0:g1] - s, gc[g0:g1], mode[ga[g0:g1]]
+        masked, walked = mj == 0, mj > 0
+        set_mask = gr[mg == 0] * n + gn[mg == 0]
+        set_walk = rj[walked] * n + p[j0:j1][walked]
+        table[set_mask] = 0
+        table[set_walk] = jj[walked].to(table.dtype)
+        try:
+            if bool(masked.any()):
+                jm = jj[masked]
+                b, c = gather_rows(adj, p[jm])
+                hit = table[rj[masked][b] * n + c] >= 0
+                js.append(jm[b[hit]])
+                cs.append(c[hit])
+            for m in (1, 2):
+                sel = mg == m
+                if bool(sel.any()):
+                    rb, cb = gr[sel], gn[sel]
+                    t, k = gather_rows(hops[m], cb)
+                    j = table[rb[t] * n + k]
+                    hit = j >= 0
+                    js.append(j[hit].long())
+                    cs.append(cb[t[hit]])
+        finally:
+            table[set_mask] = -1
+            table[set_walk] = -1
+    found = _sorted(torch.cat(js) * n + torch.cat(cs)) if js else key[:0]
+    # back to the caller's pairs (repeats included): row j of a CSR over the distinct pairs
+    rowptr = torch.zeros(M + 1, dtype=torch.long, device=dev)
+    rowptr[1:] = torch.cumsum(torch.bincount(found // n, minlength=M), 0)
+    return gather_rows(Adj(rowptr, found % n, M), inv)
+
+
+def _anchor_partner(deg: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair as (anchor, partner): the anchor is the endpoint in more pairs (ties: higher degree)."""
+    M = x.numel()
+    _, inv, cnt = torch.unique(torch.cat([x, y]), return_inverse=True, return_counts=True)
+    cx, cy = cnt[inv[:M]], cnt[inv[M:]]
+    swap = (cy > cx) | ((cy == cx) & (deg[y] > deg[x]))
+    return torch.where(swap, y, x), torch.where(swap, x, y)
+
+
+def _cn_plan(adj: Adj, deg, anchors, r_of, per, p, ga, gc):
+    """Per anchor of :func:`pair_common_neighbors`: its way (0 mask, 1 walk, 2 walk into the partners),
+    its cost (entries read) and the second-hop adjacency of each walk (``[None, adj, A[:, P] or None]``)."""
+    R = anchors.numel()
+
+    def per_anchor(r, v):
+        return torch.zeros(R, dtype=torch.long, device=deg.device).index_add_(0, r, v)
+
+    cost_mask = per_anchor(r_of, deg[p]) + deg[anchors]
+    cost_walk = per_anchor(ga, deg[gc]) + per
+    mode = (cost_walk < cost_mask).long()
+    cost = torch.minimum(cost_mask, cost_walk)
+    hops = [None, adj, None]
+    rest = mode == 0
+    if bool(rest.any()):
+        part = torch.unique(p[rest[r_of]])
+        if 2 * int(deg[part].sum()) < int(cost_mask[rest].sum()):
+            b, c = gather_rows(adj, part)  # row c of A[:, part]: the nodes of part adjacent to c
+            c, o = torch.sort(c, stable=True)
+            cnt = torch.bincount(c, minlength=adj.n)
+            rowptr = torch.zeros(adj.n + 1, dtype=torch.long, device=deg.device)
+            rowptr[1:] = torch.cumsum(cnt, 0)
+            hops[2] = Adj(rowptr, part[b[o]], adj.n)
+            cost_into = per_anchor(ga, cnt[gc]) + per
+            use = rest & (cost_into < cost_mask)
+            mode[use] = 2
+            cost = torch.where(use, cost_into, cost)
+    return mode, cost, hops
+
+
+def _sorted(t: torch.Tensor) -> torch.Tensor:
+    """``t`` sorted ascending (numpy's vectorised sort on CPU, about 3x faster than torch's on int64)."""
+    if t.device.type == "cpu" and not t.requires_grad:
+        return torch.from_numpy(np.sort(t.numpy()))
+    return torch.sort(t).values
+
+
+def _chunks(cost: torch.Tensor, rows: int, work: int) -> list[tuple[int, int]]:
+    """Consecutive groups ``[s, e)`` of at most ``rows`` anchors and about ``work`` cost (one at least)."""
+    cum = np.cumsum(cost.cpu().numpy())
+    out, s = [], 0
+    while s < len(cum):
+        e = int(np.searchsorted(cum, (cum[s - 1] if s else 0) + work, side="right"))
+        e = min(len(cum), s + rows, max(e, s + 1))
+        out.append((s, e))
+        s = e
+    return out
+
+
 def sample_per_row(b: torch.Tensor, k: torch.Tensor, nrows: int, deg: int, generator=None):
     """Keep at most ``deg`` entries per row (uniform, with replacement), reweighted by ``count / deg``
     so sums stay unbiased. Returns ``(b, k, w)``. ``deg <= 0`` keeps everything with weight 1."""
@@ -199,6 +338,15 @@ def spmm_rows(b: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, nrows: i
     S = torch.sparse_coo_tensor(torch.stack([b, k]), w.to(x.dtype), (nrows, x.shape[0]),
                                 is_coalesced=sorted_unique or None, check_invariants=False)
     return torch.sparse.mm(S, x)
+
+
+def bag_rows(b: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None, nrows: int,
+             x: torch.Tensor) -> torch.Tensor:
+    """:func:`spmm_rows` for pairs sorted by ``b`` (``out[b] += w * x[k]``) as one ``embedding_bag`` sum per
+    row: equal up to float rounding, and 2-4x faster on CPU than the sparse product."""
+    offsets = torch.cumsum(torch.bincount(b, minlength=nrows), 0)
+    offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]]) if nrows else offsets
+    return F.embedding_bag(k, x, offsets, mode="sum", per_sample_weights=None if w is None else w.to(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -581,8 +729,9 @@ class NCNPredictor(nn.Module):
         folded = None if self.training or hit is None or hit[0] is not h or hit[1] is not hx else hit[2]
         src = hx if folded is None else folded
         acc = None
-        for b, k, w, su in parts:
-            y = spmm_rows(b, k, w, B, src, sorted_unique=su)
+        for b, k, w, su in parts:  # (training keeps the sparse product it was measured with)
+            y = bag_rows(b, k, w, B, src) if su and not self.training else \
+                spmm_rows(b, k, w, B, src, sorted_unique=su)
             acc = y if acc is None else acc + y
         if folded is None:
             return self.m.xcnlin(acc)
@@ -598,7 +747,8 @@ class NCNPredictor(nn.Module):
             hx = self.transform(h)
         B = src.numel()
         if depth <= 0:
-            b, k = common_neighbors(adj, src, dst)
+            # inference groups the pairs by a shared endpoint (the completion step: one node, many others)
+            b, k = (common_neighbors if self.training else pair_common_neighbors)(adj, src, dst)
             parts = [(b, k, None, True)]
         else:
             (bc, kc), (b1, k1), (b2, k2) = common_neighbors(adj, src, dst, residual=True)
@@ -607,8 +757,13 @@ class NCNPredictor(nn.Module):
             b2, k2, w2 = sample_per_row(b2, k2, B, rdeg)
             with torch.no_grad():
                 # k in N(src) \ N(dst): how likely is the missing edge (dst, k)? and symmetrically.
-                p1 = self._completion_prob(h, hx, adj, dst[b1], k1, depth - 1)
-                p2 = self._completion_prob(h, hx, adj, src[b2], k2, depth - 1)
+                if self.training:
+                    p1 = self._completion_prob(h, hx, adj, dst[b1], k1, depth - 1)
+                    p2 = self._completion_prob(h, hx, adj, src[b2], k2, depth - 1)
+                else:  # both sides in one batch: an edge missing for several targets is scored once
+                    p = self._completion_prob(h, hx, adj, torch.cat([dst[b1], src[b2]]), torch.cat([k1, k2]),
+                                              depth - 1)
+                    p1, p2 = p[:b1.numel()], p[b1.numel():]
             sampled = rdeg > 0
             parts = [(bc, kc, None, True), (b1, k1, p1 * w1, not sampled), (b2, k2, p2 * w2, not sampled)]
         xij = self.m.xijlin(h[src] * h[dst])
@@ -623,9 +778,9 @@ class NCNPredictor(nn.Module):
     def _completion_prob(self, h, hx, adj, a, k, depth) -> torch.Tensor:
         if not self.training and a.numel() > 1:
             # inference: a pair (a, k) often comes back for many targets (PredictLinks: (u, k) for every
-            # candidate sharing the neighbour k); score each distinct pair once (training keeps its
-            # random stream unchanged and scores them all)
-            key, inv = torch.unique(a * adj.n + k, return_inverse=True)
+            # candidate sharing the neighbour k); score each distinct pair once, (a, k) and (k, a) alike
+            # (the score is symmetric); training keeps its random stream unchanged and scores them all
+            key, inv = torch.unique(torch.minimum(a, k) * adj.n + torch.maximum(a, k), return_inverse=True)
             if key.numel() < a.numel():
                 return self._completion_prob_all(h, hx, adj, key // adj.n, key % adj.n, depth)[inv]
         return self._completion_prob_all(h, hx, adj, a, k, depth)
@@ -679,5 +834,6 @@ class LinkModel(nn.Module):
                 {"params": list(self.predictor.parameters()), "lr": self.cfg.pred_lr}]
 
 
-__all__ = ["Adj", "gather_rows", "common_neighbors", "sample_per_row", "spmm_rows", "NCNConfig", "PRESETS",
+__all__ = ["Adj", "gather_rows", "common_neighbors", "pair_common_neighbors", "sample_per_row", "spmm_rows",
+           "bag_rows", "NCNConfig", "PRESETS",
            "AUTO", "AUTO_PATIENCE_FRACTION", "auto_preset", "config_for_graph", "make_config", "MPNN", "NCNPredictor", "HadamardPredictor", "LinkModel"]

@@ -44,6 +44,47 @@ def test_gather_rows_and_common_neighbours_match_dense(adj_and_dense):
     assert torch.equal(bb, bc) and torch.equal(kk, kc)
 
 
+def _completion_like_pairs(adj, A, u, candidates):
+    """The pairs NCNC's completion scores for the targets (u, c): (c, k) for k in N(u) and (u, k) for k in
+    N(c), plus repeats, a few pairs of a node with itself and some random pairs."""
+    nu = np.flatnonzero(A[u])
+    x = [np.repeat(candidates, len(nu)), np.full(sum(int(A[c].sum()) for c in candidates), u)]
+    y = [np.tile(nu, len(candidates)), np.concatenate([np.flatnonzero(A[c]) for c in candidates])]
+    rng = np.random.default_rng(3)
+    r = rng.integers(0, adj.n, (2, 40))
+    x, y = np.concatenate(x + [r[0], r[0][:5], y[0][:7]]), np.concatenate(y + [r[1], r[0][:5], x[0][:7]])
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@pytest.mark.parametrize("max_table,max_work", [(1 << 22, 1 << 23), (1, 50), (600, 1 << 23)])
+def test_pair_common_neighbors_equals_the_intersection(adj_and_dense, max_table, max_work):
+    """Grouped by anchor (mask, walk, walk into the partners; a table of one row at a time and tiny work
+    groups in the second case; small=0: even where the plain intersection would be taken for its small
+    size), the answer is common_neighbors', entry for entry, in its order."""
+    from retrieval.graph.ncn import _anchor_partner, _cn_plan, pair_common_neighbors
+
+    adj, A = adj_and_dense
+    deg = A.sum(1)
+    hub, low = int(np.argmax(deg)), int(np.flatnonzero(deg == 3)[0])
+    seen = set()
+    for u in (hub, low):
+        cands = np.setdiff1d(np.random.default_rng(u).choice(adj.n, 30, replace=False), [u])
+        x, y = _completion_like_pairs(adj, A, u, cands)
+        got = pair_common_neighbors(adj, x, y, max_table=max_table, max_work=max_work, small=0)
+        ref = common_neighbors(adj, x, y)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        assert ref[0].numel() > 100
+        a, p = _anchor_partner(adj.deg(), x, y)
+        key = torch.unique(a * adj.n + p)
+        anchors, r_of, per = torch.unique_consecutive(key // adj.n, return_inverse=True, return_counts=True)
+        seen |= set(_cn_plan(adj, adj.deg(), anchors, r_of, per, key % adj.n, *gather_rows(adj, anchors))[0].tolist())
+    assert seen == {0, 1, 2}  # every way was taken
+    src, dst = _pairs(adj.n, 300, 0)  # nothing shared: the plain intersection
+    assert all(torch.equal(g, r) for g, r in zip(pair_common_neighbors(adj, src, dst), common_neighbors(adj, src, dst)))
+    e = torch.zeros(0, dtype=torch.long)
+    assert [t.numel() for t in pair_common_neighbors(adj, e, e)] == [0, 0]
+
+
 def test_remove_edges_and_drop_entries(adj_and_dense):
     adj, A = adj_and_dense
     s = torch.tensor([0, 5])
@@ -289,9 +330,12 @@ def test_reference_completion_mode_matches_dense(adj_and_dense):
 
 
 @pytest.mark.parametrize("predictor", ["ncn", "ncnc"])
-def test_the_serving_cache_changes_no_score(celegans, predictor):
+def test_the_serving_cache_changes_no_score(celegans, predictor, monkeypatch):
     """LinkScorer caches h + xlin(h) (and W1 of it) once per model and scores each distinct completion
-    pair once; the scores equal the uncached model's, pair for pair (up to float rounding)."""
+    pair once, its common neighbours found by pair_common_neighbors and summed by bag_rows; the scores
+    equal the plain model's (no cache, sorted-key intersections, sparse products), pair for pair (up to
+    float rounding)."""
+    from retrieval.graph import ncn
     from retrieval.graph.linkpred import predict_logits
 
     split = split_edges(celegans, seed=0)
@@ -299,11 +343,15 @@ def test_the_serving_cache_changes_no_score(celegans, predictor):
     res = train_link_model(split, None, cfg, seed=0)
     sc = LinkScorer.from_training(res, celegans)
     rng = np.random.default_rng(0)
+    hub = int(np.argmax(celegans.adjacency().sum(1)))
     pairs = np.concatenate([split.test[:200], rng.integers(0, celegans.n, size=(200, 2)),
-                            np.stack([np.zeros(50, np.int64), np.arange(50)], 1)])  # one node, many targets
+                            np.stack([np.zeros(50, np.int64), np.arange(50)], 1),  # one node, many targets
+                            np.stack([np.full(60, hub), rng.choice(celegans.n, 60, replace=False)], 1)])
     cached = sc.score(pairs)
     assert sc.model.predictor._frozen  # the cache was in use
     sc.model.predictor.unfreeze()
+    monkeypatch.setattr(ncn, "pair_common_neighbors", lambda adj, x, y: ncn.common_neighbors(adj, x, y))
+    monkeypatch.setattr(ncn, "bag_rows", lambda b, k, w, B, x: ncn.spmm_rows(b, k, w, B, x, sorted_unique=True))
     with torch.no_grad():
         plain = predict_logits(sc.model, sc.h, sc.adj, pairs, 64)
     np.testing.assert_allclose(cached, 1.0 / (1.0 + np.exp(-plain.astype(np.float64))), rtol=1e-4, atol=1e-5)
