@@ -32,10 +32,11 @@ def catalog(rebuild: bool = False) -> DatastoreCatalog:
 
 
 def make_manager(cat: DatastoreCatalog, budget: DraftBudget, warm_recycling: bool = False,
-                 calibrate: bool = True, combine: str = "noisy_or", source_params: dict | None = None) -> SessionManager:
+                 calibrate: bool = True, combine: str = "noisy_or", source_params: dict | None = None,
+                 **config) -> SessionManager:
     """A fresh manager (empty history, fresh calibration, fresh recycling matrix) for one benchmark run."""
     cfg = ManagerConfig(vocab_size=VOCAB_SIZE, default_budget=budget, combine=combine,
-                        source_params=source_params or {})
+                        source_params=source_params or {}, **config)
     m = SessionManager(cfg, cat)
     if not calibrate:
         m.calibrator = None

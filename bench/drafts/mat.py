@@ -2,6 +2,7 @@
 
     python -m bench.drafts.mat                 # all configurations (~15 min on 1 core)
     python -m bench.drafts.mat --quick         # every 4th turn, fewer configurations
+    python -m bench.drafts.mat --split train   # even questions only (holdout: odd); with --only merged
     python -m bench.drafts.mat --grpc          # the same through a real server (spawned, loopback)
     python -m bench.drafts.mat --server HOST:PORT   # through a running server (its state as it is)
     python -m bench.drafts.mat --questions Q.jsonl --answers A.jsonl --corpus C.json --tokenizer T.model
@@ -26,6 +27,13 @@ replayed; at each step the draft is compared with the true next tokens, a tree c
 accepted path, and MAT = tokens / steps (bonus token included). Sessions see only what a real client
 sends back (the accepted ids); nothing uses model logits. Turns are replayed in file order and each
 configuration starts from an empty history, a fresh calibration table and a fresh recycling matrix.
+
+Held-out split (``--split train|holdout``): questions are numbered in file order and the even-numbered
+ones (0, 2, ...) form ``train``, the odd-numbered ones ``holdout`` (both turns of a two-turn question stay
+together; every category is split in half). Constants of the draft engine are tuned on ``train`` only
+and reported on both. ``--only SUBSTR,...`` keeps the configurations whose label contains one of the
+substrings; ``--budgets`` the budgets run (e.g. ``tree64``). Results of a split or a selection are written
+with a suffix (``mat_train.json``, ...) so the full table is not overwritten.
 
 Token recycling without logits: the paper fills its matrix with the model's top-8 candidates at each
 verified position. We do not have them, so the matrix is fed with the accepted ids only (the successor
@@ -66,7 +74,12 @@ PUBLISHED = {"PLD (Spec-Bench, A100)": 1.75, "REST": 1.82, "Lookahead": 1.64, "T
 SOURCE_MD_PLD = {"mt_bench": 1.731, "translation": 1.105, "summarization": 2.615, "qa": 1.285,
                  "math_reasoning": 1.832, "rag": 1.692, "overall": 1.731}
 
-BUDGETS = {"chain10": DraftBudget.chain(10), "tree64": DraftBudget(64, 10), "tree80": DraftBudget(80, 10)}
+BUDGETS = {"chain10": DraftBudget.chain(10), "tree64": DraftBudget(64, 10), "tree80": DraftBudget(80, 10),
+           "tree64d16": DraftBudget(64, 16)}
+#: the singles and merged rows of the full table run these (tree64d16: only the merged row)
+TABLE_BUDGETS = ["chain10", "tree64", "tree80"]
+#: the engine before issue 19: the corpus source's longest match only, no per-session recalibration
+BEFORE_19 = dict(source_params={"corpus": {"levels": 1}}, session_correction=None)
 ALL = ["context", "corpus", "recycling", "history"]
 
 
@@ -75,7 +88,7 @@ def configs(quick: bool) -> list[dict]:
     singles = [("context", ["context"], False), ("corpus", ["corpus"], False), ("history", ["history"], False),
                ("recycling (accepted ids only)", ["recycling"], False),
                ("recycling (accepted ids + corpus warm start)", ["recycling"], True)]
-    for bname in (["chain10", "tree64"] if quick else list(BUDGETS)):
+    for bname in (["chain10", "tree64"] if quick else TABLE_BUDGETS):
         for label, names, warm in singles:
             out.append(dict(label=label, sources=names, warm=warm, budget=bname, group="single"))
         out.append(dict(label="merged (all four)", sources=ALL, warm=True, budget=bname, group="merged"))
@@ -86,10 +99,29 @@ def configs(quick: bool) -> list[dict]:
         out.append(dict(label="merged, recycling not warm-started", sources=ALL, warm=False, budget="tree64",
                         group="ablation"))
         out.append(dict(label="merged, no calibration (priors only)", sources=ALL, warm=True, budget="tree64",
-                        group="ablation", calibrate=False))
+                        group="ablation", calibrate=False, session_correction=None))
         out.append(dict(label="merged, max instead of noisy-or", sources=ALL, warm=True, budget="tree64",
                         group="ablation", combine="max"))
+        out.append(dict(label="merged, no per-session recalibration", sources=ALL, warm=True, budget="tree64",
+                        group="ablation", session_correction=None))
+        out.append(dict(label="merged, corpus longest match only", sources=ALL, warm=True, budget="tree64",
+                        group="ablation", source_params={"corpus": {"levels": 1}}))
+        out.append(dict(label="merged, before issue 19 (both of the above)", sources=ALL, warm=True, budget="tree64",
+                        group="ablation", **BEFORE_19))
+        out.append(dict(label="merged (all four)", sources=ALL, warm=True, budget="tree64d16", group="merged"))
     return out
+
+
+def split_turns(turns, split: str):
+    """``train``: the turns of the even-numbered questions (file order), ``holdout``: the odd ones."""
+    if split == "all":
+        return list(turns)
+    if split not in ("train", "holdout"):
+        raise SystemExit(f"--split {split!r}: expected all, train or holdout")
+    order: dict = {}
+    for t in turns:
+        order.setdefault(t.question_id, len(order))
+    return [t for t in turns if (order[t.question_id] % 2 == 0) == (split == "train")]
 
 
 def run_pld_reference(turns, require_full: bool) -> ReplayStats:
@@ -150,6 +182,8 @@ def grpc_servable(cfg) -> bool:
     """Configurations a client can ask a server for (sources and budget; warm start = the server's rule)."""
     if cfg.get("calibrate", True) is False or cfg.get("combine", "noisy_or") != "noisy_or":
         return False
+    if "source_params" in cfg or "session_correction" in cfg:  # engine knobs a client cannot set
+        return False
     return "recycling" not in cfg["sources"] or cfg["warm"] == bool(cfg.get("datastore_named", True))
 
 
@@ -171,8 +205,9 @@ def run_config_grpc(turns, client, cfg, datastore: str, vocab_size: int, fingerp
 
 def run_config(turns, cat, cfg) -> ReplayStats:
     budget = BUDGETS[cfg["budget"]]
+    extra = {"session_correction": cfg["session_correction"]} if "session_correction" in cfg else {}
     m = make_manager(cat, budget, warm_recycling=cfg["warm"], calibrate=cfg.get("calibrate", True),
-                     combine=cfg.get("combine", "noisy_or"))
+                     combine=cfg.get("combine", "noisy_or"), source_params=cfg.get("source_params"), **extra)
     ds = DATASTORE if "corpus" in cfg["sources"] else None
     return replay(turns, open_session=lambda p: m.open(p, sources=cfg["sources"], datastore=ds),
                   close_session=lambda s: m.close(s.session_id))
@@ -277,6 +312,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="every 4th turn and fewer configurations")
     ap.add_argument("--limit", type=int, default=0, help="replay only the first N turns (0: all)")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
+    ap.add_argument("--split", default="all", choices=["all", "train", "holdout"],
+                    help="held-out split of the questions: train = even-numbered, holdout = odd-numbered")
+    ap.add_argument("--only", default="", help="comma-separated label substrings of the configurations to run")
+    ap.add_argument("--budgets", default="", help="comma-separated budgets to run (chain10, tree64, tree80)")
     ap.add_argument("--grpc", action="store_true", help="run through a real server on loopback (spawned)")
     ap.add_argument("--server", default="", help="run through this running server (HOST:PORT) instead")
     ap.add_argument("--questions", default=str(QUESTIONS), help="Spec-Bench question.jsonl")
@@ -295,6 +334,7 @@ def main(argv=None) -> dict:
                     and args.tokenizer == str(TOKENIZER_MODEL))
     turns = load_turns() if default_data else load_turns_from(args.questions, args.answers, args.tokenizer,
                                                               args.bos_id, args.eos_id)
+    turns = split_turns(turns, args.split)
     if args.quick:
         turns = turns[::4]
     if args.limit:
@@ -337,7 +377,7 @@ def main(argv=None) -> dict:
 
         _run_remote(args, turns, corpus, fields, res, show, tokenizer_fingerprint(args.tokenizer), ds.vocab_size)
     else:
-        for cfg in configs(args.quick):
+        for cfg in selected_configs(args):
             t0 = time.perf_counter()
             st = run_config(turns, cat, cfg)
             r = summarize(cfg["label"], st, {k: v for k, v in cfg.items() if k != "label"})
@@ -345,11 +385,21 @@ def main(argv=None) -> dict:
             res["runs"].append(r)
             show(r)
     name = ("mat_quick" if args.quick else "mat") + ("_grpc" if remote else "")
+    name += "" if args.split == "all" else f"_{args.split}"
+    name += "_partial" if (args.only or args.budgets or args.limit) and not args.quick else ""
+    res["split"] = args.split
     (out / f"{name}.json").write_text(json.dumps(res, indent=2))
     write_markdown(res, out / f"{name}.md")
     plot(res, out / f"{name}.png")
     print(f"wrote {out / name}.json/.md/.png")
     return res
+
+
+def selected_configs(args) -> list[dict]:
+    only = [x for x in args.only.split(",") if x]
+    budgets = [x for x in args.budgets.split(",") if x]
+    return [c for c in configs(args.quick) if (not only or any(o in c["label"] for o in only))
+            and (not budgets or c["budget"] in budgets)]
 
 
 def _run_remote(args, turns, corpus, fields, res, show, fingerprint, vocab_size) -> None:
@@ -373,7 +423,7 @@ def _run_remote(args, turns, corpus, fields, res, show, fingerprint, vocab_size)
                                     text_fields=fields, overwrite=True)
             if job["state"] != "succeeded":
                 raise SystemExit(f"building the datastore through the service failed: {job.get('error')}")
-        for i, cfg in enumerate(configs(args.quick)):
+        for i, cfg in enumerate(selected_configs(args)):
             cfg = {**cfg, "datastore_named": "corpus" in cfg["sources"] or cfg["warm"]}
             if not grpc_servable(cfg):
                 logger.info("skipped over gRPC (needs a server-side knob): %s %s", cfg["label"], cfg["budget"])

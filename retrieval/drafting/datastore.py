@@ -377,14 +377,15 @@ class CorpusSource:
 
     Params: ``datastore`` (an opened datastore or a folder path), ``max_match_len`` (longest suffix tried,
     16), ``min_match_len`` (1), ``max_matches`` (occurrences sampled per lookup, 256), ``levels`` (match
-    lengths used: the longest and ``levels - 1`` shorter ones, default 1).
+    lengths used: the longest and ``levels - 1`` shorter ones, default 2: the next shorter suffix adds
+    continuations the longest match lacks, +0.03 MAT on both halves of the dev data, issue 19).
     """
 
     name = "corpus"
     n_feat = TRIE_N_FEAT
 
     def __init__(self, datastore: CorpusDatastore | str | Path, max_match_len: int = 16, min_match_len: int = 1,
-                 max_matches: int = 256, levels: int = 1, alpha: float = 1.0) -> None:
+                 max_matches: int = 256, levels: int = 2, alpha: float = 1.0) -> None:
         self.ds = datastore if isinstance(datastore, CorpusDatastore) else CorpusDatastore(datastore)
         if not 1 <= min_match_len <= max_match_len <= 256:
             raise InvalidArgument(f"need 1 <= min_match_len <= max_match_len <= 256, got {min_match_len}, {max_match_len}")

@@ -26,6 +26,12 @@ each step every candidate node whose parent path was accepted counts as a trial,
 the verifier accepted its token. Nodes that were proposed but not selected are scored too, so the
 estimate is not biased by the selection. No model logits are used.
 
+Per-session recalibration (:class:`SessionCorrection`, one per session, issue 19): the shared table pools
+every generation, but a summary copies its prompt for tens of tokens and a translation almost never. Each
+session also counts, per source and depth, its own hits and the hits the shared estimates predicted for
+the same tried nodes, and multiplies the shared ``q_s`` by ``(hits + K) / (expected + K)`` (K = 2) before
+path probabilities are formed. It sees the same feedback as the shared table, from this session only.
+
 Thread-safety: :class:`Calibrator` updates hold a lock; reads are lock-free (a torn read of two
 counters only perturbs one estimate). :func:`merge` is pure.
 """
@@ -110,6 +116,79 @@ class Calibrator:
         return sum(a.nbytes for a in self._hits.values()) + sum(a.nbytes for a in self._trials.values())
 
 
+class SessionCorrection:
+    """Per-session online recalibration of the shared estimates (one per generation, never shared).
+
+    The shared :class:`Calibrator` pools every session; generations differ (a summary copies its prompt
+    for tens of tokens, a translation almost never). Per source and depth bucket ``b`` the session keeps
+    its own hits ``H[s, b]`` and the hits the shared estimates expected ``E[s, b] = sum q`` over the same
+    tried nodes, both decayed by ``decay`` per verification step, and scales the shared estimate:
+
+        q'(v) = min(q(v) * (H + K) / (E + K), cap)      (K = ``strength`` expected hits of prior weight)
+
+    Learned only from the accepted ids of this session; nothing is tuned per request.
+    """
+
+    def __init__(self, strength: float = 2.0, decay: float = 1.0, depth_buckets: int = 4, cap: float = 0.98) -> None:
+        if not strength > 0 or not 0 < decay <= 1 or depth_buckets < 1 or not 0 < cap <= 1:
+            raise InvalidArgument(f"session correction needs strength > 0, 0 < decay <= 1, depth_buckets >= 1 and "
+                                  f"0 < cap <= 1, got {strength}, {decay}, {depth_buckets}, {cap}")
+        self.strength, self.decay, self.nb, self.cap = float(strength), float(decay), int(depth_buckets), float(cap)
+        self._H: dict[str, np.ndarray] = {}
+        self._E: dict[str, np.ndarray] = {}
+        self._pending: list[tuple[Candidates, np.ndarray]] = []
+
+    def _bucket(self, c: Candidates) -> np.ndarray:
+        return np.minimum(c.depth, self.nb) - 1
+
+    def adjust(self, c: Candidates, q: np.ndarray) -> np.ndarray:
+        """The corrected estimates of ``c`` (``q``: the shared ones, remembered for :meth:`update`)."""
+        self._pending.append((c, q))
+        H = self._H.get(c.source)
+        if H is None:
+            return q
+        b = self._bucket(c)
+        f = (H + self.strength) / (self._E[c.source] + self.strength)
+        return np.minimum(q * f[b], self.cap)
+
+    def take_pending(self) -> list[tuple[Candidates, np.ndarray]]:
+        """The candidates (and shared estimates) of the drafts since the last call, to score later."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def update(self, true_next: np.ndarray, pending: list | None = None) -> None:
+        """Score the last draft's candidates (or ``pending``, from :meth:`take_pending`) against the
+        tokens that followed it (accepted + bonus)."""
+        if pending is None:
+            pending = self.take_pending()
+        true_next = np.asarray(true_next)
+        if len(true_next) == 0:
+            return
+        if self.decay < 1.0:
+            for k in self._H:
+                self._H[k] *= self.decay
+                self._E[k] *= self.decay
+        for c, q in pending:
+            if len(c) == 0:
+                continue
+            tried, hit = evaluate_trie(c.tokens[:len(q)], c.parents[:len(q)], true_next, c.depth[:len(q)])
+            if not tried.any():
+                continue
+            H = self._H.get(c.source)
+            if H is None:
+                H = self._H[c.source] = np.zeros(self.nb)
+                self._E[c.source] = np.zeros(self.nb)
+            b = self._bucket(c)[: len(q)]
+            np.add.at(H, b[hit], 1.0)
+            np.add.at(self._E[c.source], b[tried], q[tried])
+
+    def discard_pending(self) -> None:
+        self._pending = []
+
+    def nbytes(self) -> int:
+        return 16 * self.nb * len(self._H)
+
+
 def evaluate_trie(tokens: np.ndarray, parents: np.ndarray, true_next: np.ndarray,
                   depth: np.ndarray | None = None, levels=None) -> tuple[np.ndarray, np.ndarray]:
     """Which nodes were tried (parent path accepted, depth within ``len(true_next)``) and which hit.
@@ -156,7 +235,7 @@ def path_hashes(tokens: np.ndarray, parents: np.ndarray, depth: np.ndarray, leve
 
 
 def merge(cands: list[Candidates], budget: DraftBudget, calibrator: Calibrator | None = None,
-          combine: str = "noisy_or") -> Draft:
+          combine: str = "noisy_or", correction: SessionCorrection | None = None) -> Draft:
     """One draft from the candidate tries of several sources, within ``budget`` (see module doc).
 
     All tries are processed together, level by level: path probabilities ``p_s(v)`` and 64-bit path keys
@@ -181,6 +260,8 @@ def merge(cands: list[Candidates], budget: DraftBudget, calibrator: Calibrator |
         if c.source not in names:
             names.append(c.source)
         q = calibrator.conditional(c) if calibrator is not None else c.prior
+        if correction is not None:
+            q = correction.adjust(c, q[:k])
         par = c.parents[:k]
         TOK.append(c.tokens[:k])
         PAR.append(np.where(par >= 0, par + base, 0))

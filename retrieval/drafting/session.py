@@ -40,7 +40,7 @@ from retrieval.drafting.base import SOURCES, Candidates, DraftSource, available_
 from retrieval.drafting.datastore import CorpusSource, DatastoreCatalog
 from retrieval.drafting.draft import Draft, DraftBudget
 from retrieval.drafting.history import HistorySource, HistoryStore
-from retrieval.drafting.merge import Calibrator, merge
+from retrieval.drafting.merge import Calibrator, SessionCorrection, merge
 from retrieval.drafting.recycling import RecyclingMatrix, RecyclingSource
 from retrieval.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
@@ -106,7 +106,8 @@ class Session:
 
     def __init__(self, prompt_ids, sources: list[DraftSource], vocab_size: int, budget: DraftBudget | None = None,
                  limits: SessionLimits | None = None, calibrator: Calibrator | None = None,
-                 combine: str = "noisy_or", session_id: str | None = None) -> None:
+                 combine: str = "noisy_or", session_id: str | None = None,
+                 correction: SessionCorrection | None = None) -> None:
         self.limits = limits or SessionLimits()
         self.vocab_size = int(vocab_size)
         prompt = check_ids(prompt_ids, self.vocab_size, "prompt_ids")
@@ -122,6 +123,8 @@ class Session:
         self.budget = budget or DraftBudget()
         self.calibrator = calibrator
         self.combine = combine
+        #: per-session online recalibration of the shared estimates (``None``: off)
+        self.correction = correction
         self.prompt_len = len(prompt)
         self._buf = np.empty(max(64, 2 * len(prompt)), dtype=np.int32)
         self._buf[: len(prompt)] = prompt
@@ -151,7 +154,8 @@ class Session:
     def nbytes(self) -> int:
         last = sum(c.tokens.nbytes + c.parents.nbytes + c.counts.nbytes + c.prior.nbytes + c.feat.nbytes
                    for c in self._last) if self._last else 0
-        return int(self._buf.nbytes + last + 1024)
+        corr = self.correction.nbytes() if self.correction is not None else 0
+        return int(self._buf.nbytes + last + corr + 1024)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -169,7 +173,9 @@ class Session:
                 cands.extend(s.propose(ctx, b.max_depth, b.max_nodes))
             self._last = cands
             self.last_used = time.monotonic()
-            return merge(cands, b, self.calibrator, self.combine)
+            if self.correction is not None:
+                self.correction.discard_pending()  # only the last draft is scored
+            return merge(cands, b, self.calibrator, self.combine, self.correction)
 
     def append(self, accepted_ids, topk=None, defer_feedback: bool = False) -> None:
         """Append the ids accepted by the last verification (accepted draft tokens + the bonus token).
@@ -199,6 +205,9 @@ class Session:
                 raise ResourceExhausted(f"session {self.session_id}: context would reach {new_len} tokens, "
                                         f"more than max_context_tokens={self.limits.max_context_tokens}")
             ctx = self._buf[: self._len]
+            if self._last is not None and self.correction is not None:
+                # before the next draft: it must use this step's outcome (a few small numpy calls)
+                self.correction.update(acc)
             if self._last is not None and self.calibrator is not None:
                 if defer_feedback:
                     self._feedback.append((self._last, acc))
@@ -255,7 +264,10 @@ class ManagerConfig:
     ``max(tokens, fraction * indexed)`` new output tokens arrived; 1 / 0 = after every session), ``history_max_session_tokens`` (the last 8192 output ids of a session
     at most enter the history), ``recycling_k`` (8), ``warm_start_recycling`` (fill the recycling matrix
     with the corpus's most frequent successors when the manager first uses a datastore; the server's
-    default, and the configuration the README reports), ``source_params``: per-source keyword overrides.
+    default, and the configuration the README reports), ``source_params``: per-source keyword overrides,
+    ``session_correction``: keyword arguments of each session's
+    :class:`~retrieval.drafting.merge.SessionCorrection` (online per-session recalibration of the shared
+    estimates; default ``{}`` = its defaults, ``None`` = off).
     """
 
     vocab_size: int
@@ -271,6 +283,7 @@ class ManagerConfig:
     history_max_session_tokens: int = 8192
     recycling_k: int = 8
     warm_start_recycling: bool = False
+    session_correction: dict | None = field(default_factory=dict)
     combine: str = "noisy_or"
     source_params: dict = field(default_factory=dict)
 
@@ -390,7 +403,9 @@ class SessionManager:
         srcs = self.resolve_sources(sources, datastore)
         sess = Session(prompt_ids, srcs, self.config.vocab_size, budget or self.config.default_budget,
                        self.config.limits, self.calibrator, self.config.combine,
-                       session_id=f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+                       session_id=f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}",
+                       correction=(SessionCorrection(**self.config.session_correction)
+                                   if self.config.session_correction is not None else None))
         gone: list[Session] = []
         try:
             with self._lock:

@@ -137,3 +137,53 @@ def test_calibrator_moves_towards_observed_rate():
     assert q[0] == pytest.approx((96 + 2) / 100) and q[1] == pytest.approx(2 / 100)
     with pytest.raises(InvalidArgument):
         Calibrator(strength=0)
+
+
+def test_session_correction_rescales_by_observed_over_expected():
+    from retrieval.drafting.merge import SessionCorrection
+
+    c = Candidates("a", np.array([1, 2, 3]), np.array([-1, -1, 0]), np.ones(3), np.array([0.5, 0.5, 0.5]),
+                   np.zeros(3, np.int64), np.array([1, 1, 2]))
+    q = np.array([0.2, 0.2, 0.4])
+    corr = SessionCorrection(strength=2.0, depth_buckets=4, cap=0.98)
+    assert corr.adjust(c, q).tolist() == q.tolist()  # nothing observed yet: the shared estimate
+    corr.discard_pending()  # (a session does this before each draft: only the last one is scored)
+    for _ in range(10):
+        corr.adjust(c, q)
+        corr.update(np.array([1, 3]))  # the session accepts node 0 then node 2 every time
+    # depth 1: 10 hits of 20 * 0.2 = 4 expected; depth 2: 10 hits of 10 * 0.4 = 4 expected
+    f1, f2 = (10 + 2) / (4 + 2), (10 + 2) / (4 + 2)
+    out = corr.adjust(c, q)
+    assert out == pytest.approx([0.2 * f1, 0.2 * f1, min(0.4 * f2, 0.98)])
+    # a session that never accepts pulls the estimates down
+    low = SessionCorrection(strength=2.0)
+    for _ in range(10):
+        low.adjust(c, q)
+        low.update(np.array([7]))
+    assert low.adjust(c, q)[:2] == pytest.approx(0.2 * 2 / (4 + 2))
+    assert low.adjust(c, q)[2] == pytest.approx(0.4)  # depth 2 never tried: unchanged
+    # only the last draft of a session is scored; a separate source is corrected separately
+    other = Candidates("b", c.tokens, c.parents, c.counts, c.prior, c.feat, c.depth)
+    assert low.adjust(other, q).tolist() == q.tolist()
+    for bad in ({"strength": 0}, {"decay": 0}, {"depth_buckets": 0}, {"cap": 1.5}):
+        with pytest.raises(InvalidArgument):
+            SessionCorrection(**bad)
+
+
+def test_session_correction_changes_the_merged_ranking():
+    from retrieval.drafting.merge import SessionCorrection
+
+    # two sources propose different first tokens with the same shared estimate; the session learns
+    # that source "b" is right and "a" wrong, so "b" must come first (and alone in a chain of 1)
+    a = Candidates("a", np.array([5]), np.array([-1]), np.ones(1), np.array([0.5]), np.zeros(1, np.int64), np.array([1]))
+    b = Candidates("b", np.array([6]), np.array([-1]), np.ones(1), np.array([0.5]), np.zeros(1, np.int64), np.array([1]))
+    corr = SessionCorrection()
+    d0 = merge([a, b], DraftBudget.chain(1), None, correction=corr)
+    assert d0.tokens.tolist() == [5]  # tie: the first source
+    corr.discard_pending()
+    for _ in range(5):
+        merge([a, b], DraftBudget.chain(1), None, correction=corr)
+        corr.update(np.array([6]))
+    d = merge([a, b], DraftBudget(2, 1), None, correction=corr)
+    assert d.tokens.tolist() == [6, 5] and d.probs[0] > 0.5 > d.probs[1]
+    assert merge([a, b], DraftBudget(2, 1), None).probs.tolist() == [0.5, 0.5]  # without it: unchanged
