@@ -1216,6 +1216,8 @@ def graphs_fastrp(
     embedding: str = typer.Option("fastrp", "--embedding", help="name of the embedding"),
     use_features: bool = typer.Option(False, "--use-features", help="mix in the node features"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    tune: bool = typer.Option(False, "--tune", help="choose iteration weights, beta and propagation first, on the "
+                              "graph's labels (else on held-out edges); the result shows the chosen params"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     as_json: bool = JSON_OUT,
     address: str = ADDRESS,
@@ -1223,7 +1225,7 @@ def graphs_fastrp(
     """Compute FastRP node embeddings (a job, watched to the end) for `graphs similar`."""
     params = {} if seed is None else {"seed": seed}
     with _errors(), _client(address) as c:
-        j = c.run_fastrp(name, dim, embedding=embedding, use_features=use_features, wait=False, **params)
+        j = c.run_fastrp(name, dim, embedding=embedding, use_features=use_features, wait=False, tune=tune, **params)
         j = _watch(c, j["id"], quiet)
     _job_outcome(j, as_json)
 

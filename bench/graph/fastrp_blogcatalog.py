@@ -26,16 +26,19 @@ from bench.graph.common import DATA, RESULTS, environment, md_table, write_resul
 PAPER = {10: (0.372, 0.228), 50: (0.412, 0.275), 90: (0.426, 0.280)}
 
 
+def split_nodes(n: int, percent: float, shuffle_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, test) node positions :func:`evaluate_embedding` uses for this percent and shuffle."""
+    perm = np.random.default_rng(shuffle_seed).permutation(n)
+    ntr = int(round(percent / 100 * n))
+    return perm[:ntr], perm[ntr:]
+
+
 def evaluate_embedding(E: np.ndarray, Y: np.ndarray, percent: int, shuffle_seed: int, C: float, solver: str):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
     from sklearn.multiclass import OneVsRestClassifier
 
-    n = E.shape[0]
-    rng = np.random.default_rng(shuffle_seed)
-    perm = rng.permutation(n)
-    ntr = int(round(percent / 100 * n))
-    tr, te = perm[:ntr], perm[ntr:]
+    tr, te = split_nodes(E.shape[0], percent, shuffle_seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "label not present in all training examples"
         clf = OneVsRestClassifier(LogisticRegression(C=C, solver=solver, max_iter=1000)).fit(E[tr], Y[tr])

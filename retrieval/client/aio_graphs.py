@@ -83,14 +83,16 @@ class AsyncGraphsMixin:
                                                            cc.neighbors_request(graph, nodes, direction)))
 
     async def run_fastrp(self, graph: str, dim: int, embedding: str = "fastrp", use_features: bool = False,
-                         index=None, metric: str = "", wait: bool = True, *, progress: bool | None = None,
+                         index=None, metric: str = "", wait: bool = True, *, tune: bool = False,
+                         tune_options: dict | None = None, progress: bool | None = None,
                          detach: bool = False, timeout: float | None = None, **params) -> dict:
         """As :meth:`retrieval.Client.run_fastrp`."""
         from retrieval.graph import convert as gconv
         from retrieval.v1 import graphs_pb2 as gpb
 
         req = gpb.RunFastRPRequest(graph=graph, embedding=embedding, use_features=use_features, metric=metric,
-                                   params=gconv.fastrp_params_to_proto(dict(params, dim=dim)))
+                                   params=gconv.fastrp_params_to_proto(dict(params, dim=dim)),
+                                   **gconv.tune_fields(tune, tune_options))
         if index is not None:
             req.index.CopyFrom(cc.index_spec(index))
         job = types.job(await self._call(self._stub("Graphs").RunFastRP, req))

@@ -82,14 +82,20 @@ class GraphsMixin:
         return _gconv().neighbors_from_proto(self._call(self._graphs_stub().Neighbors, req))
 
     def run_fastrp(self, graph: str, dim: int, embedding: str = "fastrp", use_features: bool = False, index=None,
-                   metric: str = "", wait: bool = True, *, progress: bool | None = None, detach: bool = False,
-                   timeout: float | None = None, **params) -> JobInfo:
+                   metric: str = "", wait: bool = True, *, tune: bool = False, tune_options: dict | None = None,
+                   progress: bool | None = None, detach: bool = False, timeout: float | None = None,
+                   **params) -> JobInfo:
         """FastRP as a job (kind ``fastrp``); ``params``: iteration_weights, beta, s, self_influence,
-        property_ratio, normalize, propagate_normalized, standardize, seed. Returns the final job
-        record; ``detach`` (or ``wait=False``): the record at once. ``progress`` / ``timeout`` /
-        Ctrl-C: as in :meth:`_run_job` (the job is cancelled when the wait is given up)."""
+        property_ratio, normalize, propagate_normalized, standardize, seed. ``tune``: choose the weights,
+        beta and propagation first (:func:`retrieval.graph.fastrp_tune.tune_fastrp`, scored on the graph's
+        labels, else on held-out edges; ``params`` are the base); ``tune_options``: its options (dims,
+        betas, max_power, time_limit, ...). The result then holds the chosen ``params`` and the ``tuning``
+        report. Returns the final job record; ``detach`` (or ``wait=False``): the record at once.
+        ``progress`` / ``timeout`` / Ctrl-C: as in :meth:`_run_job` (the job is cancelled when the wait is
+        given up)."""
         req = gpb.RunFastRPRequest(graph=graph, embedding=embedding, use_features=use_features, metric=metric,
-                                   params=_gconv().fastrp_params_to_proto(dict(params, dim=dim)))
+                                   params=_gconv().fastrp_params_to_proto(dict(params, dim=dim)),
+                                   **_gconv().tune_fields(tune, tune_options))
         if index is not None:
             req.index.CopyFrom(cc.index_spec(index))
         job = types.job(self._call(self._graphs_stub().RunFastRP, req))

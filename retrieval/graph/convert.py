@@ -243,6 +243,22 @@ def fastrp_params_from_proto(msg: pb.FastRPParams) -> dict:
     return d
 
 
+def tune_fields(tune, tune_options) -> dict:
+    """The ``tune`` / ``tune_options_json`` fields of a RunFastRPRequest (checked here, so a bad value
+    fails before the call with the same sentence the server would send)."""
+    if not isinstance(tune, bool):
+        raise InvalidArgument(f"tune must be true or false, got {tune!r}")
+    if tune_options is None:
+        return {"tune": tune}
+    if not isinstance(tune_options, dict):
+        raise InvalidArgument(f"tune_options must be an object (dims, betas, max_power, ...), got {tune_options!r}")
+    try:
+        text = json.dumps(tune_options)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"tune_options must be JSON-serialisable: {e}") from None
+    return {"tune": tune, "tune_options_json": text}
+
+
 # ---- hits --------------------------------------------------------------------------------------------
 def hits_to_proto(results: list[tuple[np.ndarray, np.ndarray]]) -> list[pb.NodeHits]:
     return [pb.NodeHits(ids=np.asarray(i, np.int64).astype(np.uint64).tolist(), scores=np.asarray(s, np.float32).tolist())

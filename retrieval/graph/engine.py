@@ -79,38 +79,61 @@ class GraphEngine(GraphJobChecks):
         self._scorers_lock = threading.Lock()
 
     def fastrp_body(self, ctx, *, graph: str, embedding: str = "fastrp", params: dict, use_features: bool = False,
-                    index: dict | None = None, metric: str = "cosine") -> dict:
+                    index: dict | None = None, metric: str = "cosine", tune: bool = False,
+                    tune_options: dict | None = None) -> dict:
         """Job body (kind ``fastrp``): compute, store with the graph, index into a fresh collection, switch.
 
-        Resumable: the embedding and the new collection's name are kept in the work folder; upserts are
-        idempotent, so a resumed job repeats only the indexing."""
+        ``tune``: first choose the parameters with :func:`retrieval.graph.fastrp_tune.tune_fastrp`
+        (``params`` = the base, ``tune_options`` its options; node classification on the graph's labels,
+        else link prediction); the result and the embedding's record then hold the chosen ``params`` and
+        the ``tuning`` report. Resumable: the embedding, the chosen parameters and the new collection's
+        name are kept in the work folder; upserts are idempotent, so a resumed job repeats only the
+        indexing."""
         work = Path(ctx.work_dir)
         g = self.store.load(graph)
         version = self.store.version(graph)
         fp = FastRPParams(**params)
-        key = hashlib.sha256(json.dumps([graph, version, fp.as_dict(), use_features], sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([graph, version, fp.as_dict(), use_features, bool(tune), tune_options or {}],
+                                        sort_keys=True).encode()).hexdigest()[:16]
         state_f = work / "state.json"
         state = json.loads(state_f.read_text()) if state_f.exists() else {}
         if state.get("key") != key:
             state = {"key": key}
-        k = len(fp.iteration_weights)
         emb_f = work / "embedding.npy"
+        tuning = None
         if state.get("computed") and emb_f.exists():
             emb = np.load(emb_f, allow_pickle=False)
+            if tune:
+                fp, tuning = FastRPParams(**state["params"]), state["tuning"]
         else:
+            feats = g.features if use_features else None
+            if tune:
+                from retrieval.graph.fastrp_tune import tune_fastrp
+
+                ctx.progress(0, 5, "fastrp tuning")
+                fp, tuning = tune_fastrp(g.adjacency(), g.labels, feats, base=fp, seed=fp.seed,
+                                         progress=ctx.progress, check_cancelled=ctx.check_cancelled,
+                                         **(tune_options or {}))
+            k = len(fp.iteration_weights)
             ctx.progress(0, k, "fastrp iterations")
             emb = fastrp(g.adjacency(), fp, features=g.features if use_features else None, progress=ctx.progress,
                          check_cancelled=ctx.check_cancelled)
             atomic.save_npy(emb_f, emb)  # durable before the state that says it is computed
             state["computed"] = True
+            if tune:
+                state["params"], state["tuning"] = fp.as_dict(), tuning
             _write_json(state_f, state)
         result = {"graph": graph, "embedding": embedding, "n": int(emb.shape[0]), "dim": int(emb.shape[1]),
                   "graph_version": version, "params": fp.as_dict()}
+        if tune:
+            result["tuning"] = tuning
         if "file" not in state:
             state["file"] = self.store.write_embedding_file(graph, embedding, emb)
             _write_json(state_f, state)
         info = {"kind": "fastrp", "params": fp.as_dict(), "graph_version": version, "use_features": use_features,
                 "metric": metric}
+        if tune:
+            info["tuning"] = tuning
         if self.collections is None:
             meta = self.store.commit_embeddings(graph, embedding, state["file"], info)
             return dict(result, collection=None, file=meta["file"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from retrieval.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from retrieval.graph.fastrp import FastRPParams, check_params
+from retrieval.graph.fastrp_tune import check_tune_options
 from retrieval.graph.graph import DUPLICATE_POLICIES
 from retrieval.graph.store import SELF_LOOP_POLICIES, check_name
 
@@ -56,6 +57,7 @@ class GraphJobChecks:
             raise InvalidArgument(f"graph {graph!r} has no node features; attach them or set use_features=false")
         for w in check_params(fp, g.n, use_features):
             logger.warning("FastRP on %s: %s", graph, w)
+        self._validate_tune(p, g.n)
         metric = p.get("metric") or "cosine"
         if metric not in ("cosine", "l2", "ip"):
             raise InvalidArgument(f"metric must be cosine, l2 or ip, got {metric!r}")
@@ -68,6 +70,29 @@ class GraphJobChecks:
         p["params"] = fp.as_dict()
         p["use_features"] = use_features
         return p
+
+    @staticmethod
+    def _validate_tune(p: dict, n: int) -> None:
+        """``tune`` (bool) and ``tune_options`` (see :func:`retrieval.graph.fastrp_tune.check_tune_options`),
+        checked and normalised in ``p``; a false ``tune`` is dropped."""
+        tune = p.get("tune")
+        if tune is not None and not isinstance(tune, bool):
+            raise InvalidArgument(f"tune must be true or false, got {tune!r}")
+        if not tune:
+            if p.get("tune_options"):
+                raise InvalidArgument("tune_options are given but tune is not true")
+            p.pop("tune", None)
+            p.pop("tune_options", None)
+            return
+        opts = check_tune_options(p.get("tune_options"))
+        for d in opts.get("dims", ()):
+            if d > MAX_DIM:
+                raise ResourceExhausted(f"tune_options.dims holds {d}, above the limit of {MAX_DIM}")
+            if 3 * 4 * n * d > MAX_EMBEDDING_BYTES:
+                raise ResourceExhausted(f"FastRP of {n} nodes at dim {d} (tune_options.dims) needs more than "
+                                        f"{MAX_EMBEDDING_BYTES >> 30} GiB")
+        p["tune"] = True
+        p["tune_options"] = opts
 
     def validate_import(self, p: dict) -> dict:
         """Check an ``import_graph`` job's params (names, format, options, the input path through the

@@ -204,26 +204,9 @@ def check_params(p: FastRPParams, n: int, has_features: bool) -> list[str]:
     return warns
 
 
-def fastrp(
-    adj,
-    params: FastRPParams | None = None,
-    *,
-    features=None,
-    progress: Callable[[int, int, str], None] | None = None,
-    check_cancelled: Callable[[], None] | None = None,
-    **kw,
-) -> np.ndarray:
-    """FastRP embeddings of the graph with adjacency ``adj`` (scipy sparse ``n x n``, weights >= 0).
-
-    ``params`` (or the same fields as keywords, e.g. ``fastrp(A, dim=64, beta=-0.5)``): see
-    :class:`FastRPParams`. ``features``: optional ``n x f`` (dense or sparse) node features, used when
-    ``property_ratio > 0``. ``progress(done, total, message)`` is called after each iteration;
-    ``check_cancelled()`` before each. Returns float32 ``[n, dim]``.
-    """
-    if params is None:
-        params = FastRPParams(**kw)
-    elif kw:
-        raise InvalidArgument("pass either params or keyword parameters, not both")
+def check_inputs(adj, features=None) -> tuple[sp.csr_matrix, np.ndarray | sp.csr_matrix | None]:
+    """Validate and convert FastRP's inputs: ``adj`` -> float32 CSR ``n x n`` (weights finite, >= 0, n > 0),
+    ``features`` -> None, float32 dense or float32 CSR ``n x f`` (finite). Raises InvalidArgument."""
     if not sp.issparse(adj):
         raise InvalidArgument(f"adj must be a scipy sparse matrix, got {type(adj).__name__}")
     A = sp.csr_matrix(adj, dtype=np.float32)
@@ -247,25 +230,29 @@ def fastrp(
             X = np.asarray(X, dtype=np.float32)
             if not np.all(np.isfinite(X)):
                 raise InvalidArgument("features must be finite")
-    for w in check_params(params, n, X is not None):
-        warnings.warn(w, RuntimeWarning, stacklevel=2)
-        logger.warning(w)
+    return A, X
 
-    d = int(params.dim)
-    d_p = int(round(d * params.property_ratio)) if X is not None and params.property_ratio > 0 else 0
-    d_r = d - d_p
-    weights = [float(w) for w in params.iteration_weights]
-    k = len(weights)
-    t0 = time.perf_counter()
 
+def transition_matrix(A: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``S = D^-1 A`` (float32 CSR; rows of isolated nodes are 0) and the weighted degrees (float64 ``[n]``)."""
     deg = np.asarray(A.sum(axis=1)).ravel().astype(np.float64)
     inv = np.zeros_like(deg)
     nz = deg > 0
     inv[nz] = 1.0 / deg[nz]
     S = sp.diags(inv.astype(np.float32)) @ A  # D^-1 A, CSR
-    S = sp.csr_matrix(S, dtype=np.float32)
+    return sp.csr_matrix(S, dtype=np.float32), deg
 
-    # initial vectors N_0 = [L R | X Q]
+
+def initial_vectors(deg: np.ndarray, params: FastRPParams, X=None) -> np.ndarray:
+    """``N_0 = [L R | X Q]`` (float32 ``[n, dim]``) for the degrees ``deg`` and checked ``params``.
+
+    The random matrices come from ``SeedSequence(params.seed)``: the same seed, dim, s, beta and
+    property_ratio give the same ``N_0`` (what :func:`fastrp` and the tuner both start from)."""
+    n = deg.shape[0]
+    d = int(params.dim)
+    d_p = int(round(d * params.property_ratio)) if X is not None and params.property_ratio > 0 else 0
+    d_r = d - d_p
+    nz = deg > 0
     seeds = np.random.SeedSequence(int(params.seed)).spawn(2)
     N = np.zeros((n, d), dtype=np.float32)
     if d_r > 0:
@@ -279,6 +266,41 @@ def fastrp(
         Q = very_sparse_random_matrix(X.shape[1], d_p, resolve_s(params.s, X.shape[1]), seeds[1])
         N[:, d_r:] = np.asarray(X @ Q.toarray() if not sp.issparse(X) else (X @ Q).toarray(), dtype=np.float32)
         del Q
+    return N
+
+
+def fastrp(
+    adj,
+    params: FastRPParams | None = None,
+    *,
+    features=None,
+    progress: Callable[[int, int, str], None] | None = None,
+    check_cancelled: Callable[[], None] | None = None,
+    **kw,
+) -> np.ndarray:
+    """FastRP embeddings of the graph with adjacency ``adj`` (scipy sparse ``n x n``, weights >= 0).
+
+    ``params`` (or the same fields as keywords, e.g. ``fastrp(A, dim=64, beta=-0.5)``): see
+    :class:`FastRPParams`. ``features``: optional ``n x f`` (dense or sparse) node features, used when
+    ``property_ratio > 0``. ``progress(done, total, message)`` is called after each iteration;
+    ``check_cancelled()`` before each. Returns float32 ``[n, dim]``.
+    """
+    if params is None:
+        params = FastRPParams(**kw)
+    elif kw:
+        raise InvalidArgument("pass either params or keyword parameters, not both")
+    A, X = check_inputs(adj, features)
+    n = A.shape[0]
+    for w in check_params(params, n, X is not None):
+        warnings.warn(w, RuntimeWarning, stacklevel=2)
+        logger.warning(w)
+
+    d = int(params.dim)
+    weights = [float(w) for w in params.iteration_weights]
+    k = len(weights)
+    t0 = time.perf_counter()
+    S, deg = transition_matrix(A)
+    N = initial_vectors(deg, params, X)
 
     E = np.zeros((n, d), dtype=np.float32)
     if params.self_influence > 0:

@@ -7,6 +7,7 @@ the job kinds ``fastrp`` and ``link_model_train``.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -146,6 +147,13 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         params = {"graph": request.graph, "embedding": request.embedding or "fastrp",
                   "params": gconv.fastrp_params_from_proto(request.params), "use_features": request.use_features,
                   "metric": request.metric or "cosine"}
+        if request.tune or request.tune_options_json:
+            params["tune"] = request.tune
+        if request.tune_options_json:
+            try:
+                params["tune_options"] = json.loads(request.tune_options_json)
+            except ValueError as e:
+                raise InvalidArgument(f"tune_options_json is not valid JSON: {e}") from None
         if request.HasField("index"):
             from retrieval.indexes import registry
 

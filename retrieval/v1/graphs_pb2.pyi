@@ -214,20 +214,24 @@ class FastRPParams(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., iteration_weights: _Optional[_Iterable[float]] = ..., beta: _Optional[float] = ..., s: _Optional[str] = ..., self_influence: _Optional[float] = ..., property_ratio: _Optional[float] = ..., normalize: _Optional[bool] = ..., propagate_normalized: _Optional[bool] = ..., standardize: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RunFastRPRequest(_message.Message):
-    __slots__ = ("graph", "embedding", "params", "use_features", "index", "metric")
+    __slots__ = ("graph", "embedding", "params", "use_features", "index", "metric", "tune", "tune_options_json")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     USE_FEATURES_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
+    TUNE_FIELD_NUMBER: _ClassVar[int]
+    TUNE_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     graph: str
     embedding: str
     params: FastRPParams
     use_features: bool
     index: _common_pb2.IndexSpec
     metric: str
-    def __init__(self, graph: _Optional[str] = ..., embedding: _Optional[str] = ..., params: _Optional[_Union[FastRPParams, _Mapping]] = ..., use_features: _Optional[bool] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., metric: _Optional[str] = ...) -> None: ...
+    tune: bool
+    tune_options_json: str
+    def __init__(self, graph: _Optional[str] = ..., embedding: _Optional[str] = ..., params: _Optional[_Union[FastRPParams, _Mapping]] = ..., use_features: _Optional[bool] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., metric: _Optional[str] = ..., tune: _Optional[bool] = ..., tune_options_json: _Optional[str] = ...) -> None: ...
 
 class SimilarNodesRequest(_message.Message):
     __slots__ = ("graph", "embedding", "nodes", "k", "params", "include_self")
