@@ -7,7 +7,6 @@ the job kinds ``fastrp`` and ``link_model_train``.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -19,6 +18,7 @@ from retrieval.errors import InvalidArgument
 from retrieval.graph import convert as gconv
 from retrieval.graph.engine import FASTRP_KIND, IMPORT_KIND, MAX_DIM, TRAIN_KIND, GraphEngine
 from retrieval.graph.store import resolve_self_loops
+from retrieval.jsonlimits import loads_client_json
 from retrieval.v1 import graphs_pb2 as pb
 from retrieval.v1 import graphs_pb2_grpc
 
@@ -150,10 +150,7 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         if request.tune or request.tune_options_json:
             params["tune"] = request.tune
         if request.tune_options_json:
-            try:
-                params["tune_options"] = json.loads(request.tune_options_json)
-            except ValueError as e:
-                raise InvalidArgument(f"tune_options_json is not valid JSON: {e}") from None
+            params["tune_options"] = loads_client_json(request.tune_options_json, "tune_options_json", expect=dict)
         if request.HasField("index"):
             from retrieval.indexes import registry
 
