@@ -63,6 +63,7 @@ too (they run single-threaded for that second or two, not wrong).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -339,6 +340,28 @@ class _TimeUp(Exception):
     pass
 
 
+def _limit_blas_threads(fn):
+    """Run ``fn`` with at most ``blas_threads`` BLAS threads (keyword, default 1; None: leave them), through
+    threadpoolctl when installed."""
+
+    @functools.wraps(fn)
+    def run(*args, blas_threads: int | None = 1, **kwargs):
+        limit = contextlib.nullcontext()
+        if blas_threads is not None:
+            blas_threads = _check_int(blas_threads, "blas_threads", 1, 1024)
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # not installed: the BLAS keeps its threads
+                pass
+            else:
+                limit = threadpool_limits(limits=blas_threads, user_api="blas")
+        with limit:
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_limit_blas_threads
 def tune_fastrp(
     adj,
     labels=None,
@@ -356,7 +379,6 @@ def tune_fastrp(
     dim_margin: float = 0.002,
     search_dim: int | None = None,
     confirm: int = 3,
-    blas_threads: int | None = 1,
     progress: Callable[[int, int, str], None] | None = None,
     check_cancelled: Callable[[], None] | None = None,
 ) -> tuple[FastRPParams, dict]:
@@ -388,43 +410,6 @@ def tune_fastrp(
     ``n x (settings * search_dim)`` block being propagated (and the best setting's), and ``K`` stored
     terms of at most ``max_labeled + 1024`` rows per setting kept.
     """
-    limit = contextlib.nullcontext()
-    if blas_threads is not None:
-        blas_threads = _check_int(blas_threads, "blas_threads", 1, 1024)
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # not installed: the BLAS keeps its threads
-            pass
-        else:
-            limit = threadpool_limits(limits=blas_threads, user_api="blas")
-    with limit:
-        return _tune(adj, labels, features, base=base, dims=dims, betas=betas, max_power=max_power, seed=seed,
-                     time_limit=time_limit, max_labeled=max_labeled, folds=folds, val_pairs=val_pairs,
-                     dim_margin=dim_margin, search_dim=search_dim, confirm=confirm, progress=progress,
-                     check_cancelled=check_cancelled)
-
-
-def _tune(
-    adj,
-    labels=None,
-    features=None,
-    *,
-    base: FastRPParams | None = None,
-    dims=None,
-    betas=DEFAULT_BETAS,
-    max_power: int = 32,
-    seed: int = 0,
-    time_limit: float | None = None,
-    max_labeled: int = 2000,
-    folds: int = 3,
-    val_pairs: int = 1000,
-    dim_margin: float = 0.002,
-    search_dim: int | None = None,
-    confirm: int = 3,
-    progress: Callable[[int, int, str], None] | None = None,
-    check_cancelled: Callable[[], None] | None = None,
-) -> tuple[FastRPParams, dict]:
-    """The search of :func:`tune_fastrp` (same arguments)."""
     t_start = time.perf_counter()
     A, X = check_inputs(adj, features)
     n = A.shape[0]
