@@ -11,6 +11,7 @@ from retrieval.errors import InvalidArgument
 from retrieval.graph.fastrp import FastRPParams, check_params, fastrp, transition_matrix
 from retrieval.graph.fastrp_tune import _Group, _window, check_tune_options, tune_fastrp
 from retrieval.graph.readers import read_graph
+from tests.reference import running_server
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +146,8 @@ def test_check_tune_options():
 # ---- the fastrp job with tune=true over a real loopback server ---------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from retrieval.server.process import ServerProcess
-
-    srv = ServerProcess(tmp_path_factory.mktemp("tune") / "data", env={"OMP_NUM_THREADS": "1"})
-    srv.start()
-    yield srv
-    srv.stop()
+    with running_server(tmp_path_factory.mktemp("tune") / "data", env={"OMP_NUM_THREADS": "1"}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,13 @@ from retrieval.client import Client
 from retrieval.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from retrieval.graph.fastrp import FastRPParams, fastrp
 from retrieval.graph.readers import read_graph
+from tests.reference import running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from retrieval.server.process import ServerProcess
-
-    srv = ServerProcess(tmp_path_factory.mktemp("graphs") / "data", env={"OMP_NUM_THREADS": "1"})
-    srv.start()
-    yield srv
-    srv.stop()
+    with running_server(tmp_path_factory.mktemp("graphs") / "data", env={"OMP_NUM_THREADS": "1"}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
