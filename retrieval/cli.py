@@ -1209,6 +1209,21 @@ def graphs_embeddings(
     typer.echo(f"wrote {X.shape[0]} x {X.shape[1]} float32 embeddings to {out}")
 
 
+def _key_json_pairs(items: list[str], flag: str) -> dict:
+    """``["a=1", "b=[2,3]"]`` -> ``{"a": 1, "b": [2, 3]}``; a value that is not JSON is taken as a string."""
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise _BadInput(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[key.strip()] = value
+    return out
+
+
 @graphs_app.command("fastrp")
 def graphs_fastrp(
     name: str,
@@ -1218,14 +1233,24 @@ def graphs_fastrp(
     seed: Optional[int] = typer.Option(None, "--seed"),
     tune: bool = typer.Option(False, "--tune", help="choose iteration weights, beta and propagation first, on the "
                               "graph's labels (else on held-out edges); the result shows the chosen params"),
+    tune_option: Optional[list[str]] = typer.Option(
+        None, "--tune-option", help="a tuner option as KEY=JSON, repeatable, e.g. --tune-option time_limit=10 "
+        "--tune-option 'dims=[64,128]' (keys: dims, betas, max_power, time_limit, max_labeled, folds, val_pairs, "
+        "dim_margin, search_dim, confirm, blas_threads); implies --tune"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     as_json: bool = JSON_OUT,
     address: str = ADDRESS,
 ) -> None:
     """Compute FastRP node embeddings (a job, watched to the end) for `graphs similar`."""
     params = {} if seed is None else {"seed": seed}
+    with _errors():
+        tune_options = _key_json_pairs(tune_option, "--tune-option") if tune_option else None
+        if tune_options is not None:
+            params.update(tune=True, tune_options=tune_options)
+        elif tune:
+            params["tune"] = True
     with _errors(), _client(address) as c:
-        j = c.run_fastrp(name, dim, embedding=embedding, use_features=use_features, wait=False, tune=tune, **params)
+        j = c.run_fastrp(name, dim, embedding=embedding, use_features=use_features, wait=False, **params)
         j = _watch(c, j["id"], quiet)
     _job_outcome(j, as_json)
 

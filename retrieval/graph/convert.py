@@ -244,19 +244,70 @@ def fastrp_params_from_proto(msg: pb.FastRPParams) -> dict:
 
 
 def tune_fields(tune, tune_options) -> dict:
-    """The ``tune`` / ``tune_options_json`` fields of a RunFastRPRequest (checked here, so a bad value
-    fails before the call with the same sentence the server would send)."""
+    """The ``tune`` / ``tune_options`` fields of a RunFastRPRequest from a client's ``tune`` (bool) and
+    ``tune_options`` (a dict with keys from :data:`TUNE_OPTION_FIELDS`, or None); a bad key or a value of
+    the wrong type fails here, before the call. Ranges are the server's to check (the same sentence
+    comes back as INVALID_ARGUMENT)."""
     if not isinstance(tune, bool):
         raise InvalidArgument(f"tune must be true or false, got {tune!r}")
     if tune_options is None:
         return {"tune": tune}
-    if not isinstance(tune_options, dict):
-        raise InvalidArgument(f"tune_options must be an object (dims, betas, max_power, ...), got {tune_options!r}")
-    try:
-        text = json.dumps(tune_options)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"tune_options must be JSON-serialisable: {e}") from None
-    return {"tune": tune, "tune_options_json": text}
+    return {"tune": tune, "tune_options": tune_options_to_proto(tune_options)}
+
+
+#: the fields of FastRPTuneOptions, which are the keyword options of ``tune_fastrp``
+TUNE_OPTION_FIELDS = tuple(f.name for f in pb.FastRPTuneOptions.DESCRIPTOR.fields)
+_TUNE_LISTS = {"dims": "positive integers", "betas": "numbers"}
+
+
+def tune_options_to_proto(options: dict) -> pb.FastRPTuneOptions:
+    if not isinstance(options, dict):
+        raise InvalidArgument(f"tune_options must be an object with keys from {list(TUNE_OPTION_FIELDS)}, "
+                              f"got {options!r}")
+    unknown = sorted(set(options) - set(TUNE_OPTION_FIELDS), key=str)
+    if unknown:
+        raise InvalidArgument(f"unknown tune_options {unknown}; valid: {list(TUNE_OPTION_FIELDS)}")
+    msg = pb.FastRPTuneOptions()
+    for name, value in options.items():
+        if value is None:  # None = the tuner's default, as an unset field
+            continue
+        try:
+            if name in _TUNE_LISTS:
+                values = [value] if isinstance(value, (int, float, np.integer, np.floating)) else list(value)
+                if any(isinstance(v, bool) for v in values):
+                    raise TypeError("a boolean")
+                getattr(msg, name).extend(values)
+            else:
+                if isinstance(value, bool):
+                    raise TypeError("a boolean")
+                setattr(msg, name, value)
+        except (TypeError, ValueError) as e:
+            kind = _TUNE_LISTS.get(name, "a number")
+            raise InvalidArgument(f"tune_options.{name} must be {kind}, got {value!r} ({e})") from None
+    return msg
+
+
+def tune_options_from_proto(request) -> dict | None:
+    """Server side: a RunFastRPRequest's tune options as the dict ``tune_fastrp`` takes (only the fields
+    that were set), from ``tune_options`` or the deprecated ``tune_options_json``; None when neither."""
+    from retrieval.jsonlimits import loads_client_json
+
+    typed = request.HasField("tune_options")
+    if typed and request.tune_options_json:
+        raise InvalidArgument("give tune_options or tune_options_json (deprecated), not both")
+    if request.tune_options_json:
+        return loads_client_json(request.tune_options_json, "tune_options_json", expect=dict)
+    if not typed:
+        return None
+    msg = request.tune_options
+    out: dict = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.is_repeated:
+            if len(getattr(msg, f.name)):
+                out[f.name] = list(getattr(msg, f.name))
+        elif msg.HasField(f.name):
+            out[f.name] = getattr(msg, f.name)
+    return out
 
 
 # ---- hits --------------------------------------------------------------------------------------------

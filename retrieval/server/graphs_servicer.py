@@ -18,7 +18,6 @@ from retrieval.errors import InvalidArgument
 from retrieval.graph import convert as gconv
 from retrieval.graph.engine import FASTRP_KIND, IMPORT_KIND, MAX_DIM, TRAIN_KIND, GraphEngine
 from retrieval.graph.store import resolve_self_loops
-from retrieval.jsonlimits import loads_client_json
 from retrieval.v1 import graphs_pb2 as pb
 from retrieval.v1 import graphs_pb2_grpc
 
@@ -147,10 +146,11 @@ class GraphsServicer(graphs_pb2_grpc.GraphsServicer):
         params = {"graph": request.graph, "embedding": request.embedding or "fastrp",
                   "params": gconv.fastrp_params_from_proto(request.params), "use_features": request.use_features,
                   "metric": request.metric or "cosine"}
-        if request.tune or request.tune_options_json:
+        tune_options = gconv.tune_options_from_proto(request)
+        if request.tune or tune_options is not None:
             params["tune"] = request.tune
-        if request.tune_options_json:
-            params["tune_options"] = loads_client_json(request.tune_options_json, "tune_options_json", expect=dict)
+        if tune_options is not None:
+            params["tune_options"] = tune_options
         if request.HasField("index"):
             from retrieval.indexes import registry
 

@@ -214,7 +214,7 @@ class FastRPParams(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., iteration_weights: _Optional[_Iterable[float]] = ..., beta: _Optional[float] = ..., s: _Optional[str] = ..., self_influence: _Optional[float] = ..., property_ratio: _Optional[float] = ..., normalize: _Optional[bool] = ..., propagate_normalized: _Optional[bool] = ..., standardize: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RunFastRPRequest(_message.Message):
-    __slots__ = ("graph", "embedding", "params", "use_features", "index", "metric", "tune", "tune_options_json")
+    __slots__ = ("graph", "embedding", "params", "use_features", "index", "metric", "tune", "tune_options_json", "tune_options")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,7 @@ class RunFastRPRequest(_message.Message):
     METRIC_FIELD_NUMBER: _ClassVar[int]
     TUNE_FIELD_NUMBER: _ClassVar[int]
     TUNE_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TUNE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     graph: str
     embedding: str
     params: FastRPParams
@@ -231,7 +232,34 @@ class RunFastRPRequest(_message.Message):
     metric: str
     tune: bool
     tune_options_json: str
-    def __init__(self, graph: _Optional[str] = ..., embedding: _Optional[str] = ..., params: _Optional[_Union[FastRPParams, _Mapping]] = ..., use_features: _Optional[bool] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., metric: _Optional[str] = ..., tune: _Optional[bool] = ..., tune_options_json: _Optional[str] = ...) -> None: ...
+    tune_options: FastRPTuneOptions
+    def __init__(self, graph: _Optional[str] = ..., embedding: _Optional[str] = ..., params: _Optional[_Union[FastRPParams, _Mapping]] = ..., use_features: _Optional[bool] = ..., index: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., metric: _Optional[str] = ..., tune: _Optional[bool] = ..., tune_options_json: _Optional[str] = ..., tune_options: _Optional[_Union[FastRPTuneOptions, _Mapping]] = ...) -> None: ...
+
+class FastRPTuneOptions(_message.Message):
+    __slots__ = ("dims", "betas", "max_power", "time_limit", "max_labeled", "folds", "val_pairs", "dim_margin", "search_dim", "confirm", "blas_threads")
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    BETAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_POWER_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LABELED_FIELD_NUMBER: _ClassVar[int]
+    FOLDS_FIELD_NUMBER: _ClassVar[int]
+    VAL_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    DIM_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_DIM_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    BLAS_THREADS_FIELD_NUMBER: _ClassVar[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    betas: _containers.RepeatedScalarFieldContainer[float]
+    max_power: int
+    time_limit: float
+    max_labeled: int
+    folds: int
+    val_pairs: int
+    dim_margin: float
+    search_dim: int
+    confirm: int
+    blas_threads: int
+    def __init__(self, dims: _Optional[_Iterable[int]] = ..., betas: _Optional[_Iterable[float]] = ..., max_power: _Optional[int] = ..., time_limit: _Optional[float] = ..., max_labeled: _Optional[int] = ..., folds: _Optional[int] = ..., val_pairs: _Optional[int] = ..., dim_margin: _Optional[float] = ..., search_dim: _Optional[int] = ..., confirm: _Optional[int] = ..., blas_threads: _Optional[int] = ...) -> None: ...
 
 class SimilarNodesRequest(_message.Message):
     __slots__ = ("graph", "embedding", "nodes", "k", "params", "include_self")

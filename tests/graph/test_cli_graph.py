@@ -46,6 +46,14 @@ def test_import_on_server_embeddings_and_internal_collections(server, client, tm
 
     assert json.loads(ok(run("graphs", "fastrp", "cli-cora", "--dim", "8", "-q", "--json", address=a)))["state"] \
         == "succeeded"
+    tuned = json.loads(ok(run("graphs", "fastrp", "cli-cora", "--dim", "8", "--embedding", "tuned", "--tune-option",
+                              "max_power=4", "--tune-option", "dims=[8]", "-q", "--json", address=a)))
+    assert tuned["state"] == "succeeded" and len(tuned["result"]["params"]["iteration_weights"]) <= 4, tuned
+    assert "tuning" in tuned["result"]
+    for bad, said in (("maxpower=4", "unknown tune_options"), ("max_power", "KEY=VALUE"),
+                      ("max_power=abc", "max_power must be")):
+        r = run("graphs", "fastrp", "cli-cora", "--dim", "8", "--tune-option", bad, "-q", address=a)
+        assert r.exit_code == 1 and said in r.stderr, (bad, r.stdout, r.stderr)
     assert "wrote 2709 x 8 float32 embeddings" in ok(run("graphs", "embeddings", "cli-cora",
                                                          str(tmp_path / "e.npy"), address=a))
     X = np.load(tmp_path / "e.npy")

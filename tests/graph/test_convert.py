@@ -106,3 +106,33 @@ def test_hits_and_train_round_trip():
     assert gconv.train_request_to_params(gconv.train_params_to_request(p)) == p
     with pytest.raises(InvalidArgument, match="JSON"):
         gconv.train_request_to_params(pb.TrainLinkModelRequest(graph="g", config_json="{bad"))
+
+
+def test_tune_options_typed_round_trip_and_checks():
+    from retrieval.graph.fastrp_tune import TUNE_OPTIONS
+
+    assert set(gconv.TUNE_OPTION_FIELDS) == set(TUNE_OPTIONS)  # the proto names every option of the tuner
+    opts = {"dims": [32, 64], "betas": [-0.5, 0.0], "max_power": 16, "time_limit": 2.5, "max_labeled": 500,
+            "folds": 4, "val_pairs": 200, "dim_margin": 0.01, "search_dim": 16, "confirm": 2, "blas_threads": 1}
+    fields = gconv.tune_fields(True, opts)
+    req = pb.RunFastRPRequest(graph="g", **fields)
+    assert req.tune and req.HasField("tune_options") and not req.tune_options_json
+    assert gconv.tune_options_from_proto(req) == opts
+    # only what was set comes back; None is "the default" (unset); a bare number is a one-element list
+    req = pb.RunFastRPRequest(**gconv.tune_fields(True, {"dims": 48, "time_limit": None}))
+    assert gconv.tune_options_from_proto(req) == {"dims": [48]}
+    assert gconv.tune_options_from_proto(pb.RunFastRPRequest(**gconv.tune_fields(True, {}))) == {}
+    assert gconv.tune_options_from_proto(pb.RunFastRPRequest(tune=True)) is None
+    assert gconv.tune_fields(False, None) == {"tune": False}
+    # the deprecated JSON field still reads; both at once is refused
+    old = pb.RunFastRPRequest(tune=True, tune_options_json='{"max_power": 8}')
+    assert gconv.tune_options_from_proto(old) == {"max_power": 8}
+    old.tune_options.max_power = 4
+    with pytest.raises(InvalidArgument, match="not both"):
+        gconv.tune_options_from_proto(old)
+    for bad, match in (({"dimz": [8]}, "unknown tune_options"), ({"max_power": "8"}, "max_power must be"),
+                       ({"max_power": True}, "max_power must be"), ({"dims": [8, -1]}, "dims must be"),
+                       ({"betas": ["x"]}, "betas must be"), ({"folds": 2.5}, "folds must be"),
+                       ([1], "must be an object")):
+        with pytest.raises(InvalidArgument, match=match):
+            gconv.tune_fields(True, bad)

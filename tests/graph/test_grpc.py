@@ -158,6 +158,38 @@ def test_fastrp_bad_params(client, ce):
         client.similar_nodes(ce, [0], k=5000)
 
 
+def test_fastrp_tune_options_typed_and_deprecated_json(client, ce, server):
+    """RunFastRP over a raw stub: the typed FastRPTuneOptions, the deprecated tune_options_json an older
+    client sends, and both at once (refused); range errors name the option."""
+    import grpc
+
+    from retrieval.v1 import graphs_pb2 as gpb
+    from retrieval.v1 import graphs_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as ch:
+        stub = graphs_pb2_grpc.GraphsStub(ch)
+        base = {"graph": ce, "params": gpb.FastRPParams(dim=8, seed=1), "tune": True}
+        typed = stub.RunFastRP(gpb.RunFastRPRequest(embedding="tuned-typed", **base,
+                                                    tune_options=gpb.FastRPTuneOptions(max_power=4, dims=[8])))
+        old = stub.RunFastRP(gpb.RunFastRPRequest(embedding="tuned-json", **base, tune_options_json='{"max_power": 4}'))
+        for job_id in (typed.id, old.id):
+            job = client.wait_job(job_id, timeout=120)
+            assert job["state"] == "succeeded", job
+            assert job["result"]["tuning"]["task"] == "link_prediction"
+            assert len(job["result"]["params"]["iteration_weights"]) <= 4
+        for req, match in ((gpb.RunFastRPRequest(**base, tune_options_json='{"max_power": 4}',
+                                                 tune_options=gpb.FastRPTuneOptions(max_power=4)), "not both"),
+                           (gpb.RunFastRPRequest(**base, tune_options=gpb.FastRPTuneOptions(max_power=0)), "max_power"),
+                           (gpb.RunFastRPRequest(**base, tune_options=gpb.FastRPTuneOptions(folds=1)), "folds"),
+                           (gpb.RunFastRPRequest(**base, tune_options=gpb.FastRPTuneOptions(time_limit=-1)),
+                            "time_limit"),
+                           (gpb.RunFastRPRequest(graph=ce, params=gpb.FastRPParams(dim=8),
+                                                 tune_options=gpb.FastRPTuneOptions(max_power=4)), "tune is not true")):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.RunFastRP(req)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in e.value.details(), e.value.details()
+
+
 def test_link_model_training_and_serving(client, ce, celegans, server):
     job = client.train_link_model(ce, model="ncn", preset="cora",
                                   config={"input": "learnable", "epochs": 3, "hidden": 32}, seed=0)
