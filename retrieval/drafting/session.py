@@ -130,6 +130,7 @@ class Session:
         self._buf[: len(prompt)] = prompt
         self._len = len(prompt)
         self._last: list[Candidates] | None = None
+        self._last_bytes = 0  # of _last, counted when it is set (nbytes is summed over every session)
         self._feedback: list[tuple[list[Candidates], np.ndarray]] = []
         self._lock = threading.Lock()
         self.closed = False
@@ -152,8 +153,7 @@ class Session:
         return self.context[self.prompt_len:]
 
     def nbytes(self) -> int:
-        last = sum(c.tokens.nbytes + c.parents.nbytes + c.counts.nbytes + c.prior.nbytes + c.feat.nbytes
-                   for c in self._last) if self._last else 0
+        last = self._last_bytes if self._last is not None else 0
         corr = self.correction.nbytes() if self.correction is not None else 0
         return int(self._buf.nbytes + last + corr + 1024)
 
@@ -172,6 +172,8 @@ class Session:
             for s in self.sources:
                 cands.extend(s.propose(ctx, b.max_depth, b.max_nodes))
             self._last = cands
+            self._last_bytes = sum(c.tokens.nbytes + c.parents.nbytes + c.counts.nbytes + c.prior.nbytes
+                                   + c.feat.nbytes for c in cands)
             self.last_used = time.monotonic()
             if self.correction is not None:
                 self.correction.discard_pending()  # only the last draft is scored
