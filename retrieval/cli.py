@@ -974,8 +974,9 @@ def _job_outcome(j: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(_dumps(j))
     else:
-        typer.echo(f"{j['id']} {j['kind']} {j['state']}" + (f": {_dumps(j['result'], None)}" if j.get("result")
-                                                            else ""))
+        from retrieval.cli_jobs import summary_lines
+
+        typer.echo("\n".join(summary_lines(j)))
     if j["state"] != "succeeded":
         typer.secho(f"error: job {j['id']} {j['state']}" + (f": {j['error']}" if j.get("error") else ""),
                     fg=typer.colors.RED, err=True)

@@ -239,8 +239,9 @@ def test_graphs(server, client, tmp_path):
     assert "dropped g2" in ok(run("graphs", "drop", "g2", "--yes", address=a))
     assert "g2" not in {x["name"] for x in client.list_graphs()}
 
-    assert json.loads(ok(run("graphs", "fastrp", "ring", "--dim", "8", "--seed", "1", "-q", "--json",
-                             address=a)))["state"] == "succeeded"
+    text = ok(run("graphs", "fastrp", "ring", "--dim", "8", "--seed", "1", "-q", address=a)).splitlines()
+    assert " fastrp succeeded (" in text[0] and text[1].startswith("embedding 'fastrp' of graph 'ring': 13 x 8"), text
+    assert text[2] == "params: powers 2-3 flat, beta 0, GDS propagation, dim 8", text
     res = json.loads(ok(run("graphs", "similar", "ring", "0", "3", "-k", "4", "--exact", "--json", address=a)))
     ref = client.similar_nodes("ring", [0, 3], k=4, exact=True)
     assert [r["ids"] for r in res] == [ids.tolist() for ids, _ in ref] and len(res[0]["ids"]) == 4
@@ -250,6 +251,11 @@ def test_graphs(server, client, tmp_path):
     r = json.loads(ok(run("graphs", "train", "ring", "--config", '{"input": "learnable", "epochs": 1, "hidden": 8}',
                           "-q", "--json", address=a)))
     assert r["state"] == "succeeded", r
+    # without --json a finished job is a few lines a person reads: what it made and how well
+    text = ok(run("jobs", "watch", r["id"], "-q", address=a)).splitlines()
+    assert text[0].startswith(f"{r['id']} link_model_train succeeded ("), text
+    assert text[1].startswith("model 'ncn' of graph 'ring': best epoch 1 of 1"), text
+    assert any(ln.startswith("valid: hits@20 ") for ln in text) and text[-1] == "(--json prints the whole record)"
     res = json.loads(ok(run("graphs", "predict", "ring", "0", "-k", "3", "--candidates", "2,3,4,6,7", "--json",
                             address=a)))
     assert len(res[0]["ids"]) == 3 and set(res[0]["ids"]) <= {2, 3, 4, 6, 7}
