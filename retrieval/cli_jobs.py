@@ -44,29 +44,12 @@ def _metrics(d: dict) -> str:
     return "  ".join(f"{k} {_num(v)}" for k, v in d.items())
 
 
-def fastrp_params_text(p: dict) -> str:
-    """FastRP parameters in a few words: ``powers 26-32 flat, beta 0, GDS propagation, dim 64``."""
-    w = [float(x) for x in p.get("iteration_weights") or []]
-    nz = [i + 1 for i, x in enumerate(w) if x]
-    if not nz:
-        ws = "no iteration weights"
-    elif len(nz) == 1:
-        ws = f"power {nz[0]}"
-    elif len({x for x in w if x}) == 1 and nz == list(range(nz[0], nz[-1] + 1)):
-        ws = f"powers {nz[0]}-{nz[-1]} flat"
-    else:
-        ws = "weights " + ",".join(f"A^{i + 1}:{x:.2g}" for i, x in enumerate(w) if x)
-    prop = "GDS" if p.get("propagate_normalized", True) else "paper"
-    out = f"{ws}, beta {float(p.get('beta', 0.0)):g}, {prop} propagation"
-    if p.get("property_ratio"):
-        out += f", property_ratio {p['property_ratio']:g}"
-    return out + f", dim {p['dim']}" if "dim" in p else out
-
-
 def _fastrp(r: dict) -> list[str]:
     lines = [(f"embedding {r['embedding']!r} of graph {r['graph']!r}: {r['n']} x {r['dim']} float32, "
               f"{r.get('indexed', 0)} indexed into collection {r.get('collection', '?')}")]
-    lines.append("params: " + fastrp_params_text(r["params"]))
+    from retrieval.graph.fastrp import describe_params
+
+    lines.append("params: " + describe_params(r["params"]))
     t = r.get("tuning")
     if t:
         early = f", stopped early: {t['stopped_early']}" if t.get("stopped_early") else ""

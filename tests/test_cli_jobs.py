@@ -1,15 +1,18 @@
 """The CLI's text summary of a finished job (retrieval/cli_jobs.py) on records of every shape."""
 
-from retrieval.cli_jobs import fastrp_params_text, summary_lines
+from retrieval.cli_jobs import summary_lines
+from retrieval.graph.fastrp import describe_params
 
 
-def test_fastrp_params_in_words():
-    assert fastrp_params_text({"iteration_weights": [0, 0, 1, 6.67], "beta": -0.5, "propagate_normalized": False,
+def test_fastrp_params_in_words():  # (retrieval.graph.fastrp.describe_params, shown by the CLI and the bench)
+    assert describe_params({"iteration_weights": [0, 0, 1, 6.67], "beta": -0.5, "propagate_normalized": False,
                                "dim": 128}) == "weights A^3:1,A^4:6.7, beta -0.5, paper propagation, dim 128"
-    assert fastrp_params_text({"iteration_weights": [0, 1, 1, 1], "beta": 0}) == "powers 2-4 flat, beta 0, GDS propagation"
-    assert fastrp_params_text({"iteration_weights": [0, 0, 2.0], "property_ratio": 0.5}).startswith(
+    assert describe_params({"iteration_weights": [0, 1, 1, 1], "beta": 0}) == "powers 2-4 flat, beta 0, GDS propagation"
+    assert describe_params({"iteration_weights": [0, 0, 2.0], "property_ratio": 0.5}).startswith(
         "power 3, beta 0, GDS propagation, property_ratio 0.5")
-    assert fastrp_params_text({"iteration_weights": []}).startswith("no iteration weights")
+    assert describe_params({"iteration_weights": []}).startswith("no iteration weights")
+    assert describe_params({"iteration_weights": [0, 1], "whiten": 0.5}) == "power 2, beta 0, GDS propagation, whiten 0.5"
+    assert describe_params({}) == "powers 2-3 flat, beta 0, GDS propagation"  # the defaults
 
 
 def test_generic_and_malformed_results():

@@ -86,9 +86,10 @@ class GraphsMixin:
                    progress: bool | None = None, detach: bool = False, timeout: float | None = None,
                    **params) -> JobInfo:
         """FastRP as a job (kind ``fastrp``); ``params``: iteration_weights, beta, s, self_influence,
-        property_ratio, normalize, propagate_normalized, standardize, seed. ``tune``: choose the weights,
-        beta and propagation first (:func:`retrieval.graph.fastrp_tune.tune_fastrp`, scored on the graph's
-        labels, else on held-out edges; ``params`` are the base); ``tune_options``: its options (dims,
+        property_ratio, normalize, propagate_normalized, standardize, whiten, seed (another key is an
+        InvalidArgument). ``tune``: choose the weights, beta and propagation first
+        (:func:`retrieval.graph.fastrp_tune.tune_fastrp`, scored on the graph's labels, else on held-out
+        edges; ``params`` are the base); ``tune_options``: its options (dims,
         betas, max_power, time_limit, ...). The result then holds the chosen ``params`` and the ``tuning``
         report. Returns the final job record; ``detach`` (or ``wait=False``): the record at once.
         ``progress`` / ``timeout`` / Ctrl-C: as in :meth:`_run_job` (the job is cancelled when the wait is

@@ -210,19 +210,37 @@ def neighbors_from_proto(msg: pb.NeighborsResponse) -> list[tuple[np.ndarray, np
 
 
 # ---- FastRP ------------------------------------------------------------------------------------------
+#: the FastRP parameters a request can carry (the fields of FastRPParams)
+FASTRP_PARAM_FIELDS = tuple(f.name for f in pb.FastRPParams.DESCRIPTOR.fields)
+_FASTRP_FLOATS = ("beta", "self_influence", "property_ratio", "whiten")
+
+
 def fastrp_params_to_proto(p: dict | FastRPParams) -> pb.FastRPParams:
+    """Client side; a key that is not a FastRP parameter (a typo) is an InvalidArgument, not dropped."""
     d = p.as_dict() if isinstance(p, FastRPParams) else dict(p)
-    msg = pb.FastRPParams(dim=int(d.get("dim", 0)), seed=int(d.get("seed", 0)))
-    if "iteration_weights" in d:
-        msg.iteration_weights.extend(float(w) for w in d["iteration_weights"])
-    if "s" in d:
-        msg.s = str(d["s"])
-    for f in ("beta", "self_influence", "property_ratio"):
-        if f in d:
-            setattr(msg, f, float(d[f]))
-    for f in ("normalize", "propagate_normalized", "standardize"):
-        if f in d:
-            setattr(msg, f, bool(d[f]))
+    unknown = sorted(set(d) - set(FASTRP_PARAM_FIELDS), key=str)
+    if unknown:
+        raise InvalidArgument(f"unknown FastRP parameters {unknown}; valid: {list(FASTRP_PARAM_FIELDS)}")
+    name = "dim"
+    try:
+        msg = pb.FastRPParams(dim=int(d.get("dim", 0)))
+        name = "seed"
+        msg.seed = int(d.get("seed", 0))
+        name = "iteration_weights"
+        if "iteration_weights" in d:
+            msg.iteration_weights.extend(float(w) for w in d["iteration_weights"])
+        if "s" in d:
+            msg.s = str(d["s"])
+        for name in _FASTRP_FLOATS:
+            if name in d:
+                setattr(msg, name, float(d[name]))
+        for name in ("normalize", "propagate_normalized", "standardize"):
+            if name in d:
+                if not isinstance(d[name], (bool, np.bool_)):
+                    raise TypeError(f"expected true or false, got {d[name]!r}")
+                setattr(msg, name, bool(d[name]))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"FastRP parameter {name}: {e}") from None
     return msg
 
 
@@ -237,7 +255,7 @@ def fastrp_params_from_proto(msg: pb.FastRPParams) -> dict:
             d["s"] = val if math.isfinite(val) else msg.s
         except ValueError:
             d["s"] = msg.s
-    for f in ("beta", "self_influence", "property_ratio", "normalize", "propagate_normalized", "standardize"):
+    for f in (*_FASTRP_FLOATS, "normalize", "propagate_normalized", "standardize"):
         if msg.HasField(f):
             d[f] = getattr(msg, f)
     return d

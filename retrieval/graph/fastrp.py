@@ -20,6 +20,9 @@ Equations (paper notation; A the n x n adjacency, D = diag(A 1) the (weighted) d
     (GDS variant, propagate_normalized=True:  N_i = S nrm(N_{i-1}) -- the rows are normalised before
      they are averaged again; the paper's code propagates the raw S^i N_0 and normalises only when summing)
     E    <- (E - mean) / std  column-wise              only with standardize=True (the paper's code)
+    E    <- (E - mean) C^{-gamma/2},  C = V diag(c) V^T the column covariance of E, C^{-gamma/2} =
+            V diag(max(c, 1e-5 max c))^{-gamma/2} V^T     only with whiten = gamma > 0 (ours, see below);
+            then standardised again when standardize=True
 
 The paper's BlogCatalog setting is ``iteration_weights=[0, 0, 1, 6.67]``, ``beta=-0.64``, ``s=sqrt(n)``
 (scikit-learn's SparseRandomProjection ``density='auto'``), per-power L2 normalisation and a final
@@ -36,9 +39,17 @@ Departures, and why:
   numpy generator in fixed node chunks, so the result depends only on ``seed`` (not on threads).
 - The degree scaling ``L`` multiplies the random part only (as in GDS); the feature part is not scaled.
 - Directed graphs propagate along out-edges (``S`` built from the out-adjacency).
+- ``whiten`` (not in the paper or GDS; default 0 = off) decorrelates the columns of the final embedding
+  (partial ZCA whitening, exponent gamma in (0, 1]). ``E = U f(Lambda) U^T R`` mixes the eigenvectors that
+  the filter ``f`` keeps by a random ``d``-column matrix; an L2-regularised linear classifier on ``E`` then
+  under-uses the directions the mixing shrank. Whitening undoes the mixing (gamma = 1: a rotation of the
+  kept band when ``f`` is a clean band) at ``O(n d^2)``; on BlogCatalog (d = 128, gamma = 0.5) it added
+  0.005-0.01 held-out Micro-F1 (bench/results/graph/fastrp_tune.md). It is a linear map of the columns,
+  like the standardisation; the rows are unchanged otherwise.
 
 Memory: the sparse ``A`` (O(m)) plus three dense n x d float32 arrays (current ``N_i``, the sum ``E``,
-and one temporary); no dense n x n matrix is ever formed. Time: O(k m d).
+and one temporary; with ``whiten`` the whitened copy of ``E``); no dense n x n matrix is ever formed.
+Time: O(k m d), plus O(n d^2) with ``whiten``.
 
 Thread-safety: :func:`fastrp` is a pure function of its arguments.
 """
@@ -79,7 +90,9 @@ class FastRPParams:
     dimensions fed by node features, in [0, 1] (needs features when > 0). normalize: per-iteration row L2
     normalisation. propagate_normalized: True (GDS) averages the normalised rows in the next iteration,
     False (the paper's code) propagates the raw ``S^i N_0`` and normalises only the copy that is summed.
-    standardize: final column standardisation. seed: generator seed.
+    standardize: final column standardisation. whiten: exponent gamma in [0, 1] of the final partial
+    whitening ``E <- (E - mean) C^{-gamma/2}`` (C the column covariance; 0 = off, the default; 1 = ZCA
+    whitening), applied after the standardisation (which is then redone). seed: generator seed.
     """
 
     dim: int = 128
@@ -91,6 +104,7 @@ class FastRPParams:
     normalize: bool = True
     propagate_normalized: bool = True
     standardize: bool = False
+    whiten: float = 0.0
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -99,6 +113,28 @@ class FastRPParams:
         d.pop("extra")
         d["iteration_weights"] = [float(w) for w in self.iteration_weights]
         return d
+
+
+def describe_params(p: "dict | FastRPParams") -> str:
+    """FastRP parameters in a few words, e.g. ``powers 26-32 flat, beta 0, GDS propagation, dim 64``
+    (unset fields of a dict read as the defaults)."""
+    d = p.as_dict() if isinstance(p, FastRPParams) else dict(p)
+    w = [float(x) for x in d.get("iteration_weights", FastRPParams.iteration_weights)]
+    nz = [i + 1 for i, x in enumerate(w) if x]
+    if not nz:
+        ws = "no iteration weights"
+    elif len(nz) == 1:
+        ws = f"power {nz[0]}"
+    elif len({x for x in w if x}) == 1 and nz == list(range(nz[0], nz[-1] + 1)):
+        ws = f"powers {nz[0]}-{nz[-1]} flat"
+    else:
+        ws = "weights " + ",".join(f"A^{i + 1}:{x:.2g}" for i, x in enumerate(w) if x)
+    prop = "GDS" if d.get("propagate_normalized", True) else "paper"
+    out = f"{ws}, beta {float(d.get('beta', 0.0)):g}, {prop} propagation"
+    for key in ("property_ratio", "whiten"):
+        if d.get(key):
+            out += f", {key} {float(d[key]):g}"
+    return out + (f", dim {d['dim']}" if "dim" in d else "")
 
 
 def resolve_s(s, n_in: int) -> float:
@@ -198,6 +234,9 @@ def check_params(p: FastRPParams, n: int, has_features: bool) -> list[str]:
         raise InvalidArgument("property_ratio > 0 needs node features (none were given)")
     if p.property_ratio > 0 and round(p.dim * p.property_ratio) == 0:
         raise InvalidArgument(f"property_ratio={p.property_ratio} gives 0 feature dimensions out of dim={p.dim}")
+    if (isinstance(p.whiten, bool) or not isinstance(p.whiten, (int, float, np.floating, np.integer))
+            or not math.isfinite(p.whiten) or not 0 <= p.whiten <= 1):
+        raise InvalidArgument(f"whiten (whitening exponent) must be a number in [0, 1], got {p.whiten!r}")
     if sum(weights) == 0 and p.self_influence == 0:
         raise InvalidArgument("all iteration_weights are 0 and self_influence is 0: the embedding would be all zeros")
     resolve_s(p.s, max(n, 1))
@@ -319,13 +358,56 @@ def fastrp(
             progress(i + 1, k, "fastrp iterations")
     del N
     if params.standardize:
-        mean = E.mean(axis=0, dtype=np.float64).astype(np.float32)
-        std = E.std(axis=0, dtype=np.float64).astype(np.float32)
-        std[std == 0] = 1.0
-        E -= mean
-        E /= std
+        _standardize(E)
+    if params.whiten > 0:
+        E = whiten_columns(E, float(params.whiten))
+        if params.standardize:
+            _standardize(E)
     logger.info("fastrp: n=%d nnz=%d d=%d k=%d in %.3fs", n, A.nnz, d, k, time.perf_counter() - t0)
     return E
+
+
+def _standardize(E: np.ndarray) -> None:
+    """Column standardisation in place (zero-variance columns are only centred)."""
+    mean = E.mean(axis=0, dtype=np.float64).astype(np.float32)
+    std = E.std(axis=0, dtype=np.float64).astype(np.float32)
+    std[std == 0] = 1.0
+    E -= mean
+    E /= std
+
+
+_WHITEN_FLOOR = 1e-5  # covariance eigenvalues below this share of the largest are raised to it
+
+
+def whitening_matrix(E: np.ndarray, gamma: float, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, W)`` of the partial whitening ``(E - mean) @ W``, ``W = C^{-gamma/2}`` (symmetric, float64
+    ``[d, d]``) for the column covariance ``C`` of ``E[rows]`` (all rows when None), its eigenvalues
+    floored at ``1e-5`` times the largest. Accumulated in float64 over row chunks."""
+    X = E if rows is None else E[rows]
+    m, d = X.shape
+    mean = X.mean(axis=0, dtype=np.float64)
+    G = np.zeros((d, d))
+    for a in range(0, m, 8192):
+        blk = X[a:a + 8192].astype(np.float64) - mean
+        G += blk.T @ blk
+    c, V = np.linalg.eigh(G / max(m, 1))
+    top = c.max() if c.size else 0.0
+    if top <= 0:
+        return mean, np.eye(d)
+    c = np.maximum(c, _WHITEN_FLOOR * top)
+    return mean, (V * c ** (-gamma / 2)) @ V.T
+
+
+def whiten_columns(E: np.ndarray, gamma: float, rows: np.ndarray | None = None) -> np.ndarray:
+    """``(E - mean) C^{-gamma/2}`` (float32, a new array), mean and covariance from ``E[rows]`` (or all rows):
+    see :func:`whitening_matrix`."""
+    mean, W = whitening_matrix(E, gamma, rows)
+    out = np.empty(E.shape, np.float32)
+    Wf = W.astype(np.float32)
+    mf = mean.astype(np.float32)
+    for a in range(0, E.shape[0], 8192):
+        out[a:a + 8192] = (E[a:a + 8192] - mf) @ Wf
+    return out
 
 
 def fastrp_dense_reference(A_dense: np.ndarray, params: FastRPParams, features=None) -> np.ndarray:
@@ -370,9 +452,20 @@ def fastrp_dense_reference(A_dense: np.ndarray, params: FastRPParams, features=N
         for w in params.iteration_weights:
             P = S @ P  # explicit power S^i (dense n x n)
             E = E + w * nrm(P @ N0)
+
+    def stdz(M):
+        sd = M.std(0)
+        return (M - M.mean(0)) / np.where(sd == 0, 1, sd)
+
     if params.standardize:
-        sd = E.std(0)
-        E = (E - E.mean(0)) / np.where(sd == 0, 1, sd)
+        E = stdz(E)
+    if params.whiten > 0:  # explicit eigendecomposition of the covariance, in float64
+        Ec = E - E.mean(0)
+        c, V = np.linalg.eigh(Ec.T @ Ec / n)
+        c = np.maximum(c, 1e-5 * c.max())
+        E = Ec @ (V * c ** (-params.whiten / 2)) @ V.T
+        if params.standardize:
+            E = stdz(E)
     return E
 
 

@@ -190,7 +190,7 @@ class NeighborsResponse(_message.Message):
     def __init__(self, offsets: _Optional[_Iterable[int]] = ..., ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FastRPParams(_message.Message):
-    __slots__ = ("dim", "iteration_weights", "beta", "s", "self_influence", "property_ratio", "normalize", "propagate_normalized", "standardize", "seed")
+    __slots__ = ("dim", "iteration_weights", "beta", "s", "self_influence", "property_ratio", "normalize", "propagate_normalized", "standardize", "seed", "whiten")
     DIM_FIELD_NUMBER: _ClassVar[int]
     ITERATION_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class FastRPParams(_message.Message):
     PROPAGATE_NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     STANDARDIZE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    WHITEN_FIELD_NUMBER: _ClassVar[int]
     dim: int
     iteration_weights: _containers.RepeatedScalarFieldContainer[float]
     beta: float
@@ -211,7 +212,8 @@ class FastRPParams(_message.Message):
     propagate_normalized: bool
     standardize: bool
     seed: int
-    def __init__(self, dim: _Optional[int] = ..., iteration_weights: _Optional[_Iterable[float]] = ..., beta: _Optional[float] = ..., s: _Optional[str] = ..., self_influence: _Optional[float] = ..., property_ratio: _Optional[float] = ..., normalize: _Optional[bool] = ..., propagate_normalized: _Optional[bool] = ..., standardize: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    whiten: float
+    def __init__(self, dim: _Optional[int] = ..., iteration_weights: _Optional[_Iterable[float]] = ..., beta: _Optional[float] = ..., s: _Optional[str] = ..., self_influence: _Optional[float] = ..., property_ratio: _Optional[float] = ..., normalize: _Optional[bool] = ..., propagate_normalized: _Optional[bool] = ..., standardize: _Optional[bool] = ..., seed: _Optional[int] = ..., whiten: _Optional[float] = ...) -> None: ...
 
 class RunFastRPRequest(_message.Message):
     __slots__ = ("graph", "embedding", "params", "use_features", "index", "metric", "tune", "tune_options_json", "tune_options")

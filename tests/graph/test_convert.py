@@ -136,3 +136,17 @@ def test_tune_options_typed_round_trip_and_checks():
                        ([1], "must be an object")):
         with pytest.raises(InvalidArgument, match=match):
             gconv.tune_fields(True, bad)
+
+
+def test_fastrp_params_whiten_and_bad_keys():
+    p = FastRPParams(dim=32, whiten=0.5, standardize=True)
+    msg = gconv.fastrp_params_to_proto(p)
+    assert msg.HasField("whiten") and msg.whiten == 0.5
+    assert FastRPParams(**gconv.fastrp_params_from_proto(msg)).as_dict() == p.as_dict()
+    assert "whiten" not in gconv.fastrp_params_from_proto(pb.FastRPParams(dim=8))  # unset: the default (off)
+    assert set(gconv.FASTRP_PARAM_FIELDS) == set(FastRPParams(dim=8).as_dict())  # the proto carries every field
+    for bad, match in (({"dim": 8, "betta": 0.5}, "unknown FastRP parameters"), ({"dim": 8, "beta": "x"}, "beta"),
+                       ({"dim": 8, "normalize": "no"}, "normalize"), ({"dim": "eight"}, "dim"),
+                       ({"dim": 8, "iteration_weights": ["a"]}, "iteration_weights")):
+        with pytest.raises(InvalidArgument, match=match):
+            gconv.fastrp_params_to_proto(bad)

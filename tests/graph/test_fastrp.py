@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,6 +44,30 @@ def test_matches_dense_reference_with_features_weights_and_standardize():
     R = fastrp_dense_reference(A.toarray(), p, features=X)
     assert np.abs(E - R).max() < 1e-4 * max(1.0, np.abs(R).max())
     assert np.allclose(E.mean(0), 0, atol=1e-4) and np.allclose(E.std(0), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_whitening_matches_dense_reference(celegans, standardize, gamma):
+    p = FastRPParams(dim=32, iteration_weights=(0.0, 1.0, 2.0), beta=-0.5, standardize=standardize, whiten=gamma,
+                     seed=2)
+    E = fastrp(celegans.adjacency(), p)
+    R = fastrp_dense_reference(celegans.adjacency().toarray(), p)
+    assert E.dtype == np.float32 and E.shape == (celegans.n, 32)
+    assert np.abs(E - R).max() < 1e-3 * max(1.0, np.abs(R).max())
+    C = np.cov(E.astype(np.float64), rowvar=False, bias=True)
+    C0 = np.cov(fastrp(celegans.adjacency(), replace(p, whiten=0.0)).astype(np.float64), rowvar=False, bias=True)
+    off = lambda M: np.abs(M / np.sqrt(np.outer(np.diag(M), np.diag(M))) - np.eye(len(M))).max()
+    assert off(C) < off(C0)  # decorrelated columns: less correlation than without whitening ...
+    if gamma == 1.0:         # ... and none at gamma = 1 (ZCA whitening: identity covariance)
+        assert np.abs(C - np.eye(32)).max() < 1e-3
+    assert np.allclose(E.mean(0), 0, atol=1e-4)
+
+
+def test_whiten_zero_is_the_unwhitened_embedding(cora):
+    p = FastRPParams(dim=32, iteration_weights=(0.0, 1.0, 1.0), standardize=True, seed=1)
+    assert fastrp(cora.adjacency(), p).tobytes() == fastrp(cora.adjacency(), replace(p, whiten=0.0)).tobytes()
+    assert p.as_dict()["whiten"] == 0.0
 
 
 def test_unnormalized_matches_plain_powers(celegans):
@@ -112,6 +137,10 @@ def test_presets_are_documented_values():
         (dict(property_ratio=1.5), r"property_ratio must be in \[0, 1\]"),
         (dict(self_influence=-1.0), "self_influence"),
         (dict(beta=float("nan")), "beta"),
+        (dict(whiten=-0.1), r"whiten .* in \[0, 1\]"),
+        (dict(whiten=1.5), r"whiten .* in \[0, 1\]"),
+        (dict(whiten=float("nan")), "whiten"),
+        (dict(whiten=True), "whiten"),
     ],
 )
 def test_bad_hyper_parameters(celegans, kw, msg):

@@ -150,6 +150,15 @@ def test_fastrp_bad_params(client, ce):
         client.run_fastrp("empty", dim=8)
     job = client.run_fastrp(ce, dim=8, beta=-2.5, embedding="wild")  # far outside [-1, 1]: warned, not refused
     assert job["state"] == "succeeded"
+    with pytest.raises(InvalidArgument, match="whiten"):
+        client.run_fastrp(ce, dim=8, whiten=2.0)
+    with pytest.raises(InvalidArgument, match="unknown FastRP parameters"):
+        client.run_fastrp(ce, dim=8, betta=0.5)  # a typo is refused, not dropped
+    job = client.run_fastrp(ce, dim=8, whiten=1.0, embedding="white")  # the whitening travels through the proto
+    assert job["state"] == "succeeded" and job["result"]["params"]["whiten"] == 1.0
+    X = client.get_embeddings(ce, "white").astype(np.float64)
+    C = np.cov(X, rowvar=False, bias=True)
+    assert np.allclose(C, np.eye(8), atol=1e-3)  # ZCA-whitened columns
     with pytest.raises(NotFound):
         client.similar_nodes(ce, [0], embedding="missing")
     with pytest.raises(InvalidArgument, match="outside the graph"):
