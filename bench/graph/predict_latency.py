@@ -14,7 +14,9 @@ for candidates).
         --epochs 1 --max-batches 10 --calls 100 --score-calls 10 --every-calls 3            # BlogCatalog
 
 BlogCatalog has no node features: its models use ``input="learnable"`` and train on every edge
-(``evaluate="none"``, a few batches: the numbers here are about speed, not accuracy). ``--baseline``
+(``evaluate="none"``, a few batches: the numbers here are about speed, not accuracy). ``--quantize int8``
+also times each model served with int8 weights (opt-in), in process, beside the exact one, with how far
+it moves the answers. ``--baseline``
 names an earlier result JSON of the same bench (e.g. measured before a change) to print beside this run.
 """
 
@@ -75,6 +77,8 @@ def _parse(argv):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--res-deg", type=int, default=0,
                     help="also an NCNC model with test_res_deg = this (sampled completion, the reference's --tstdeg)")
+    ap.add_argument("--quantize", choices=["int8"], default=None,
+                    help="also time each model served with this opt-in quantisation, in process, beside the exact one")
     ap.add_argument("--baseline", default=None, help="an earlier result JSON of this bench to compare with")
     ap.add_argument("--note", default="", help="a line for the report (what this run measures)")
     ap.add_argument("--name", default=None, help="result file name (default predict_latency[_<graph>])")
@@ -106,8 +110,9 @@ def _cases(c, sc, model, nodes, cands, given, pair_sets, args, n):
 
 
 def _agreement(exact, capped, nodes, cands, pair_sets, args) -> dict:
-    """How far the sampled completion (``test_res_deg``) moves NCNC's answers: top-10 overlap of PredictLinks
-    (100 FastRP candidates) and |delta p| of ScoreLinks, against the exact model (the same weights)."""
+    """How far an approximate serving (the sampled completion ``test_res_deg``, or int8 weights) moves the
+    answers: top-10 overlap of PredictLinks (100 FastRP candidates) and |delta p| of ScoreLinks, against the
+    exact model (the same weights)."""
     same = all(a.equal(b) for a, b in zip(exact.model.state_dict().values(), capped.model.state_dict().values()))
     overlap = [len(set(exact.predict(int(u), cands[i], 10)[0]) & set(capped.predict(int(u), cands[i], 10)[0])) / 10
                for i, u in enumerate(nodes[: args.calls])]
@@ -115,6 +120,34 @@ def _agreement(exact, capped, nodes, cands, pair_sets, args) -> dict:
     return {"res_deg": args.res_deg, "same_weights": bool(same), "top10_overlap_mean": float(np.mean(overlap)),
             "top10_overlap_min": float(np.min(overlap)), "score_abs_diff_mean": float(dp.mean()),
             "score_abs_diff_max": float(dp.max())}
+
+
+def _quantized(store, scorers, models, nodes, cands, given, pair_sets, args, n) -> dict:
+    """Each model served exact and with ``--quantize`` (a second copy of the stored model), in process, the
+    two calls alternating: p50 / p95 of both and the agreement (:func:`_agreement`)."""
+    from retrieval.graph.linkpred import LinkScorer
+
+    out = {}
+    for p in models:
+        if "deg" in p:
+            continue
+        exact = scorers[p]
+        q = LinkScorer.load(store, "g", p, device="cpu", quantize=args.quantize)
+        cases = {"PredictLinks k=10, 100 FastRP candidates": (lambda i, s: s.predict(int(nodes[i]), cands[i], 10), args.calls),
+                 "PredictLinks k=10, 200 given candidates": (lambda i, s: s.predict(int(nodes[i]), given, 10), args.calls),
+                 f"ScoreLinks {args.pairs:,} pairs": (lambda i, s: s.score(pair_sets[i]), args.score_calls)}
+        if args.every_calls:
+            cases[f"PredictLinks k=10, every node ({n:,})"] = (lambda i, s: s.predict(int(nodes[i]), None, 10),
+                                                               args.every_calls)
+        res = {}
+        for name, (f, calls) in cases.items():
+            a, b = _timed_pair(lambda i, f=f, s=exact: f(i, s), lambda i, f=f, s=q: f(i, s), calls, args.warmup)
+            res[name] = {"exact": a, args.quantize: b}
+            print(f"{p.upper()} {name}: exact {a['p50_ms']:.2f} ms, {args.quantize} {b['p50_ms']:.2f} ms", flush=True)
+        agree = _agreement(exact, q, nodes, cands, pair_sets, args)
+        agree.pop("res_deg")
+        out[p] = {"calls": res, "agreement": agree}
+    return out
 
 
 def _measure(args) -> dict:
@@ -181,6 +214,8 @@ def _measure(args) -> dict:
                 capped = f"ncnc-deg{args.res_deg}"
                 if capped in scorers:
                     out["res_deg"] = _agreement(scorers["ncnc"], scorers[capped], nodes, cands, pair_sets, args)
+                if args.quantize:
+                    out["quantized"] = _quantized(store, scorers, models, nodes, cands, given, pair_sets, args, g.n)
         finally:
             srv.stop()
     out["graph"] = {"name": spec["title"], "n": g.n, "m": int(g.num_edges),
@@ -202,6 +237,27 @@ def _score_rate_table(res: dict) -> str:
     rows = [[name, f"{res['grpc'][name]['pairs_per_s']:,.0f}", f"{res['in_process'][name]['pairs_per_s']:,.0f}"]
             for name in res["grpc"] if "pairs_per_s" in res["grpc"][name]]
     return md_table(["call", "gRPC pairs/s (p50)", "in-process pairs/s (p50)"], rows) if rows else ""
+
+
+def _quantized_md(res: dict, mode: str) -> str:
+    """The in-process exact vs quantised table and the agreement lines."""
+    rows, lines = [], []
+    for p, r in res.items():
+        for name, c in r["calls"].items():
+            a, b = c["exact"], c[mode]
+            rows.append([f"{p.upper()} {name}", f"{a['p50_ms']:.2f}", f"{b['p50_ms']:.2f}", f"{a['p95_ms']:.2f}",
+                         f"{b['p95_ms']:.2f}", f"{a['p50_ms'] / b['p50_ms']:.2f}x"])
+        g = r["agreement"]
+        lines.append(f"{p.upper()} {mode} against exact: PredictLinks top-10 overlap {g['top10_overlap_mean']:.3f} on "
+                     f"average (lowest {g['top10_overlap_min']:.1f}), ScoreLinks |delta p| "
+                     f"{g['score_abs_diff_mean']:.4f} on average ({g['score_abs_diff_max']:.4f} at most).")
+    table = md_table(["call (in process)", "exact p50 ms", f"{mode} p50 ms", "exact p95 ms", f"{mode} p95 ms",
+                      "speed-up (p50)"], rows)
+    return (f"\n## Opt-in {mode} serving (in process)\n\nThe same stored models loaded a second time with "
+            f"`LinkScorer.load(..., quantize=\"{mode}\")` (the hidden x hidden linear layers of the pair MLPs "
+            "dynamically quantised; the cached node products stay fp32); the exact and the quantised call "
+            "alternate. Not reachable over gRPC yet (no request or config field carries it).\n\n"
+            + table + "\n\n" + "\n".join(lines) + "\n")
 
 
 def _baseline_table(res: dict, base: dict) -> str:
@@ -249,8 +305,11 @@ def main(argv=None) -> dict:
     env = environment("cpu")
     name = args.name or ("predict_latency" if args.graph == "cora" else f"predict_latency_{args.graph}")
     command = "python -m bench.graph.predict_latency " + " ".join(argv if argv is not None else sys.argv[1:])
+    from retrieval.graph.ncn import SERVE_CHUNK, serving_linear
+
+    kernel = "oneDNN (`torch.ops.mkldnn._linear_pointwise`)" if serving_linear() else "`F.linear` (MKL)"
     results = dict(res, epochs=args.epochs, max_batches=args.max_batches, pairs=args.pairs, env=env,
-                   command=command, note=args.note)
+                   command=command, note=args.note, serving_linear=kernel)
     table, rates = _table(res), _score_rate_table(res)
     gi = res["graph"]
     feats = f"{gi['features']:,} features" if gi["features"] else "no node features"
@@ -270,6 +329,7 @@ def main(argv=None) -> dict:
                   f"top-10 overlap {r['top10_overlap_mean']:.3f} on average (lowest {r['top10_overlap_min']:.1f}), "
                   f"ScoreLinks |delta p| {r['score_abs_diff_mean']:.4f} on average ({r['score_abs_diff_max']:.4f} "
                   "at most).\n")
+    quant_md = _quantized_md(res["quantized"], args.quantize) if res.get("quantized") else ""
     base_md = ""
     if args.baseline:
         base = json.loads(Path(args.baseline).read_text())
@@ -277,7 +337,8 @@ def main(argv=None) -> dict:
                                "git": base.get("env", {}).get("git"), "grpc": base["grpc"],
                                "in_process": base["in_process"]}
         base_md = (f"\n## Before / after\n\nBefore: `{args.baseline}` (git {base.get('env', {}).get('git')}, "
-                   f"`{base.get('command')}`).\n\n"
+                   f"`{base.get('command')}`), an earlier run on the same shared machine (so the load can differ "
+                   "between the two columns).\n\n"
                    + _baseline_table(res, base) + "\n")
     md = f"""# Link-prediction serving latency on {gi['name']} (gRPC vs in process)
 
@@ -291,12 +352,13 @@ alternating; the in-process column runs the same stored model through `LinkScore
 exact numpy cosine search over the same embeddings). The in-process PredictLinks with FastRP candidates
 reuses the candidate lists the service returned, so it excludes the vector search. ScoreLinks draws fresh
 random pairs for every call. Machine: {env['cpu']}, {env['cpu_count']} vCPUs shared with other jobs, 1 torch
-thread in the server (OMP_NUM_THREADS=1) and {env['torch_threads']} in the bench process.
+thread in the server (OMP_NUM_THREADS=1) and {env['torch_threads']} in the bench process. The served NCN / NCNC
+pair MLPs run in chunks of {SERVE_CHUNK} pairs, their fp32 linear layers through {kernel}.
 
 {table}
 
 {rates}
-{cap_md}{base_md}"""
+{cap_md}{quant_md}{base_md}"""
     out = write_results(name, results, md, args.out)
     _plot(res, out / f"{name}.png", f"Graph serving latency ({gi['name']})")
     print(table)

@@ -690,30 +690,44 @@ class LinkScorer:
     """Serves a trained link model over a graph: ``score(pairs)`` -> probabilities, ``predict(node, ...)``
     -> top-k new neighbours among candidates.
 
-    Node representations are computed once (with the graph's current full adjacency) and cached.
-    Thread-safety: calls are serialised by an internal lock.
+    Node representations are computed once (with the graph's current full adjacency) and cached, with
+    what the predictor's :meth:`~retrieval.graph.ncn.NCNPredictor.freeze` caches (the scores are the
+    plain model's up to float rounding). ``quantize``: ``None`` (exact fp32, the default) or ``"int8"``
+    (opt-in, approximate: the NCN / NCNC pair MLPs run with dynamically quantised int8 weights, about
+    1.3-1.5x faster on CPU; see bench/results/graph/predict_latency_blogcatalog.md for how far it moves
+    the scores). Thread-safety: calls are serialised by an internal lock.
     """
 
-    def __init__(self, model: LinkModel, x, adj: Adj, graph: Graph, batch: int = 8192) -> None:
+    def __init__(self, model: LinkModel, x, adj: Adj, graph: Graph, batch: int = 8192,
+                 quantize: str | None = None) -> None:
+        from retrieval.graph.ncn import QUANTIZE_MODES
+
+        if quantize not in QUANTIZE_MODES:
+            raise InvalidArgument(f"quantize must be one of {list(QUANTIZE_MODES)}, got {quantize!r}")
         self.model = model.eval()
         self.x = x
         self.adj = adj
         self.graph = graph
         self.batch = int(batch)
+        self.quantize = quantize
         self._lock = threading.Lock()
         with torch.inference_mode():
             self.h = model.encode(x, adj)
             freeze = getattr(model.predictor, "freeze", None)
             if freeze is not None:  # what every call would recompute for all n nodes, computed once
-                freeze(self.h)
+                freeze(self.h, quantize=quantize)
+            elif quantize is not None:
+                raise InvalidArgument(f"quantize={quantize!r} needs an NCN or NCNC model, not "
+                                      f"{model.cfg.predictor!r}")
 
     @staticmethod
-    def from_training(res: TrainResult, graph: Graph) -> "LinkScorer":
-        return LinkScorer(res.model, res.x, res.adj, graph, res.config.test_batch_size)
+    def from_training(res: TrainResult, graph: Graph, quantize: str | None = None) -> "LinkScorer":
+        return LinkScorer(res.model, res.x, res.adj, graph, res.config.test_batch_size, quantize=quantize)
 
     @staticmethod
-    def load(store, graph: str, model_name: str, device: str | None = None) -> "LinkScorer":
-        """Load ``<graph>/models/<model_name>`` from a :class:`GraphStore`."""
+    def load(store, graph: str, model_name: str, device: str | None = None,
+             quantize: str | None = None) -> "LinkScorer":
+        """Load ``<graph>/models/<model_name>`` from a :class:`GraphStore` (``quantize``: see the class)."""
         from retrieval.errors import NotFound
 
         g = store.load(graph)
@@ -743,7 +757,7 @@ class LinkScorer:
             seen = mask_edges(g, np.load(mdir / "held_out.npy", allow_pickle=False))
         e = torch.from_numpy(undirected_edges(seen)).to(dev)
         adj = Adj.from_edges(e[:, 0], e[:, 1], g.n)
-        return LinkScorer(model, x, adj, g, cfg.test_batch_size)
+        return LinkScorer(model, x, adj, g, cfg.test_batch_size, quantize=quantize)
 
     def score(self, pairs) -> np.ndarray:
         """Probabilities (sigmoid of the logits) for node pairs ``[P, 2]``; float32 ``[P]``."""

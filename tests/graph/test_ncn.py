@@ -56,11 +56,12 @@ def _completion_like_pairs(adj, A, u, candidates):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # on CPU: the numpy plan, and the torch one
 @pytest.mark.parametrize("max_table,max_work", [(1 << 22, 1 << 23), (1, 50), (600, 1 << 23)])
-def test_pair_common_neighbors_equals_the_intersection(adj_and_dense, max_table, max_work):
+def test_pair_common_neighbors_equals_the_intersection(adj_and_dense, max_table, max_work, backend):
     """Grouped by anchor (mask, walk, walk into the partners; a table of one row at a time and tiny work
     groups in the second case; small=0: even where the plain intersection would be taken for its small
-    size), the answer is common_neighbors', entry for entry, in its order."""
+    size), the answer is common_neighbors', entry for entry, in its order, with either backend."""
     from retrieval.graph.ncn import _anchor_partner, _cn_plan, pair_common_neighbors
 
     adj, A = adj_and_dense
@@ -70,7 +71,7 @@ def test_pair_common_neighbors_equals_the_intersection(adj_and_dense, max_table,
     for u in (hub, low):
         cands = np.setdiff1d(np.random.default_rng(u).choice(adj.n, 30, replace=False), [u])
         x, y = _completion_like_pairs(adj, A, u, cands)
-        got = pair_common_neighbors(adj, x, y, max_table=max_table, max_work=max_work, small=0)
+        got = pair_common_neighbors(adj, x, y, max_table=max_table, max_work=max_work, small=0, backend=backend)
         ref = common_neighbors(adj, x, y)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         assert ref[0].numel() > 100
@@ -80,9 +81,10 @@ def test_pair_common_neighbors_equals_the_intersection(adj_and_dense, max_table,
         seen |= set(_cn_plan(adj, adj.deg(), anchors, r_of, per, key % adj.n, *gather_rows(adj, anchors))[0].tolist())
     assert seen == {0, 1, 2}  # every way was taken
     src, dst = _pairs(adj.n, 300, 0)  # nothing shared: the plain intersection
-    assert all(torch.equal(g, r) for g, r in zip(pair_common_neighbors(adj, src, dst), common_neighbors(adj, src, dst)))
+    assert all(torch.equal(g, r) for g, r in zip(pair_common_neighbors(adj, src, dst, backend=backend),
+                                                 common_neighbors(adj, src, dst)))
     e = torch.zeros(0, dtype=torch.long)
-    assert [t.numel() for t in pair_common_neighbors(adj, e, e)] == [0, 0]
+    assert [t.numel() for t in pair_common_neighbors(adj, e, e, backend=backend)] == [0, 0]
 
 
 def test_remove_edges_and_drop_entries(adj_and_dense):
