@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from retrieval.core.registry import Registry
+from retrieval.drafting.kernels import _prefix_trie_t
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Candidates:
     ``prior`` float64 in [0, 1], the source's prior for ``P(node accepted | parent accepted)``; ``feat``
     int64 calibration bucket in ``[0, n_feat)``; ``depth`` int32, 1 for children of the root, non-decreasing.
     ``match_len``: length of the context suffix that was matched (0 when not applicable).
+
+    Derived values are remembered on the instance (``levels``; the merger's evaluation against the accepted
+    ids and depth buckets), so candidates belong to one session (sources make fresh ones per draft).
     """
 
     source: str
@@ -145,18 +149,62 @@ def trie_candidates(source: str, tok: np.ndarray, par: np.ndarray, cnt: np.ndarr
     (one occurrence is weak evidence); ``g`` discounts short suffix matches ``m`` at the first token.
     Calibration bucket: (depth, r in tenths, support c(u), match length).
     """
-    parent_cnt = np.where(par >= 0, cnt[np.maximum(par, 0)], root_count)
+    par = np.asarray(par)
+    return _trie_candidates(source, np.asarray(tok).astype(np.int32), par.astype(np.int32),
+                            np.where(par >= 0, par, -1).astype(np.int64), np.asarray(cnt).astype(np.float64),
+                            np.asarray(dep).astype(np.int32), np.asarray(dep) == 1, root_count, match_len, alpha,
+                            match_scale)
+
+
+_SUPPORT_EDGES_F = SUPPORT_EDGES.astype(np.float64)
+
+
+def continuation_candidates(source: str, R: np.ndarray, weights: np.ndarray | None, is_sorted: bool,
+                            root_count: float, match_len: int, alpha: float = 1.0,
+                            match_scale: float = 2.0) -> Candidates | None:
+    """:func:`trie_candidates` of ``prefix_trie(R.T, weights, is_sorted)`` in one pass (``R``: the
+    transposed continuation rows, ``(depth, k)``, from :func:`~retrieval.drafting.kernels.gather_continuations_t`);
+    ``None`` when the trie is empty."""
+    tok, par, par64, cnt, dep, levels = _prefix_trie_t(R, weights, is_sorted)
+    if len(tok) == 0:
+        return None
+    c = _trie_candidates(source, tok, par, par64, cnt, dep, slice(0, levels[0][2]), root_count, match_len, alpha,
+                         match_scale)
+    c.__dict__["levels"] = levels  # the cached property, known already
+    return c
+
+
+def _trie_candidates(source: str, tok: np.ndarray, par: np.ndarray, par64: np.ndarray, cnt: np.ndarray,
+                     dep: np.ndarray, first, root_count: float, match_len: int, alpha: float = 1.0,
+                     match_scale: float = 2.0) -> Candidates:
+    """:func:`trie_candidates` of fresh arrays of the final dtypes (int32, int32, float64, int32), which the
+    candidates then own; ``par64``: the parents as int64; ``first`` selects the depth-1 nodes (a mask, or
+    a slice ``[:n]`` of a BFS trie). The float operations are those of the formula, in the same order."""
+    n = len(cnt)
+    ext = np.empty(n + 1)  # ext[0] = c(root), ext[1 + v] = c(v): c(parent(v)) = ext[parent(v) + 1]
+    ext[0] = root_count
+    ext[1:] = cnt
+    parent_cnt = ext[par64 + 1]
     r = cnt / np.maximum(parent_cnt, 1e-9)
-    prior = r * parent_cnt / (parent_cnt + alpha)
-    first = dep == 1
-    prior = np.where(first, prior * match_len / (match_len + match_scale), prior)
-    db = np.minimum(dep, DEPTH_BUCKETS) - 1
-    rb = np.minimum((r * 10).astype(np.int64), 10)
-    sb = np.searchsorted(SUPPORT_EDGES, parent_cnt, side="left")
-    mb = int(np.searchsorted(MATCH_EDGES, match_len, side="left"))
-    feat = ((db * RATIO_BUCKETS + rb) * (len(SUPPORT_EDGES) + 1) + sb) * (len(MATCH_EDGES) + 1) + mb
-    return Candidates(source, tok.astype(np.int32), par.astype(np.int32), cnt.astype(np.float64),
-                      np.clip(prior, 0.0, 1.0), feat.astype(np.int64), dep.astype(np.int32), int(match_len))
+    prior = r * parent_cnt
+    prior /= parent_cnt + alpha
+    pf = prior[first]
+    pf *= match_len
+    pf /= match_len + match_scale
+    prior[first] = pf
+    np.clip(prior, 0.0, 1.0, out=prior)
+    # feat = ((db * RATIO_BUCKETS + rb) * (len(SUPPORT_EDGES) + 1) + sb) * (len(MATCH_EDGES) + 1) + mb
+    rb = (r * 10).astype(np.int64)
+    np.minimum(rb, 10, out=rb)
+    feat = np.minimum(dep, DEPTH_BUCKETS).astype(np.int64)
+    feat -= 1
+    feat *= RATIO_BUCKETS
+    feat += rb
+    feat *= len(SUPPORT_EDGES) + 1
+    feat += _SUPPORT_EDGES_F.searchsorted(parent_cnt, side="left")
+    feat *= len(MATCH_EDGES) + 1
+    feat += int(np.searchsorted(MATCH_EDGES, match_len, side="left"))
+    return Candidates(source, tok, par, cnt, prior, feat, dep, int(match_len))
 
 
 # --- registry -----------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.drafting.base import Candidates, SourceCaps, TRIE_N_FEAT, register_source, trie_candidates
-from retrieval.drafting.kernels import gather_continuations, ngram_end_positions, prefix_trie
+from retrieval.drafting.base import Candidates, SourceCaps, TRIE_N_FEAT, continuation_candidates, register_source
+from retrieval.drafting.kernels import gather_continuations_t, nested_ngram_ends
 from retrieval.errors import InvalidArgument
 
 
@@ -47,22 +47,27 @@ class ContextLookup:
 
     def propose(self, ctx: np.ndarray, max_depth: int, max_nodes: int) -> list[Candidates]:
         out: list[Candidates] = []
-        seen = np.zeros(0, dtype=np.int64)
-        L = len(ctx)
-        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
-            ends = ngram_end_positions(ctx, n)
+        top = min(self.max_ngram, len(ctx) - 1)
+        if top < self.min_ngram:
+            return out
+        ends_of = nested_ngram_ends(ctx, top)
+        seen = None  # the positions already used by a longer n-gram: a subset of every shorter one's ends
+        for n in range(top, self.min_ngram - 1, -1):
+            ends = ends_of[n]
             if len(ends) == 0:
                 continue
-            if len(seen):
-                ends = ends[~np.isin(ends, seen)]
+            if seen is not None:
+                keep = np.ones(len(ends), dtype=bool)
+                keep[np.searchsorted(ends, seen)] = False
+                ends = ends[keep]
                 if len(ends) == 0:
                     continue
             pick = ends[-self.max_matches:] if self.prefer == "recent" else ends[: self.max_matches]
-            seen = np.concatenate([seen, pick])
-            rows = gather_continuations(ctx, pick + 1, max_depth, sep=None)
-            tok, par, cnt, dep = prefix_trie(rows)
-            if len(tok):
-                out.append(trie_candidates(self.name, tok, par, cnt, dep, float(len(pick)), n, self.alpha))
+            seen = pick if seen is None else np.concatenate([seen, pick])
+            c = continuation_candidates(self.name, gather_continuations_t(ctx, pick + 1, max_depth, sep=None), None,
+                                        False, float(len(pick)), n, self.alpha)
+            if c is not None:
+                out.append(c)
             if len(out) >= self.levels:
                 break
         return out

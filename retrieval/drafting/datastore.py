@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.drafting.base import Candidates, SourceCaps, TRIE_N_FEAT, register_source, trie_candidates
-from retrieval.drafting.kernels import (bucket_offsets, build_suffix_array, gather_continuations,
-                                        longest_suffix_match, prefix_trie, sa_range)
+from retrieval.drafting.base import Candidates, SourceCaps, TRIE_N_FEAT, continuation_candidates, register_source
+from retrieval.drafting.kernels import (bucket_offsets, build_suffix_array, gather_continuations, gather_continuations_t,
+                                        longest_suffix_match, sa_range)
 from retrieval.drafting.tokenizer import Tokenizer
 from retrieval.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from retrieval.storage import atomic
@@ -356,18 +356,20 @@ def suffix_candidates(name: str, tokens, sa, off, sep, ctx, max_depth: int, max_
     while m >= min_match_len and m > 0 and len(out) < levels:
         total = hi - lo
         if total <= max_matches:
-            idx = np.arange(lo, hi)
+            starts = sa[lo:hi].astype(np.int64)
+            k = total
         else:
-            idx = lo + (np.arange(max_matches, dtype=np.int64) * total) // max_matches
-        starts = sa[idx].astype(np.int64) + m
-        rows = gather_continuations(tokens, starts, max_depth, sep)
-        w = np.full(len(idx), total / len(idx))
-        tok, par, cnt, dep = prefix_trie(rows, w, is_sorted=True)
-        if len(tok):
-            out.append(trie_candidates(name, tok, par, cnt, dep, float(total), m, alpha))
+            starts = sa[lo + (np.arange(max_matches, dtype=np.int64) * total) // max_matches].astype(np.int64)
+            k = max_matches
+        starts += m
+        # the rows of a sorted SA range come out sorted; every row weighs total / k
+        c = continuation_candidates(name, gather_continuations_t(tokens, starts, max_depth, sep), np.float64(total / k),
+                                    True, float(total), m, alpha)
+        if c is not None:
+            out.append(c)
         m -= 1
         if m >= min_match_len and m > 0 and len(out) < levels:
-            lo, hi = sa_range(tokens, sa, off, [int(x) for x in ctx[len(ctx) - m:]])
+            lo, hi = sa_range(tokens, sa, off, ctx[len(ctx) - m:])
     return out
 
 

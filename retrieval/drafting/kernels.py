@@ -87,52 +87,55 @@ def bucket_offsets(tokens: np.ndarray, sa: np.ndarray, n_symbols: int) -> np.nda
     return off
 
 
+def _indexable(a):
+    """A 1-D integer array as something whose items read as Python ints fast: a memoryview of a native-order
+    integer ndarray (item access is several times cheaper than numpy scalar indexing), else ``a`` itself."""
+    if isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype.kind in "iu" and a.dtype.isnative:
+        try:
+            return memoryview(a)
+        except (TypeError, ValueError, BufferError):
+            return a
+    return a
+
+
+def _lower(T, S, lo: int, hi: int, j: int, t: int) -> int:
+    """First ``i`` in ``[lo, hi)`` with ``T[S[i] + j] >= t`` (``hi`` if none); the keys are sorted."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if T[S[mid] + j] < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _upper(T, S, lo: int, hi: int, j: int, t: int) -> int:
+    """First ``i`` in ``[lo, hi)`` with ``T[S[i] + j] > t`` (``hi`` if none); the keys are sorted."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if T[S[mid] + j] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _narrow_ix(T, S, lo: int, hi: int, j: int, t: int) -> tuple[int, int]:
+    a = _lower(T, S, lo, hi, j, t)
+    if a == hi or T[S[a] + j] != t:
+        return a, a
+    return a, _upper(T, S, a + 1, hi, j, t)
+
+
 def _narrow(tokens: np.ndarray, sa: np.ndarray, lo: int, hi: int, j: int, t: int) -> tuple[int, int]:
-    """Sub-range of ``sa[lo:hi]`` (all sharing a prefix of length ``j``) whose token at offset ``j`` is ``t``."""
-    if hi - lo <= 256:
-        keys = tokens[sa[lo:hi] + j]
-        a = int(np.searchsorted(keys, t, side="left"))
-        b = int(np.searchsorted(keys, t, side="right"))
-        return lo + a, lo + b
-    a, b = lo, hi
-    while a < b:
-        mid = (a + b) >> 1
-        if tokens[sa[mid] + j] < t:
-            a = mid + 1
-        else:
-            b = mid
-    start = a
-    b = hi
-    while a < b:
-        mid = (a + b) >> 1
-        if tokens[sa[mid] + j] <= t:
-            a = mid + 1
-        else:
-            b = mid
-    return start, a
+    """Sub-range of ``sa[lo:hi]`` (all sharing a prefix of length ``j``) whose token at offset ``j`` is ``t``:
+    the lower and upper bound of ``t`` among the sorted keys ``tokens[sa[i] + j]``, by bisection (an empty
+    range sits at the lower bound)."""
+    return _narrow_ix(_indexable(tokens), _indexable(sa), int(lo), int(hi), j, int(t))
 
 
 #: Once a range is at most this wide, the rest of the pattern is compared in one vectorized step.
 SCAN_WIDTH = 64
-
-
-def _scan(tokens: np.ndarray, sa: np.ndarray, lo: int, hi: int, j: int, rest: np.ndarray) -> tuple[int, int]:
-    """Sub-range of ``sa[lo:hi]`` (all sharing a prefix of length ``j``) whose suffixes continue with
-    ``rest`` at offset ``j``: one gather of the ``(hi - lo, len(rest))`` window and one comparison.
-
-    The matching suffixes of a sorted range are contiguous, so the result is the span of the matches
-    (empty: ``(lo, lo)``). Positions past the end never match.
-    """
-    n = len(tokens)
-    s = np.asarray(sa[lo:hi], dtype=np.int64) + j
-    idx = s[:, None] + np.arange(len(rest), dtype=np.int64)
-    eq = (np.asarray(tokens[np.minimum(idx, n - 1)]) == rest).all(axis=1)
-    if idx.shape[1]:
-        eq &= idx[:, -1] < n
-    hit = np.flatnonzero(eq)
-    if len(hit) == 0:
-        return lo, lo
-    return lo + int(hit[0]), lo + int(hit[-1]) + 1
 
 
 def sa_range(tokens: np.ndarray, sa: np.ndarray, off: np.ndarray, pattern) -> tuple[int, int]:
@@ -140,23 +143,40 @@ def sa_range(tokens: np.ndarray, sa: np.ndarray, off: np.ndarray, pattern) -> tu
 
     ``pattern`` must not contain the separator; ``off`` from :func:`bucket_offsets`. An empty pattern
     matches everything. The range is narrowed one token at a time (:func:`_narrow`) while it is wider
-    than :data:`SCAN_WIDTH`, then the rest of the pattern is matched at once (:func:`_scan`); the occurrences
-    are those of :func:`sa_range_stepwise` (the one-token-at-a-time reference; where an empty range sits may differ).
+    than :data:`SCAN_WIDTH`, then the rest of the pattern is matched over that window (the span of the
+    matches); the occurrences are those of :func:`sa_range_stepwise` (the one-token-at-a-time reference;
+    where an empty range sits may differ).
     """
-    pat = np.asarray(pattern, dtype=np.int64).ravel()
+    pat = np.asarray(pattern, dtype=np.int64).ravel().tolist()
     if len(pat) == 0:
         return 0, len(sa)
-    t0 = int(pat[0])
+    return _sa_range_ix(_indexable(tokens), _indexable(sa), off, pat, len(tokens))
+
+
+def _sa_range_ix(T, S, off, pat: list[int], n: int) -> tuple[int, int]:
+    """:func:`sa_range` of a non-empty list pattern over indexables (:func:`_indexable`) of the arrays."""
+    t0 = pat[0]
     if t0 < 0 or t0 + 1 >= len(off):
         return 0, 0
     lo, hi = int(off[t0]), int(off[t0 + 1])
     m = len(pat)
     j = 1
     while j < m and hi - lo > SCAN_WIDTH:
-        lo, hi = _narrow(tokens, sa, lo, hi, j, int(pat[j]))
+        lo, hi = _narrow_ix(T, S, lo, hi, j, pat[j])
         j += 1
     if j < m and hi > lo:
-        lo, hi = _scan(tokens, sa, lo, hi, j, pat[j:])
+        # the span of the matching suffixes, or (lo, lo) when nothing matches; narrowing one token at a
+        # time finds the same span (the matches of a sorted range are contiguous)
+        s0 = lo
+        while j < m and lo < hi:
+            if S[lo] + j >= n:  # a suffix of length j (a corpus not ended by the separator) sorts first
+                lo += 1
+                if lo == hi:
+                    break
+            lo, hi = _narrow_ix(T, S, lo, hi, j, pat[j])
+            j += 1
+        if lo == hi:
+            return s0, s0
     return lo, hi
 
 
@@ -189,9 +209,10 @@ def longest_suffix_match(tokens: np.ndarray, sa: np.ndarray, off: np.ndarray, co
         return 0, 0, 0
     best = (0, 0, 0)
     lo_m, hi_m = min_len, max_len
+    T, S, c, n = _indexable(tokens), _indexable(sa), ctx.tolist(), len(tokens)
     while lo_m <= hi_m:
         m = (lo_m + hi_m) >> 1
-        lo, hi = sa_range(tokens, sa, off, ctx[len(ctx) - m:])
+        lo, hi = _sa_range_ix(T, S, off, c[len(c) - m:], n)
         if hi > lo:
             best = (m, lo, hi)
             lo_m = m + 1
@@ -219,6 +240,36 @@ def gather_continuations(tokens: np.ndarray, starts: np.ndarray, depth: int, sep
     return rows
 
 
+def gather_continuations_t(tokens: np.ndarray, starts: np.ndarray, depth: int, sep: int | None) -> np.ndarray:
+    """:func:`gather_continuations` transposed: ``(depth, len(starts))`` int32, C-contiguous (column ``i``
+    is the continuation at ``starts[i]``), the layout :func:`prefix_trie_t` reads."""
+    starts = np.asarray(starts, dtype=np.int64)
+    n = len(tokens)
+    k = len(starts)
+    if k == 0 or depth == 0:
+        return np.full((depth, k), -1, dtype=np.int32)
+    idx = np.arange(depth, dtype=np.int64)[:, None] + starts
+    last = int(starts.max()) + depth - 1  # the largest index read
+    if last >= n:
+        bad = idx >= n
+        np.minimum(idx, n - 1, out=idx)
+        R = np.asarray(tokens[idx]).astype(np.int32)
+        if sep is not None:
+            bad |= R == sep
+    else:
+        R = np.asarray(tokens[idx]).astype(np.int32)
+        if sep is None:
+            return R
+        bad = R == sep
+    if bad.any():
+        np.logical_or.accumulate(bad, axis=0, out=bad)
+        R[bad] = -1
+    return R
+
+
+_EMPTY_TRIE = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64), np.zeros(0, np.int32))
+
+
 def prefix_trie(rows: np.ndarray, weights: np.ndarray | None = None, is_sorted: bool = False):
     """Count the prefixes of ``rows`` into a trie.
 
@@ -228,33 +279,80 @@ def prefix_trie(rows: np.ndarray, weights: np.ndarray | None = None, is_sorted: 
     some row ``i``, ``count[v]`` the total weight of the rows starting with it, ``parent[v]`` the node of
     that prefix minus its last token (``-1`` at depth 1).
 
-    Sorted rows make every prefix a run of consecutive rows: ``start[i, d]`` marks the first row of a run
+    Sorted rows make every prefix a run of consecutive rows: ``start[d, i]`` marks the first row of a run
     at depth ``d`` (a change in ``rows[i, :d+1]``); numbering the valid run starts depth-major gives BFS
     ids, and the id of the run holding row ``i`` at depth ``d`` is a cumulative count of starts.
     """
     rows = np.asarray(rows)
     k = rows.shape[0]
     D = rows.shape[1] if rows.ndim == 2 else 0
-    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64), np.zeros(0, np.int32))
     if k == 0 or D == 0:
-        return empty
-    w = np.ones(k, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
-    if not is_sorted:
-        order = np.lexsort(rows.T[::-1])
-        rows, w = rows[order], w[order]
-    valid_t = (rows >= 0).T  # (D, k)
-    start_t = np.ones((D, k), dtype=bool)
+        return tuple(a.copy() for a in _EMPTY_TRIE)
+    return prefix_trie_t(np.ascontiguousarray(rows.T), weights, is_sorted)[:4]
+
+
+def prefix_trie_t(R: np.ndarray, weights: np.ndarray | None = None, is_sorted: bool = False):
+    """:func:`prefix_trie` of the transposed rows ``R`` (``(D, k)``, column ``i`` = row ``i``), plus
+    ``n_first``, the number of depth-1 nodes (they come first): ``(tok, parent, count, depth, n_first)``.
+    ``weights`` may also be one number, the weight of every row."""
+    tok, par, _, cnt, dep, levels = _prefix_trie_t(R, weights, is_sorted)
+    return tok, par, cnt, dep, (levels[0][2] if levels else 0)
+
+
+def _prefix_trie_t(R, weights=None, is_sorted=False):
+    """:func:`prefix_trie_t` with the parents also as int64 and the levels instead of ``n_first``:
+    ``(tok, par, par64, cnt, dep, levels)``, ``levels`` as :func:`~retrieval.drafting.base.depth_levels`."""
+    D, k = R.shape
+    if k == 0 or D == 0:
+        e = _EMPTY_TRIE
+        return e[0].copy(), e[1].copy(), np.zeros(0, np.int64), e[2].copy(), e[3].copy(), []
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    if not is_sorted and k > 1:
+        order = np.lexsort(R[::-1])
+        R = R[:, order]
+        if w is not None and w.ndim:
+            w = w[order]
+    # start[d, i]: row i opens a run at depth d (its prefix of length d + 1 differs from row i - 1's)
+    start = np.empty((D, k), dtype=bool)
+    start[:, 0] = True
     if k > 1:
-        start_t[:, 1:] = np.logical_or.accumulate(rows[1:] != rows[:-1], axis=1).T
-    start_t &= valid_t
-    ids = np.cumsum(start_t.ravel()).reshape(D, k) - 1  # id of the run holding row i at depth d (if valid)
-    dd, rr = np.nonzero(start_t)
-    if len(dd) == 0:
-        return empty
-    tok = rows[rr, dd].astype(np.int32)
-    par = np.where(dd == 0, -1, ids[np.maximum(dd - 1, 0), rr]).astype(np.int32)
-    cnt = np.bincount(ids[valid_t], weights=np.broadcast_to(w, (D, k))[valid_t], minlength=len(dd))
-    return tok, par, cnt, (dd + 1).astype(np.int32)
+        np.not_equal(R[:, 1:], R[:, :-1], out=start[:, 1:])
+        np.logical_or.accumulate(start, axis=0, out=start)
+    valid = R >= 0
+    start &= valid
+    sf = start.ravel()
+    f = np.flatnonzero(sf)  # node v = flat position d * k + i of its run start: BFS order
+    n = len(f)
+    if n == 0:
+        e = _EMPTY_TRIE
+        return e[0].copy(), e[1].copy(), np.zeros(0, np.int64), e[2].copy(), e[3].copy(), []
+    # ids[k + d * k + i] = id of the run holding row i at depth d; ids[:k] = -1 (the root), so the parent
+    # of the node at flat position f (depth d, row i) is ids[f] (the run holding row i at depth d - 1)
+    ids = np.empty((D + 1) * k, dtype=np.int64)
+    ids[:k] = -1
+    np.cumsum(sf, out=ids[k:])
+    ids[k:] -= 1
+    par64 = ids[f]
+    tok = R.ravel()[f].astype(np.int32)
+    # nodes of depth d + 1 are f in [d * k, (d + 1) * k): levels[d] = (d + 1, b[d], b[d + 1])
+    b = [0, *np.searchsorted(f, _level_starts(D, k)).tolist(), n]
+    levels = [(d + 1, b[d], b[d + 1]) for d in range(D) if b[d + 1] > b[d]]
+    dep = f // k
+    dep += 1
+    vf = valid.ravel()
+    if w is None or w.ndim == 0:
+        cnt = np.bincount(ids[k:][vf], minlength=n)
+        if w is None or w == 1.0:
+            cnt = cnt.astype(np.float64)
+        else:  # the sum of c equal weights, added one at a time as bincount adds them
+            cnt = np.full(k, w).cumsum()[cnt - 1]
+    else:
+        cnt = np.bincount(ids[k:][vf], weights=np.broadcast_to(w, (D, k))[valid], minlength=n)
+    return tok, par64.astype(np.int32), par64, cnt, dep.astype(np.int32), levels
+
+
+def _level_starts(D: int, k: int) -> np.ndarray:
+    return np.arange(1, D, dtype=np.int64) * k
 
 
 # --- prompt lookup --------------------------------------------------------------------------------------
@@ -274,6 +372,23 @@ def ngram_end_positions(ctx: np.ndarray, n: int) -> np.ndarray:
             break
         m &= ctx[n - 1 - j: L - 1 - j] == ctx[L - 1 - j]
     return np.flatnonzero(m) + (n - 1)
+
+
+def nested_ngram_ends(ctx: np.ndarray, max_n: int) -> list[np.ndarray]:
+    """``[None, E_1, ..., E_max_n]`` with ``E_n = ngram_end_positions(ctx, n)``, computed together: an end of
+    the last ``n``-gram is an end of the last ``(n - 1)``-gram whose token ``n - 1`` places earlier also
+    matches, ``E_n = {e in E_{n-1} : e >= n - 1, ctx[e - n + 1] == ctx[L - n]}`` (one pass over the
+    context for ``E_1``, then small arrays). Requires ``1 <= max_n <= len(ctx) - 1``."""
+    ctx = np.asarray(ctx)
+    L = len(ctx)
+    ends = np.flatnonzero(ctx[: L - 1] == ctx[L - 1])
+    out = [None, ends]
+    for n in range(2, max_n + 1):
+        if len(ends):
+            # ends >= n - 2 here, so ends - (n - 1) >= -1 is a valid index; the mask drops e < n - 1
+            ends = ends[(ctx[ends - (n - 1)] == ctx[L - n]) & (ends >= n - 1)]
+        out.append(ends)
+    return out
 
 
 def pld_chain(ctx: np.ndarray, max_ngram: int = 3, min_ngram: int = 1, k: int = 10,

@@ -33,7 +33,8 @@ the same tried nodes, and multiplies the shared ``q_s`` by ``(hits + K) / (expec
 path probabilities are formed. It sees the same feedback as the shared table, from this session only.
 
 Thread-safety: :class:`Calibrator` updates hold a lock; reads are lock-free (a torn read of two
-counters only perturbs one estimate). :func:`merge` is pure.
+counters only perturbs one estimate). :func:`merge` is pure but for the session correction it is given;
+:func:`evaluation` remembers its result on the (per-session) candidates.
 """
 
 from __future__ import annotations
@@ -76,8 +77,18 @@ class Calibrator:
         """``(m,)`` calibrated ``P(node accepted | parent accepted)`` of the candidates."""
         if len(c) == 0:
             return np.zeros(0)
-        h, t = self._tables(c.source, int(c.feat.max()) + 1)
-        return (h[c.feat] + self.strength * c.prior) / (t[c.feat] + self.strength)
+        feat = c.feat
+        try:  # the tables exist and are long enough (else: made or grown to max(feat) + 1, as _tables does)
+            hf, tf = self._hits[c.source][feat], self._trials[c.source][feat]
+        except (KeyError, IndexError):
+            h, t = self._tables(c.source, int(feat.max()) + 1)
+            hf, tf = h[feat], t[feat]
+        # (h + S * prior) / (t + S)
+        q = c.prior * self.strength
+        q += hf
+        tf += self.strength
+        q /= tf
+        return q
 
     def update(self, cands: list[Candidates], true_next: np.ndarray) -> None:
         """Score earlier candidates against the tokens that followed (``true_next``: accepted + bonus)."""
@@ -90,7 +101,7 @@ class Calibrator:
         for c in cands:
             if len(c) == 0:
                 continue
-            tried, hit = evaluate_trie(c.tokens, c.parents, true_next, c.depth, c.levels)
+            tried, hit = evaluation(c, true_next)
             ft = c.feat[tried]
             if len(ft) == 0:
                 continue
@@ -139,7 +150,14 @@ class SessionCorrection:
         self._pending: list[tuple[Candidates, np.ndarray]] = []
 
     def _bucket(self, c: Candidates) -> np.ndarray:
-        return np.minimum(c.depth, self.nb) - 1
+        """``min(depth, nb) - 1`` of each node of ``c`` (remembered on ``c``: adjust and update both need it;
+        shared, do not modify)."""
+        memo = c.__dict__.get("_depth_bucket")
+        if memo is not None and memo[0] == self.nb:
+            return memo[1]
+        b = np.minimum(c.depth, self.nb) - 1
+        c.__dict__["_depth_bucket"] = (self.nb, b)
+        return b
 
     def adjust(self, c: Candidates, q: np.ndarray) -> np.ndarray:
         """The corrected estimates of ``c`` (``q``: the shared ones, remembered for :meth:`update`)."""
@@ -147,9 +165,11 @@ class SessionCorrection:
         H = self._H.get(c.source)
         if H is None:
             return q
-        b = self._bucket(c)
         f = (H + self.strength) / (self._E[c.source] + self.strength)
-        return np.minimum(q * f[b], self.cap)
+        x = f[self._bucket(c)]
+        x *= q  # q * f[b]
+        np.minimum(x, self.cap, out=x)
+        return x
 
     def take_pending(self) -> list[tuple[Candidates, np.ndarray]]:
         """The candidates (and shared estimates) of the drafts since the last call, to score later."""
@@ -171,7 +191,10 @@ class SessionCorrection:
         for c, q in pending:
             if len(c) == 0:
                 continue
-            tried, hit = evaluate_trie(c.tokens[:len(q)], c.parents[:len(q)], true_next, c.depth[:len(q)])
+            # the first len(q) nodes (a BFS prefix) score as they do in the whole trie
+            tried, hit = evaluation(c, true_next)
+            k = len(q)
+            tried, hit = tried[:k], hit[:k]
             if not tried.any():
                 continue
             H = self._H.get(c.source)
@@ -194,25 +217,42 @@ def evaluate_trie(tokens: np.ndarray, parents: np.ndarray, true_next: np.ndarray
     """Which nodes were tried (parent path accepted, depth within ``len(true_next)``) and which hit.
 
     ``tokens``/``parents`` a BFS-ordered trie (``depth`` non-decreasing; computed when not given);
-    returns two ``(m,)`` bool arrays.
+    returns two ``(m,)`` bool arrays. The nodes of a BFS prefix ``[:k]`` of the trie score the same in the
+    prefix as in the whole trie.
     """
     from retrieval.drafting.draft import tree_depths
 
     m = len(tokens)
     tried = np.zeros(m, dtype=bool)
-    hit = np.zeros(m, dtype=bool)
+    hitx = np.zeros(m + 1, dtype=bool)  # hitx[m] stays False: hitx[-1] (a parent -1) reads "not hit"
     if depth is None:
         depth = tree_depths(parents)
-    T = len(true_next)
+    tn = np.asarray(true_next).tolist()
+    T = len(tn)
     for d, lo, hi in (levels if levels is not None else depth_levels(depth)):
         if d > T:
             break
         par = parents[lo:hi]
-        ok = par < 0 if d == 1 else hit[np.maximum(par, 0)] & (par >= 0)
+        ok = par < 0 if d == 1 else hitx[par]
         tried[lo:hi] = ok
-        hit[lo:hi] = ok & (tokens[lo:hi] == true_next[d - 1])
-        if not hit[lo:hi].any():
+        h = tokens[lo:hi] == tn[d - 1]
+        h &= ok
+        hitx[lo:hi] = h
+        if not h.any():
             break
+    return tried, hitx[:m]
+
+
+def evaluation(c: Candidates, true_next: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`evaluate_trie` of ``c`` against ``true_next``, remembered on ``c`` (the session correction and
+    the shared calibration score the same candidates against the same accepted ids). The arrays are shared:
+    do not modify them."""
+    key = (true_next.dtype.str, true_next.tobytes())
+    memo = c.__dict__.get("_evaluation")
+    if memo is not None and memo[0] == key:
+        return memo[1], memo[2]
+    tried, hit = evaluate_trie(c.tokens, c.parents, true_next, c.depth, c.levels)
+    c.__dict__["_evaluation"] = (key, tried, hit)
     return tried, hit
 
 
@@ -251,7 +291,8 @@ def merge(cands: list[Candidates], budget: DraftBudget, calibrator: Calibrator |
         raise InvalidArgument(f"combine={combine!r} is not a merge rule; expected 'noisy_or' or 'max'")
     cap = budget.max_nodes if budget.tree else min(budget.max_nodes, budget.max_depth)
     names: list[str] = []
-    TOK, PAR, DEP, Q, SRC = [_ROOT_TOK], [_ROOT_PAR], [_ROOT_DEP], [_ONE], [_ROOT_SRC]
+    TOK, PAR, DEP, Q = [_ROOT_TOK], [_ROOT_PAR], [_ROOT_DEP], [_ONE]
+    sizes, srcs, bases = [1], [0], [0]
     base = 1
     for c in cands:
         k = c.upto(budget.max_depth) if len(c) else 0
@@ -262,72 +303,102 @@ def merge(cands: list[Candidates], budget: DraftBudget, calibrator: Calibrator |
         q = calibrator.conditional(c) if calibrator is not None else c.prior
         if correction is not None:
             q = correction.adjust(c, q[:k])
-        par = c.parents[:k]
         TOK.append(c.tokens[:k])
-        PAR.append(np.where(par >= 0, par + base, 0))
+        PAR.append(c.parents[:k])
         DEP.append(c.depth[:k])
         Q.append(q[:k])
-        SRC.append(np.full(k, names.index(c.source), dtype=np.int64))
+        sizes.append(k)
+        srcs.append(names.index(c.source))
+        bases.append(base)
         base += k
     if base == 1:
         return Draft.empty()
+    # working node i of candidate c: parent base_c + parent (the root, index 0, for a child of the root)
+    par_c = np.concatenate(PAR)
+    par = par_c + np.repeat(np.array(bases), sizes)
+    par[par_c < 0] = 0
     dep = np.concatenate(DEP).astype(np.uint16)
     o = np.argsort(dep, kind="stable")  # the root (depth 0) stays first
     N = len(o)
     inv_o = np.empty(N, dtype=np.int64)
     inv_o[o] = np.arange(N)
-    par = inv_o[np.concatenate(PAR)[o]]
+    par = inv_o[par[o]]
     tok = np.concatenate(TOK)[o]
     dep = dep[o]
     q = np.concatenate(Q)[o]
-    src = np.concatenate(SRC)[o]
+    src = np.repeat(np.array(srcs), sizes)[o]
     p = np.empty(N)
     p[0] = 1.0
     h = np.empty(N, dtype=np.uint64)
     h[0] = 0
-    t = tok.astype(np.uint64) + np.uint64(1)
+    t = tok.astype(np.uint64)
+    t += np.uint64(1)
     bounds = np.searchsorted(dep, np.arange(1, int(dep[-1]) + 2)).tolist()
     with np.errstate(over="ignore"):
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if hi > lo:
                 pp = par[lo:hi]
                 np.multiply(q[lo:hi], p[pp], out=p[lo:hi])
-                h[lo:hi] = h[pp] * _PRIME + t[lo:hi]
-    key = (h[1:] & np.uint64((1 << 56) - 1)) | (dep[1:].astype(np.uint64) << np.uint64(56))
+                hl = h[lo:hi]
+                np.multiply(h[pp], _PRIME, out=hl)
+                hl += t[lo:hi]
+    key = h[1:]
+    key &= np.uint64((1 << 56) - 1)
+    key |= dep[1:].astype(np.uint64) << np.uint64(56)
     # group equal keys; keys sort by depth first (top byte), so groups come out in BFS order
-    o = np.argsort(key, kind="stable")
+    o = np.argsort(key)  # the default sort: fast but unstable; equal keys are put back in order below
     ks = key[o]
     head = np.empty(N - 1, dtype=bool)
     head[0] = True
     np.not_equal(ks[1:], ks[:-1], out=head[1:])
     starts = np.flatnonzero(head)
     n = len(starts)
-    grp = np.cumsum(head) - 1
+    grp = np.cumsum(head)
+    grp -= 1
+    if n < N - 1:
+        # equal keys (the same path from several tries): their members in working order, as a stable sort
+        # leaves them (the order of the noisy-or sum and of the credited source depends on it)
+        multi = np.zeros(n, dtype=bool)
+        multi[grp[~head]] = True
+        m = multi[grp]
+        gm = grp[m]  # non-decreasing: sorting (group, index) pairs orders the indices within each group
+        gm *= N
+        gm += o[m]
+        gm.sort()
+        gm %= N
+        o[m] = gm
     inv = np.empty(N, dtype=np.int64)  # group of each working node (the root: -1)
     inv[0] = -1
-    inv[1 + o] = grp
+    inv[o + 1] = grp
     po = p[1:][o]
     best = np.maximum.reduceat(po, starts)
+    Pe = np.empty(n + 1)  # Pm, and Pe[n] = inf: Pe[-1] (the root as a parent) is never exceeded
+    Pe[n] = np.inf
+    Pm = Pe[:n]
     if combine == "noisy_or":
+        x = np.minimum(po, 1.0)
+        np.negative(x, out=x)
         with np.errstate(divide="ignore"):
-            Pm = 1.0 - np.exp(np.add.reduceat(np.log1p(-np.minimum(po, 1.0)), starts))
+            np.log1p(x, out=x)
+            np.exp(np.add.reduceat(x, starts), out=Pm)
+        np.subtract(1.0, Pm, out=Pm)
     else:
-        Pm = best.copy()
+        Pm[:] = best
     # the source credited with a node: the one giving it the highest probability (the last such one)
     top = po >= best[grp]
     best_src = np.empty(n, dtype=np.int64)
     best_src[grp[top]] = src[1:][o][top]
-    first = 1 + o[starts]
+    first = o[starts]
+    first += 1
     m_tok, m_dep = tok[first], dep[first]
     m_par = inv[par[first]]
     # p(child) <= p(parent), level by level (it holds already but for rounding; groups are in BFS order)
-    inner = m_par >= 0
-    if (Pm[inner] > Pm[m_par[inner]]).any():
+    if (Pm > Pe[m_par]).any():
         gb = np.searchsorted(m_dep, np.arange(2, int(m_dep[-1]) + 2)).tolist()
         for lo, hi in zip(gb[:-1], gb[1:]):
             Pm[lo:hi] = np.minimum(Pm[lo:hi], Pm[m_par[lo:hi]])
     if budget.tree:
-        idx = np.arange(n) if n <= cap else np.sort(np.lexsort((m_dep, -Pm))[:cap])
+        idx = np.arange(n) if n <= cap else _best(Pm, cap)
     else:
         sel = []
         cur = -1
@@ -338,16 +409,28 @@ def merge(cands: list[Candidates], budget: DraftBudget, calibrator: Calibrator |
             cur = int(ch[np.argmax(Pm[ch])])
             sel.append(cur)
         idx = np.array(sorted(sel), dtype=np.int64)
-    # topological output order: by depth, then by probability
-    idx = idx[np.lexsort((idx, -Pm[idx], m_dep[idx]))]
+    # topological output order: by depth, then by probability, then by group (idx is ascending: lexsort is stable)
+    idx = idx[np.lexsort((-Pm[idx], m_dep[idx]))]
     remap = np.full(n + 1, -1, dtype=np.int64)  # remap[-1] (the root) stays -1
     remap[idx] = np.arange(len(idx))
     parents = remap[m_par[idx]]
     return Draft._checked_by_caller(m_tok[idx], parents, Pm[idx], best_src[idx], tuple(names))
 
 
+def _best(P: np.ndarray, cap: int) -> np.ndarray:
+    """Ascending indices of the ``cap < len(P)`` best groups, best = highest ``P``, ties to the lower index
+    (the first ``cap`` of ``np.lexsort((m_dep, -P))``: ``m_dep`` does not decrease with the index). One
+    partition instead of a sort: every ``P`` above the ``cap``-th largest value, then the lowest indices
+    among those equal to it."""
+    thr = np.partition(P, len(P) - cap)[len(P) - cap]
+    above = np.flatnonzero(P > thr)
+    ties = np.flatnonzero(P == thr)[: cap - len(above)]
+    idx = np.concatenate([above, ties])
+    idx.sort()
+    return idx
+
+
+_ROOT_PAR = np.full(1, -1, dtype=np.int32)
 _ROOT_TOK = np.zeros(1, dtype=np.int32)
-_ROOT_PAR = np.zeros(1, dtype=np.int64)
 _ROOT_DEP = np.zeros(1, dtype=np.int32)
-_ROOT_SRC = np.zeros(1, dtype=np.int64)
 _ONE = np.ones(1)

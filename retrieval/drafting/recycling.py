@@ -167,21 +167,55 @@ class RecyclingSource:
         k = matrix.k
         self._prior_by_rank = np.array([RANK_PRIOR[min(r, len(RANK_PRIOR) - 1)] for r in range(k)])
         self._feat = ((np.minimum(self.depths, 8) - 1) * k + self.ranks).astype(np.int64)
+        self._prior_of_node = self._prior_by_rank[self.ranks]
+        # (parent, rank, depth) of each node of the static tree, BFS order (for propose)
+        self._nodes = list(zip(self.parents.tolist(), self.ranks.tolist(), self.depths.tolist()))
 
     def propose(self, ctx: np.ndarray, max_depth: int, max_nodes: int) -> list[Candidates]:
-        toks = self.matrix.expand(int(ctx[-1]), self.parents, self.ranks)
-        keep = (toks >= 0) & (self.depths <= max_depth)
-        if not keep.any():
+        # the static tree expanded breadth-first (as RecyclingMatrix.expand), keeping the nodes of depth
+        # <= max_depth whose token is known; the kept set is ancestor-closed (an unknown parent makes its
+        # children unknown), so the kept nodes, renumbered in order, are again a BFS trie
+        M = self.matrix.M
+        nodes = self._nodes
+        out = [-1] * len(nodes)
+        new = [-1] * len(nodes)  # kept index of each node (-1: dropped)
+        idx: list[int] = []
+        toks: list[int] = []
+        pars: list[int] = []
+        rows: dict[int, list[int]] = {}  # one row read per distinct token
+        levels: list[tuple[int, int, int]] = []  # (depth, lo, hi) of the kept nodes
+        root = int(ctx[-1])
+        cur_d, lo = 0, 0
+        for i, (p, rk, d) in enumerate(nodes):
+            if d > max_depth:
+                break  # depths are non-decreasing (BFS)
+            x = root if p < 0 else out[p]
+            if x < 0:
+                continue
+            row = rows.get(x)
+            if row is None:
+                row = rows[x] = M[x].tolist()
+            y = row[rk]
+            if y < 0:
+                continue
+            out[i] = y
+            j = len(idx)
+            new[i] = j
+            if d != cur_d:
+                if j:
+                    levels.append((cur_d, lo, j))
+                cur_d, lo = d, j
+            idx.append(i)
+            toks.append(y)
+            pars.append(new[p] if p >= 0 else -1)
+        if not idx:
             return []
-        # keep is ancestor-closed: a missing parent makes its children -1 too
-        idx = np.flatnonzero(keep)
-        remap = np.full(len(toks), -1, dtype=np.int64)
-        remap[idx] = np.arange(len(idx))
-        par = self.parents[idx]
-        par = np.where(par >= 0, remap[np.maximum(par, 0)], -1)
-        ranks = self.ranks[idx]
-        return [Candidates(self.name, toks[idx].astype(np.int32), par.astype(np.int32),
-                           np.ones(len(idx)), self._prior_by_rank[ranks], self._feat[idx], self.depths[idx], 0)]
+        levels.append((cur_d, lo, len(idx)))
+        ix = np.array(idx, dtype=np.int64)
+        c = Candidates(self.name, np.array(toks, dtype=np.int32), np.array(pars, dtype=np.int32),
+                       np.ones(len(idx)), self._prior_of_node[ix], self._feat[ix], self.depths[ix], 0)
+        c.__dict__["levels"] = levels  # the cached property, known already
+        return [c]
 
     def observe(self, ctx: np.ndarray, accepted: np.ndarray, topk: np.ndarray | None) -> None:
         if topk is not None and len(topk):
