@@ -166,7 +166,7 @@ class SessionCorrection:
         if H is None:
             return q
         f = (H + self.strength) / (self._E[c.source] + self.strength)
-        x = f[self._bucket(c)]
+        x = f[self._bucket(c)[: len(q)]]  # q may cover a BFS prefix (the trie cut at the budget's depth)
         x *= q  # q * f[b]
         np.minimum(x, self.cap, out=x)
         return x

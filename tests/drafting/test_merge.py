@@ -187,3 +187,20 @@ def test_session_correction_changes_the_merged_ranking():
     d = merge([a, b], DraftBudget(2, 1), None, correction=corr)
     assert d.tokens.tolist() == [6, 5] and d.probs[0] > 0.5 > d.probs[1]
     assert merge([a, b], DraftBudget(2, 1), None).probs.tolist() == [0.5, 0.5]  # without it: unchanged
+
+
+def test_session_correction_with_a_trie_deeper_than_the_budget():
+    """A source's trie deeper than max_depth is cut by the merger; the session correction then sees the
+    estimates of the kept prefix only (it used to fail on the shape mismatch once it had learned)."""
+    from retrieval.drafting.merge import SessionCorrection
+
+    deep = Candidates("a", np.array([1, 2, 3, 4]), np.array([-1, 0, 1, 2]), np.ones(4), np.full(4, 0.5),
+                      np.zeros(4, np.int64), np.array([1, 2, 3, 4]))
+    corr = SessionCorrection()
+    budget = DraftBudget(8, 2)
+    for _ in range(3):
+        d = merge([deep], budget, None, correction=corr)
+        assert d.tokens.tolist() == [1, 2]
+        corr.update(np.array([1, 2, 9]))
+    d = merge([deep], budget, None, correction=corr)
+    assert d.tokens.tolist() == [1, 2] and d.probs[0] > 0.5  # learned: the session accepts this source
