@@ -338,14 +338,18 @@ class CorpusDatastore:
         At most ``max_matches`` rows: an evenly spaced sample of the (sorted) range, each weighted
         ``(hi - lo) / rows``. Rows stay lexicographically sorted.
         """
-        total = hi - lo
-        if total <= max_matches:
-            idx = np.arange(lo, hi)
-        else:
-            idx = lo + (np.arange(max_matches, dtype=np.int64) * total) // max_matches
-        starts = self.sa[idx].astype(np.int64) + m
+        starts = sample_range(self.sa, lo, hi, max_matches) + m
         rows = gather_continuations(self.tokens, starts, depth, self.sep)
-        return rows, np.full(len(idx), total / len(idx))
+        return rows, np.full(len(starts), (hi - lo) / len(starts))
+
+
+def sample_range(sa, lo: int, hi: int, max_matches: int) -> np.ndarray:
+    """``sa[lo:hi]`` as int64 when it holds at most ``max_matches`` entries, else an evenly spaced sample
+    of ``max_matches`` of them (a sorted range stays sorted)."""
+    total = hi - lo
+    if total <= max_matches:
+        return sa[lo:hi].astype(np.int64)
+    return sa[lo + (np.arange(max_matches, dtype=np.int64) * total) // max_matches].astype(np.int64)
 
 
 def suffix_candidates(name: str, tokens, sa, off, sep, ctx, max_depth: int, max_match_len: int,
@@ -355,12 +359,8 @@ def suffix_candidates(name: str, tokens, sa, off, sep, ctx, max_depth: int, max_
     m, lo, hi = longest_suffix_match(tokens, sa, off, ctx, max_match_len, min_match_len)
     while m >= min_match_len and m > 0 and len(out) < levels:
         total = hi - lo
-        if total <= max_matches:
-            starts = sa[lo:hi].astype(np.int64)
-            k = total
-        else:
-            starts = sa[lo + (np.arange(max_matches, dtype=np.int64) * total) // max_matches].astype(np.int64)
-            k = max_matches
+        starts = sample_range(sa, lo, hi, max_matches)
+        k = len(starts)
         starts += m
         # the rows of a sorted SA range come out sorted; every row weighs total / k
         c = continuation_candidates(name, gather_continuations_t(tokens, starts, max_depth, sep), np.float64(total / k),

@@ -223,26 +223,13 @@ def longest_suffix_match(tokens: np.ndarray, sa: np.ndarray, off: np.ndarray, co
 
 def gather_continuations(tokens: np.ndarray, starts: np.ndarray, depth: int, sep: int | None) -> np.ndarray:
     """``(len(starts), depth)`` int32 rows ``tokens[s : s + depth]``; past the end or from the first
-    ``sep`` on, the row is ``-1``."""
-    starts = np.asarray(starts, dtype=np.int64)
-    n = len(tokens)
-    if len(starts) == 0 or depth == 0:
-        return np.full((len(starts), depth), -1, dtype=np.int32)
-    idx = starts[:, None] + np.arange(depth, dtype=np.int64)[None, :]
-    out_of_range = idx >= n
-    rows = np.asarray(tokens[np.minimum(idx, n - 1)]).astype(np.int32)
-    bad = out_of_range
-    if sep is not None:
-        bad = bad | (rows == sep)
-    if bad.any():
-        bad = np.maximum.accumulate(bad, axis=1)
-        rows[bad] = -1
-    return rows
+    ``sep`` on, the row is ``-1``. (A view of :func:`gather_continuations_t`, the layout the tries read.)"""
+    return gather_continuations_t(tokens, starts, depth, sep).T
 
 
 def gather_continuations_t(tokens: np.ndarray, starts: np.ndarray, depth: int, sep: int | None) -> np.ndarray:
-    """:func:`gather_continuations` transposed: ``(depth, len(starts))`` int32, C-contiguous (column ``i``
-    is the continuation at ``starts[i]``), the layout :func:`prefix_trie_t` reads."""
+    """``(depth, len(starts))`` int32, C-contiguous: column ``i`` is ``tokens[s : s + depth]`` for ``s =
+    starts[i]``, ``-1`` past the end or from the first ``sep`` on (the layout :func:`prefix_trie_t` reads)."""
     starts = np.asarray(starts, dtype=np.int64)
     n = len(tokens)
     k = len(starts)

@@ -121,25 +121,6 @@ class RecyclingMatrix:
         with self._lock:
             self.M[xs[keep], rank[keep]] = ys[keep].astype(np.int32)
 
-    def expand(self, root_token: int, parents: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-        """Tokens of a static tree rooted at ``root_token``; ``-1`` where the row is empty (or the parent is)."""
-        n = len(parents)
-        out = [-1] * n
-        M = self.M
-        par = parents.tolist()
-        rk = ranks.tolist()
-        rows: dict[int, list[int]] = {}  # one row read per distinct token
-        for i in range(n):  # BFS order: parents first
-            p = par[i]
-            x = root_token if p < 0 else out[p]
-            if x < 0:
-                continue
-            row = rows.get(x)
-            if row is None:
-                row = rows[x] = M[x].tolist()
-            out[i] = row[rk[i]]
-        return np.asarray(out, dtype=np.int64)
-
 
 @register_source("recycling")
 class RecyclingSource:
@@ -172,7 +153,7 @@ class RecyclingSource:
         self._nodes = list(zip(self.parents.tolist(), self.ranks.tolist(), self.depths.tolist()))
 
     def propose(self, ctx: np.ndarray, max_depth: int, max_nodes: int) -> list[Candidates]:
-        # the static tree expanded breadth-first (as RecyclingMatrix.expand), keeping the nodes of depth
+        # the static tree expanded breadth-first (the children of token x at ranks r read M[x, r]), keeping the nodes of depth
         # <= max_depth whose token is known; the kept set is ancestor-closed (an unknown parent makes its
         # children unknown), so the kept nodes, renumbered in order, are again a BFS trie
         M = self.matrix.M

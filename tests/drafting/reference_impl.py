@@ -485,3 +485,22 @@ def suffix_candidates(name: str, tokens, sa, off, sep, ctx, max_depth: int, max_
             lo, hi = sa_range(tokens, sa, off, [int(x) for x in ctx[len(ctx) - m:]])
     return out
 
+
+def recycling_expand(M: np.ndarray, root_token: int, parents: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Tokens of the static recycling tree rooted at ``root_token`` (``RecyclingMatrix.expand`` before the
+    source's proposal fused it): ``-1`` where the row is empty (or the parent is)."""
+    n = len(parents)
+    out = [-1] * n
+    par = parents.tolist()
+    rk = ranks.tolist()
+    rows: dict[int, list[int]] = {}  # one row read per distinct token
+    for i in range(n):  # BFS order: parents first
+        p = par[i]
+        x = root_token if p < 0 else out[p]
+        if x < 0:
+            continue
+        row = rows.get(x)
+        if row is None:
+            row = rows[x] = M[x].tolist()
+        out[i] = row[rk[i]]
+    return np.asarray(out, dtype=np.int64)

@@ -25,6 +25,7 @@ from retrieval.drafting.kernels import (bucket_offsets, build_suffix_array, gath
 from retrieval.drafting.merge import Calibrator, SessionCorrection, evaluate_trie, evaluation, merge
 from retrieval.drafting.recycling import RecyclingMatrix, RecyclingSource
 from tests.drafting import reference_impl as ref
+from tests.drafting import test_merge as merge_tests
 
 
 def same(a, b) -> bool:
@@ -69,7 +70,7 @@ def ref_context(src: ContextLookup, ctx, max_depth):
 
 
 def ref_recycling(src: RecyclingSource, ctx, max_depth):
-    toks = src.matrix.expand(int(ctx[-1]), src.parents, src.ranks)
+    toks = ref.recycling_expand(src.matrix.M, int(ctx[-1]), src.parents, src.ranks)
     keep = (toks >= 0) & (src.depths <= max_depth)
     if not keep.any():
         return []
@@ -183,26 +184,10 @@ def test_sources_equal_reference(rng):
 # --- evaluation, calibration, merge ----------------------------------------------------------------------
 
 def random_trie(rng, source, n_max=60, vocab=3, depth_max=8, q_levels=None):
-    """A random BFS trie; with ``q_levels`` the priors take few values (ties in the merged ranking)."""
-    toks, pars, deps = [], [], []
-    frontier = [(-1, 0)]
-    while frontier and len(toks) < n_max:
-        nxt = []
-        for node, d in frontier:
-            if d >= depth_max:
-                continue
-            for t in rng.choice(vocab, size=int(rng.integers(0, vocab + 1)), replace=False).tolist():
-                toks.append(t)
-                pars.append(node)
-                deps.append(d + 1)
-                nxt.append((len(toks) - 1, d + 1))
-        frontier = nxt
-    n = len(toks)
-    prior = rng.random(n) if q_levels is None else rng.integers(1, q_levels + 1, size=n) / q_levels
-    if q_levels is not None:
-        prior[rng.random(n) < 0.1] = 1.0
-    return Candidates(source, np.array(toks, np.int32), np.array(pars, np.int32), np.ones(n), prior,
-                      rng.integers(0, 30, size=n), np.array(deps, np.int32), 1)
+    """A random BFS trie (up to ``vocab`` children a node, random features); with ``q_levels`` the priors
+    take few values (ties in the merged ranking)."""
+    return merge_tests.random_trie(rng, source, n_max, vocab, depth_max, max_children=vocab, q_levels=q_levels,
+                                   n_feat=30)
 
 
 def test_evaluate_trie_equals_reference(rng):

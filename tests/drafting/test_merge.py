@@ -10,8 +10,9 @@ from retrieval.drafting.merge import evaluate_trie
 from retrieval.errors import InvalidArgument
 
 
-def random_trie(rng, source, n_max=40, vocab=4, depth_max=6):
-    """A random BFS-ordered trie (unique children tokens) with random priors."""
+def random_trie(rng, source, n_max=40, vocab=4, depth_max=6, max_children=2, q_levels=None, n_feat=0):
+    """A random BFS-ordered trie (unique children tokens, at most ``max_children`` a node) with random
+    priors (with ``q_levels``: few distinct values, some 1.0) and features (0, or random below ``n_feat``)."""
     toks, pars, deps = [], [], []
     frontier = [(-1, 0)]
     while frontier and len(toks) < n_max:
@@ -19,15 +20,19 @@ def random_trie(rng, source, n_max=40, vocab=4, depth_max=6):
         for node, d in frontier:
             if d >= depth_max:
                 continue
-            for t in rng.choice(vocab, size=int(rng.integers(0, 3)), replace=False).tolist():
+            for t in rng.choice(vocab, size=int(rng.integers(0, max_children + 1)), replace=False).tolist():
                 toks.append(t)
                 pars.append(node)
                 deps.append(d + 1)
                 nxt.append((len(toks) - 1, d + 1))
         frontier = nxt
     n = len(toks)
-    return Candidates(source, np.array(toks, np.int32), np.array(pars, np.int32), np.ones(n), rng.random(n),
-                      np.zeros(n, np.int64), np.array(deps, np.int32), 1)
+    prior = rng.random(n) if q_levels is None else rng.integers(1, q_levels + 1, size=n) / q_levels
+    if q_levels is not None:
+        prior[rng.random(n) < 0.1] = 1.0
+    feat = rng.integers(0, n_feat, size=n) if n_feat else np.zeros(n, np.int64)
+    return Candidates(source, np.array(toks, np.int32), np.array(pars, np.int32), np.ones(n), prior,
+                      feat, np.array(deps, np.int32), 1)
 
 
 def paths_probs(c, probs):
